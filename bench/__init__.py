@@ -1,0 +1,1 @@
+"""Benchmarks and checks that run the real services: the demo, greedy equality on Spec-Bench."""

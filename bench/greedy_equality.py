@@ -1,0 +1,123 @@
+"""Greedy equality on Spec-Bench prompts: speculative output must be token-identical to target-only
+decoding through the same services.
+
+    python -m bench.greedy_equality [--prompts ../shared/data/specbench_dev.jsonl] [--limit N]
+
+For each prompt (first turn, as a chat message) it generates with K = 0 and with K, in alternating
+order, and compares the token ids. Where they differ, it measures the gap between the target's two
+best logits at the first differing position (one forward pass over prompt + common prefix): below
+1e-4 the difference is a floating-point tie between a K+1-token and a 1-token forward pass, not a
+bug. It also reports the speedup of each prompt (target-only time / speculative time), measured
+side by side. Results go to bench/results/greedy_equality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bench.stack import ServiceStack
+from orchestrator.generation import encode_prompt
+from specdec.models import load_causal_lm
+from specdec.v1 import orchestrator_pb2
+
+TIE = 1e-4
+DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "specbench_dev.jsonl"
+
+
+def load_prompts(path: Path, limit: int | None) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def top2_gap(model, ids: list[int]) -> float:
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+    best = torch.topk(logits, 2).values
+    return float(best[0] - best[1])
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
+    parser.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("-k", type=int, default=4)
+    parser.add_argument("--draft", default="ngram", help="draft model for the draft service")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "greedy_equality.json")
+    args = parser.parse_args()
+
+    prompts = load_prompts(args.prompts, args.limit)
+    loaded = load_causal_lm("embedded")
+    rows = []
+    started = time.monotonic()
+    with ServiceStack(draft_model=args.draft) as stack:
+        stub = stack.orchestrator_stub()
+        for index, prompt in enumerate(prompts):
+            question = prompt["turns"][0]
+            outputs = {}
+            for k in ((0, args.k) if index % 2 == 0 else (args.k, 0)):
+                request = orchestrator_pb2.GenerateRequest(max_new_tokens=args.max_new_tokens, num_speculative_tokens=k)
+                request.messages.add(role="user", content=question)
+                outputs[k] = stub.Generate(request, timeout=900)
+            baseline, speculative = outputs[0], outputs[args.k]
+            base_ids, spec_ids = list(baseline.token_ids), list(speculative.token_ids)
+            diff = first_difference(base_ids, spec_ids)
+            row = {
+                "question_id": prompt["question_id"],
+                "category": prompt["category"],
+                "identical": diff is None,
+                "first_difference": diff,
+                "tokens": len(base_ids),
+                "speedup": baseline.stats.total_seconds / speculative.stats.total_seconds,
+                "acceptance_rate": speculative.stats.acceptance_rate,
+                "tokens_per_target_forward": speculative.stats.tokens_per_target_forward,
+                "bytes_per_round": speculative.stats.bytes_per_round,
+            }
+            if diff is not None:
+                prompt_ids, _ = encode_prompt(loaded.tokenizer, "", (("user", question),))
+                row["top2_gap"] = top2_gap(loaded.model, prompt_ids + base_ids[:diff])
+            rows.append(row)
+            elapsed = time.monotonic() - started
+            eta = elapsed / (index + 1) * (len(prompts) - index - 1)
+            print(
+                f"[{index + 1}/{len(prompts)}] q{prompt['question_id']} {prompt['category']}: "
+                f"{'identical' if diff is None else 'differs at %d (gap %.2e)' % (diff, row['top2_gap'])} "
+                f"speedup {row['speedup']:.2f} accept {row['acceptance_rate']:.2f} | ETA {eta / 60:.1f} min",
+                flush=True,
+            )
+    differing = [r for r in rows if not r["identical"]]
+    ties = [r for r in differing if r["top2_gap"] < TIE]
+    speedups = [r["speedup"] for r in rows]
+    summary = {
+        "prompts": len(rows),
+        "identical": len(rows) - len(differing),
+        "differing_explained_by_ties": len(ties),
+        "differing_unexplained": len(differing) - len(ties),
+        "k": args.k,
+        "draft": args.draft,
+        "max_new_tokens": args.max_new_tokens,
+        "speedup_median": statistics.median(speedups),
+        "speedup_p10_p90": [statistics.quantiles(speedups, n=10)[0], statistics.quantiles(speedups, n=10)[-1]] if len(speedups) > 1 else None,
+        "acceptance_rate_median": statistics.median(r["acceptance_rate"] for r in rows),
+        "tokens_per_target_forward_median": statistics.median(r["tokens_per_target_forward"] for r in rows),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Start the three services as separate processes on loopback, wait until all report SERVING, and
+stop them (SIGTERM) on exit. Used by the demo and the benchmarks.
+
+    with ServiceStack(draft_model="ngram") as stack:
+        stub = stack.orchestrator_stub()
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from specdec.v1 import orchestrator_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ServiceStack:
+    def __init__(self, target_model: str = "embedded", draft_model: str = "ngram", log_dir: Path | None = None,
+                 extra_target_args: tuple[str, ...] = (), extra_draft_args: tuple[str, ...] = (), startup_timeout_s: float = 900):
+        self.ports = {"target": free_port(), "draft": free_port(), "orchestrator": free_port()}
+        self.log_dir = log_dir or ROOT / ".logs"
+        self.startup_timeout_s = startup_timeout_s
+        self.commands = {
+            "target": ["target_service", "--model", target_model, *extra_target_args],
+            "draft": ["draft_service", "--model", draft_model, *extra_draft_args],
+            "orchestrator": [
+                "orchestrator", "--target", self.address("target"), "--draft", self.address("draft"), "--tokenizer", target_model,
+            ],
+        }
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.ports[name]}"
+
+    def __enter__(self) -> "ServiceStack":
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        try:
+            for name, (module, *args) in self.commands.items():
+                log = open(self.log_dir / f"{name}.log", "w")
+                self.processes[name] = subprocess.Popen(
+                    [sys.executable, "-m", module, "--port", str(self.ports[name]), *args],
+                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                )
+            for name in self.processes:
+                self._wait_serving(name)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _wait_serving(self, name: str) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        with grpc.insecure_channel(self.address(name)) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.processes[name].poll() is not None:
+                    raise RuntimeError(f"{name} exited with {self.processes[name].returncode}; see {self.log_dir / (name + '.log')}")
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.3)
+        raise TimeoutError(f"{name} did not report SERVING within {self.startup_timeout_s} s")
+
+    def orchestrator_stub(self, channel: grpc.Channel | None = None) -> orchestrator_pb2_grpc.OrchestratorStub:
+        return orchestrator_pb2_grpc.OrchestratorStub(channel or grpc.insecure_channel(self.address("orchestrator")))
+
+    def __exit__(self, *exc) -> None:
+        for process in reversed(list(self.processes.values())):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()

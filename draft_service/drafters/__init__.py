@@ -1,0 +1,1 @@
+"""Drafters: what proposes draft tokens. Each one implements `Drafter` (drafters/base.py)."""

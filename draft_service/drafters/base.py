@@ -1,0 +1,55 @@
+"""The drafter interface, and the per-session state the draft engine keeps for every drafter."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from specdec.messages import Proposal, ProposeWork
+
+
+@dataclass
+class DraftSession:
+    """The sequence as the drafter knows it, its own latest proposals included; `state` is the
+    drafter's own (a KV cache for model drafters, nothing for n-grams)."""
+
+    ids: list[int]
+    state: object = None
+
+
+class Drafter(ABC):
+    """Proposes draft tokens for several sessions at once.
+
+    The engine owns the sessions and the token bookkeeping: before `propose`, every session's `ids`
+    ends with the tokens not yet seen by the drafter; after it, the engine appends the proposals.
+    A drafter whose state lags behind (the last draft token of an all-accepted round was never fed
+    to a model) catches up from `ids`.
+    """
+
+    name: str = "drafter"
+    #: Size of the vocabulary the drafter's token ids come from; 0 for drafters that copy ids
+    #: from the sequence and so work with any target.
+    vocab_size: int = 0
+    vocab_fingerprint: str = ""
+    #: Whether proposals can be sampled (model drafters) or are always deterministic (n-grams).
+    samples: bool = False
+    device: str = "cpu"
+
+    def start(self, session: DraftSession) -> None:
+        """Prepare the drafter's state for a new session (e.g. prefill all tokens but the last)."""
+
+    def rollback(self, session: DraftSession, length: int) -> None:
+        """Forget everything after the first `length` tokens of the session."""
+
+    def state_bytes(self, session: DraftSession) -> int:
+        return 0
+
+    def bytes_per_token(self) -> int:
+        return 0
+
+    @abstractmethod
+    def propose(self, sessions: list[DraftSession], work: list[ProposeWork]) -> tuple[list[Proposal], int]:
+        """Proposals, one per session, and the number of model forward passes spent."""
+
+    def warm_up(self) -> None:
+        """Run once before the service reports SERVING."""

@@ -1,0 +1,77 @@
+"""Drafting with a small causal LM that shares the target's tokenizer.
+
+Per session the drafter keeps a KV cache of a prefix of the session's ids. Proposing K tokens
+feeds the ids the cache lacks (usually the previous round's recovered or bonus token; also the
+last draft token when every draft was accepted, since it was sampled but never fed), then K - 1
+drafted tokens, one forward pass each, batched across sessions.
+
+When sampling, each draft token is drawn from the warped draft distribution truncated to its
+`max_support` most probable tokens and renormalized. Speculative sampling is exact for any
+draft distribution, as long as q is the one the token was drawn from, so the truncation costs a
+little acceptance and buys a small message: K x max_support ids and probabilities per round
+instead of K x V floats.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from draft_service.drafters.base import DraftSession, Drafter
+from specdec.messages import Proposal, ProposeWork
+from specdec import lm, sampling
+from specdec.models import LoadedModel, vocab_fingerprint
+
+
+class ModelDrafter(Drafter):
+    samples = True
+
+    def __init__(self, loaded: LoadedModel, max_support: int = 64):
+        self.loaded = loaded
+        self.name = loaded.name
+        self.vocab_size = loaded.vocab_size
+        self.vocab_fingerprint = vocab_fingerprint(loaded.tokenizer) if loaded.tokenizer is not None else ""
+        self.max_support = max_support
+        self.device = f"{loaded.device}/{str(loaded.dtype).removeprefix('torch.')}"
+        self._bytes_per_token = lm.kv_bytes_per_token(loaded.model)
+
+    def start(self, session: DraftSession) -> None:
+        session.state = lm.SequenceCache()
+        if len(session.ids) > 1:
+            lm.forward(self.loaded.model, [session.state], [session.ids[:-1]], logits_for_last=1)
+
+    def rollback(self, session: DraftSession, length: int) -> None:
+        session.state.truncate(length)
+
+    def state_bytes(self, session: DraftSession) -> int:
+        return session.state.nbytes if session.state is not None else 0
+
+    def bytes_per_token(self) -> int:
+        return self._bytes_per_token
+
+    def propose(self, sessions: list[DraftSession], work: list[ProposeWork]) -> tuple[list[Proposal], int]:
+        proposals = [Proposal([], None if w.sampling.greedy else []) for w in work]
+        feed = [s.ids[s.state.length :] for s in sessions]  # tokens each cache still lacks
+        passes = 0
+        for step in range(max(w.num_tokens for w in work)):
+            rows = [i for i, w in enumerate(work) if w.num_tokens > step]
+            logits = lm.forward(self.loaded.model, [sessions[i].state for i in rows], [feed[i] for i in rows], logits_for_last=1)
+            passes += 1
+            for row, row_logits in zip(rows, logits):
+                token = self._draw(row_logits[-1], work[row], step, proposals[row])
+                proposals[row].tokens.append(token)
+                feed[row] = [token]
+        return proposals, passes
+
+    def _draw(self, logits: torch.Tensor, work: ProposeWork, step: int, proposal: Proposal) -> int:
+        if work.sampling.greedy:
+            return int(logits.argmax())
+        probs = sampling.warp(logits, work.sampling)  # [V]
+        support_ids, support_probs = sampling.truncate_to_support(probs[None], self.max_support)  # [1, S] each
+        chosen = sampling.sample(support_probs, torch.tensor([work.uniforms[step]]))  # [1]
+        proposal.distributions.append((support_ids[0].to(torch.int32), support_probs[0]))
+        return int(support_ids[0, chosen[0]])
+
+    def warm_up(self) -> None:
+        session = DraftSession(ids=[0, 1, 2])
+        self.start(session)
+        self.propose([session], [ProposeWork('warm-up', 2, [2], 2, sampling.GREEDY, [])])

@@ -1,0 +1,80 @@
+"""The draft engine: sessions, validation and token bookkeeping around one `Drafter`.
+
+No gRPC here. Per session it holds the sequence the drafter has seen, its own latest proposals
+included. `prefix_len` in a Propose cuts that sequence back to what the target accepted (the
+rollback) and `tokens` extends it (the recovered or bonus token); then the drafter proposes.
+"""
+
+from __future__ import annotations
+
+import time
+from draft_service.drafters.base import DraftSession, Drafter
+from specdec import validation
+from specdec.errors import FailedPrecondition, InvalidArgument
+from specdec.messages import ModelInfo, Proposal, ProposeWork
+from specdec.sessions import SessionLimits, SessionStore
+
+
+class DraftEngine:
+    def __init__(self, drafter: Drafter, limits: SessionLimits = SessionLimits(), max_speculative_tokens: int = 16, max_context: int = 8192):
+        self.drafter = drafter
+        self.max_speculative_tokens = max_speculative_tokens
+        self.max_context = max_context
+        self.sessions: SessionStore[DraftSession] = SessionStore(limits, drafter.state_bytes)
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            model=self.drafter.name,
+            vocab_size=self.drafter.vocab_size,
+            vocab_fingerprint=self.drafter.vocab_fingerprint,
+            max_context=self.max_context,
+            eos_token_ids=(),
+            max_speculative_tokens=self.max_speculative_tokens,
+            active_sessions=len(self.sessions),
+            cache_bytes=self.sessions.total_bytes(),
+            device=self.drafter.device,
+        )
+
+    def start_session(self, session_id: str, prompt: list[int]) -> float:
+        started = time.perf_counter()
+        prompt = validation.token_ids(prompt, self.drafter.vocab_size, "prompt_token_ids")
+        if len(prompt) >= self.max_context:
+            raise InvalidArgument(f"prompt of {len(prompt)} tokens leaves no room in the context of {self.max_context}", "prompt_token_ids")
+        self.sessions.check_budget(len(prompt) * self.drafter.bytes_per_token())
+        session = DraftSession(ids=prompt)
+        self.sessions.add(session_id, session)
+        self.drafter.start(session)
+        return time.perf_counter() - started
+
+    def end_session(self, session_id: str) -> bool:
+        return self.sessions.remove(session_id)
+
+    def propose(self, batch: list[ProposeWork]) -> tuple[list[Proposal], int]:
+        if not batch:
+            raise InvalidArgument("a Propose call needs at least one item", "items")
+        validation.distinct_sessions([item.session_id for item in batch], "items")
+        sessions = [self._checked(index, item) for index, item in enumerate(batch)]
+        self.sessions.check_budget(sum(len(i.tokens) + i.num_tokens for i in batch) * self.drafter.bytes_per_token())
+        for session, item in zip(sessions, batch):
+            self.drafter.rollback(session, item.prefix_len)
+            session.ids = session.ids[: item.prefix_len] + item.tokens
+        proposals, passes = self.drafter.propose(sessions, batch)
+        for session, proposal in zip(sessions, proposals):
+            session.ids = session.ids + proposal.tokens
+        return proposals, passes
+
+    def _checked(self, index: int, item: ProposeWork) -> DraftSession:
+        prefix = f"items[{index}]."
+        session = self.sessions.get(item.session_id, prefix + "session_id")
+        validation.token_ids(item.tokens, self.drafter.vocab_size, prefix + "tokens")
+        if not 1 <= item.num_tokens <= self.max_speculative_tokens:
+            raise InvalidArgument(f"num_tokens must be in [1, {self.max_speculative_tokens}], got {item.num_tokens}", prefix + "num_tokens")
+        if item.prefix_len > len(session.ids):
+            raise FailedPrecondition(
+                f"session {item.session_id!r} holds {len(session.ids)} tokens, cannot keep {item.prefix_len}", prefix + "prefix_len"
+            )
+        if item.prefix_len + len(item.tokens) + item.num_tokens > self.max_context:
+            raise InvalidArgument(f"the sequence would exceed the context of {self.max_context}", prefix + "num_tokens")
+        if self.drafter.samples and not item.sampling.greedy:
+            validation.uniforms(item.uniforms, item.num_tokens, prefix + "uniforms")
+        return session

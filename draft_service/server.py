@@ -1,0 +1,50 @@
+"""Configuration and start-up of the draft service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from draft_service.drafters.base import Drafter
+from draft_service.drafters.model import ModelDrafter
+from draft_service.drafters.ngram import NGramDrafter
+from draft_service.engine import DraftEngine
+from draft_service.servicer import DraftServicer
+from specdec.config import ModelServiceConfig, option
+from specdec.models import load_causal_lm
+from specdec.serving import ModelWorker, RunningModelService, session_limits, start_model_service
+from specdec.v1 import draft_pb2, draft_pb2_grpc
+
+SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
+NGRAM = "ngram"
+
+
+@dataclass
+class DraftConfig(ModelServiceConfig):
+    port: int = option(50052, "port to listen on; 0 picks a free one")
+    model: str = option(
+        NGRAM, "'ngram' for prompt-lookup drafting (no model), or a draft model: a Hugging Face directory, a hub id, a .gguf file, 'embedded'"
+    )
+    ngram_max: int = option(3, "n-gram drafting: longest n-gram to match")
+    ngram_min: int = option(1, "n-gram drafting: shortest n-gram to match")
+    max_support: int = option(64, "model drafting when sampling: tokens of the draft distribution sent per position (it stays exact)")
+    max_context: int = option(8192, "n-gram drafting: longest sequence a session may hold (model drafters use the model's)")
+
+
+def build_drafter(config: DraftConfig) -> tuple[Drafter, int]:
+    """The drafter the configuration names, and the longest sequence it handles."""
+    if config.model == NGRAM:
+        return NGramDrafter(config.ngram_max, config.ngram_min), config.max_context
+    loaded = load_causal_lm(config.model, config.device, config.dtype)
+    return ModelDrafter(loaded, config.max_support), loaded.max_context
+
+
+async def start(config: DraftConfig, drafter: Drafter | None = None, max_context: int | None = None) -> RunningModelService:
+    """Serve a drafter; `drafter` skips building it from `config` (tests pass tiny models)."""
+
+    def load_engine() -> DraftEngine:
+        built, context = (drafter, max_context or config.max_context) if drafter else build_drafter(config)
+        built.warm_up()
+        return DraftEngine(built, session_limits(config), config.max_speculative_tokens, context)
+
+    servicer = DraftServicer(ModelWorker("draft-model"))
+    return await start_model_service(config, servicer, draft_pb2_grpc.add_DraftServiceServicer_to_server, SERVICE_NAME, load_engine)

@@ -1,0 +1,1 @@
+"""The orchestrator: the public Generate API, the speculation loop across the network, text."""

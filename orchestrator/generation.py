@@ -1,0 +1,226 @@
+"""One generation request from start to end: validation, tokenization and chat templates, the
+request's random generator, both sessions, EOS, stop strings and max_new_tokens, streamed deltas,
+statistics, and the release of both sessions however the request ends (cancellation included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import torch
+
+from orchestrator.backends import DraftBackend, TargetBackend, is_draft_failure
+from orchestrator.speculation import Speculation, remaining, speculate
+from orchestrator.stats import GenerationStats
+from orchestrator.text import TextStream
+from specdec import validation
+from specdec.errors import FailedPrecondition, InvalidArgument, SpecdecError
+from specdec.messages import ModelInfo
+from specdec.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+MAX_STOPS = 16
+
+
+def encode_prompt(tokenizer, prompt: str, messages: tuple[tuple[str, str], ...]) -> tuple[list[int], str]:
+    """Token ids of a raw prompt or of chat messages rendered with the tokenizer's chat template
+    (with the generation prompt), and the name of the request field they came from."""
+    if prompt and messages:
+        raise InvalidArgument("set either prompt or messages, not both", "prompt")
+    if not messages:
+        return (tokenizer(prompt).input_ids if prompt else []), "prompt"
+    for index, (role, _) in enumerate(messages):
+        if role not in ROLES:
+            raise InvalidArgument(f"role must be one of {', '.join(ROLES)}, got {role!r}", f"messages[{index}].role")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise InvalidArgument("the target's tokenizer has no chat template; send a prompt", "messages")
+    chat = [{"role": role, "content": content} for role, content in messages]
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids, "messages"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str = ""
+    messages: tuple[tuple[str, str], ...] = ()
+    max_new_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    num_speculative_tokens: int | None = None
+
+
+@dataclass
+class GenerationEvent:
+    """A streamed delta; the last event has finish_reason and stats."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "length", "stop" or "eos"
+    stats: GenerationStats | None = None
+
+
+@dataclass(frozen=True)
+class GenerationLimits:
+    default_k: int = 4
+    max_k: int = 16
+    max_new_tokens: int = 4096
+
+
+@dataclass
+class Generator:
+    """Runs requests against one target and, optionally, one draft."""
+
+    tokenizer: object
+    target: TargetBackend
+    target_info: ModelInfo
+    draft: DraftBackend | None = None
+    limits: GenerationLimits = field(default_factory=GenerationLimits)
+
+    def __post_init__(self):
+        self.max_k = min(self.limits.max_k, self.target_info.max_speculative_tokens)
+
+    def tokenize(self, request: GenerationRequest) -> list[int]:
+        ids, field_name = encode_prompt(self.tokenizer, request.prompt, request.messages)
+        if not ids:
+            raise InvalidArgument("the prompt is empty", field_name)
+        context = self.target_info.max_context
+        if len(ids) >= context:
+            raise InvalidArgument(f"the prompt has {len(ids)} tokens; the target's context holds {context}", field_name)
+        if len(ids) + request.max_new_tokens > context:
+            raise InvalidArgument(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({request.max_new_tokens}) exceed the context of {context}",
+                "max_new_tokens",
+            )
+        return ids
+
+    def validate(self, request: GenerationRequest) -> tuple[SamplingParams, int]:
+        if not 1 <= request.max_new_tokens <= self.limits.max_new_tokens:
+            raise InvalidArgument(
+                f"max_new_tokens must be in [1, {self.limits.max_new_tokens}], got {request.max_new_tokens}", "max_new_tokens"
+            )
+        sampling = validation.sampling_params(request.temperature, request.top_k, request.top_p)
+        k = self.limits.default_k if request.num_speculative_tokens is None else request.num_speculative_tokens
+        if not 0 <= k <= self.max_k:
+            raise InvalidArgument(f"num_speculative_tokens must be in [0, {self.max_k}], got {k}", "num_speculative_tokens")
+        if len(request.stop) > MAX_STOPS or any(not s for s in request.stop):
+            raise InvalidArgument(f"at most {MAX_STOPS} stop strings, none of them empty", "stop")
+        return sampling, k
+
+    async def stream(self, request: GenerationRequest, deadline: float | None = None) -> AsyncIterator[GenerationEvent]:
+        started = time.monotonic()
+        sampling, k = self.validate(request)
+        prompt = self.tokenize(request)
+        seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little")
+        spec = Speculation(
+            session_id=uuid.uuid4().hex,
+            prompt=prompt,
+            sampling=sampling,
+            k=k,
+            max_new_tokens=request.max_new_tokens,
+            generator=torch.Generator().manual_seed(seed),
+            deadline=deadline,
+        )
+        stats = GenerationStats(num_speculative_tokens=k)
+        draft = self.draft if k > 0 else None
+        text = TextStream(self.tokenizer, list(request.stop))
+        eos = set(self.target_info.eos_token_ids)
+        try:
+            draft = await self._start_sessions(spec, draft, stats)
+            finish, last_ids = "length", []
+            async with contextlib.aclosing(speculate(spec, self.target, draft, stats)) as rounds:
+                async for tokens in rounds:
+                    released_ids = []
+                    for token in tokens:
+                        if token in eos:
+                            finish = "eos"
+                            break
+                        released_ids.append(token)
+                        if text.add(token):
+                            finish = "stop"
+                            break
+                    stats.generated_tokens += len(released_ids)
+                    if released_ids and not stats.time_to_first_token_seconds:
+                        stats.time_to_first_token_seconds = time.monotonic() - started
+                    if finish != "length":
+                        last_ids = released_ids
+                        break
+                    yield GenerationEvent(text.release(), released_ids)
+            stats.total_seconds = time.monotonic() - started
+            yield GenerationEvent(text.release(final=True), last_ids, finish, stats)
+        finally:
+            await _shielded(self._end_sessions(spec.session_id, draft))
+
+    async def _start_sessions(self, spec: Speculation, draft: DraftBackend | None, stats: GenerationStats) -> DraftBackend | None:
+        """Prefill both sessions concurrently; returns the draft, or None when it failed to start
+        (the request then runs target-only)."""
+        timeout = remaining(spec.deadline)
+        calls = [self.target.start_session(spec.session_id, spec.prompt, timeout)]
+        if draft is not None:
+            calls.append(draft.start_session(spec.session_id, spec.prompt, timeout))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        if isinstance(results[0], BaseException):
+            if len(results) > 1 and not isinstance(results[1], BaseException):
+                await _shielded(self._end_draft(spec.session_id, draft))
+            raise results[0]
+        stats.add_target_call(results[0])
+        if draft is None:
+            return None
+        if isinstance(results[1], SpecdecError) and is_draft_failure(results[1]):
+            log.warning("session %s: draft did not start (%s); running target-only", spec.session_id, results[1].message)
+            return None
+        if isinstance(results[1], BaseException):
+            raise results[1]
+        stats.add_draft_call(results[1])
+        return draft
+
+    async def _end_sessions(self, session_id: str, draft: DraftBackend | None) -> None:
+        await asyncio.gather(self._end_target(session_id), self._end_draft(session_id, draft))
+
+    async def _end_target(self, session_id: str) -> None:
+        try:
+            await self.target.end_session(session_id, timeout=10.0)
+        except SpecdecError as error:
+            log.warning("session %s: target did not end it (%s); its TTL will", session_id, error.message)
+
+    async def _end_draft(self, session_id: str, draft: DraftBackend | None) -> None:
+        if draft is None:
+            return
+        try:
+            await draft.end_session(session_id, timeout=10.0)
+        except SpecdecError as error:
+            log.warning("session %s: draft did not end it (%s); its TTL will", session_id, error.message)
+
+
+async def _shielded(coroutine) -> None:
+    """Run cleanup to completion even when the request's task is being cancelled."""
+    task = asyncio.ensure_future(coroutine)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+
+
+def check_compatible(target: ModelInfo, draft: ModelInfo | None, tokenizer_fingerprint: str) -> None:
+    """FAILED_PRECONDITION unless the orchestrator's tokenizer, the target and the draft share one
+    vocabulary (drafters that copy ids from the sequence, like n-grams, fit any)."""
+    if target.vocab_fingerprint and tokenizer_fingerprint != target.vocab_fingerprint:
+        raise FailedPrecondition("the orchestrator's tokenizer differs from the target's vocabulary", "tokenizer")
+    if draft is not None and draft.vocab_fingerprint and draft.vocab_fingerprint != target.vocab_fingerprint:
+        raise FailedPrecondition(
+            f"the draft's vocabulary ({draft.vocab_size} tokens, {draft.vocab_fingerprint[:12]}) differs from the "
+            f"target's ({target.vocab_size} tokens, {target.vocab_fingerprint[:12]}); speculative decoding needs one vocabulary",
+            "draft",
+        )

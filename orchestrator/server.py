@@ -1,0 +1,97 @@
+"""Configuration and start-up of the orchestrator: connect to the model services, check that
+tokenizer, target and draft share one vocabulary, then serve."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from orchestrator.backends import GrpcDraft, GrpcTarget
+from orchestrator.generation import GenerationLimits, Generator, check_compatible
+from orchestrator.servicer import OrchestratorServicer
+from specdec.config import ServerConfig, option
+from specdec.models import vocab_fingerprint
+from specdec.serving import Server, channel_options, create_server, server_options, wait_until_serving
+from specdec.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name
+
+
+@dataclass
+class OrchestratorConfig(ServerConfig):
+    port: int = option(50050, "port to listen on; 0 picks a free one")
+    target: str = option("127.0.0.1:50051", "address of the target service (host:port)")
+    draft: str = option("127.0.0.1:50052", "address of the draft service (host:port); empty: target-only decoding")
+    tokenizer: str = option("embedded", "the target's tokenizer: a Hugging Face directory, a hub id, a .gguf file, or 'embedded'")
+    default_k: int = option(4, "draft tokens per round when a request leaves num_speculative_tokens unset")
+    max_k: int = option(16, "largest num_speculative_tokens a request may ask for")
+    max_new_tokens: int = option(4096, "largest max_new_tokens a request may ask for")
+    request_timeout_s: float = option(600.0, "deadline of a request whose client set none")
+    connect_timeout_s: float = option(900.0, "at start-up, how long to wait for the model services to load")
+
+
+@dataclass
+class RunningOrchestrator:
+    server: Server
+    servicer: OrchestratorServicer
+    channels: list[grpc.aio.Channel]
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        await self.server.stop(grace_s)
+        for channel in self.channels:
+            await channel.close()
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    from specdec.models import resolve
+
+    return AutoTokenizer.from_pretrained(resolve(name))
+
+
+async def start(config: OrchestratorConfig, tokenizer=None) -> RunningOrchestrator:
+    """Serve the orchestrator: NOT_SERVING until both model services answered and agree on the
+    vocabulary (FailedPrecondition otherwise)."""
+    servicer = OrchestratorServicer(config.request_timeout_s)
+    server = create_server(
+        f"{config.host}:{config.port}",
+        lambda s: orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, s),
+        (SERVICE_NAME,),
+        server_options(config),
+    )
+    await server.start()
+    options = channel_options(config.max_message_mb << 20, config.keepalive_s)
+    channels = [grpc.aio.insecure_channel(config.target, options=options)]
+    running = RunningOrchestrator(server, servicer, channels)
+    try:
+        await wait_until_serving(channels[0], config.connect_timeout_s, f"target service at {config.target}")
+        target = GrpcTarget(channels[0])
+        target_info = await target.info(timeout=config.connect_timeout_s)
+        draft, draft_info = None, None
+        if config.draft:
+            channels.append(grpc.aio.insecure_channel(config.draft, options=options))
+            await wait_until_serving(channels[1], config.connect_timeout_s, f"draft service at {config.draft}")
+            draft = GrpcDraft(channels[1])
+            draft_info = await draft.info(timeout=config.connect_timeout_s)
+        tokenizer = tokenizer or load_tokenizer(config.tokenizer)
+        check_compatible(target_info, draft_info, vocab_fingerprint(tokenizer))
+    except BaseException:
+        await running.stop()
+        raise
+    limits = GenerationLimits(config.default_k, config.max_k, config.max_new_tokens)
+    servicer.generator = Generator(tokenizer, target, target_info, draft, limits)
+    await server.set_serving(True)
+    log.info(
+        "orchestrator SERVING on %s:%d: target %s (%s), draft %s (%s)",
+        config.host, server.port, config.target, target_info.model, config.draft or "none", draft_info.model if draft_info else "-",
+    )
+    return running

@@ -1,0 +1,93 @@
+"""The public Orchestrator API over gRPC: converts protobuf to a GenerationRequest, passes the
+client's deadline on, and delegates to the Generator."""
+
+from __future__ import annotations
+
+import time
+
+from orchestrator.generation import GenerationEvent, GenerationRequest, Generator
+from orchestrator.stats import GenerationStats
+from specdec.errors import Unavailable
+from specdec.serving import grpc_errors
+from specdec.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+FINISH_REASONS = {
+    "length": orchestrator_pb2.FINISH_REASON_LENGTH,
+    "stop": orchestrator_pb2.FINISH_REASON_STOP,
+    "eos": orchestrator_pb2.FINISH_REASON_EOS,
+}
+
+
+def request_from_proto(message: orchestrator_pb2.GenerateRequest) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=message.prompt,
+        messages=tuple((m.role, m.content) for m in message.messages),
+        max_new_tokens=message.max_new_tokens,
+        temperature=message.temperature,
+        top_p=message.top_p if message.HasField("top_p") else 1.0,
+        top_k=message.top_k,
+        seed=message.seed if message.HasField("seed") else None,
+        stop=tuple(message.stop),
+        num_speculative_tokens=message.num_speculative_tokens if message.HasField("num_speculative_tokens") else None,
+    )
+
+
+def stats_to_proto(stats: GenerationStats) -> orchestrator_pb2.GenerationStats:
+    return orchestrator_pb2.GenerationStats(
+        generated_tokens=stats.generated_tokens,
+        rounds=stats.rounds,
+        draft_tokens=stats.draft_tokens,
+        accepted_tokens=stats.accepted_tokens,
+        acceptance_rate=stats.acceptance_rate,
+        tokens_per_target_forward=stats.tokens_per_target_forward,
+        target_forward_passes=stats.target_forward_passes,
+        draft_forward_passes=stats.draft_forward_passes,
+        draft_seconds=stats.draft_seconds,
+        target_seconds=stats.target_seconds,
+        network_seconds=stats.network_seconds,
+        total_seconds=stats.total_seconds,
+        time_to_first_token_seconds=stats.time_to_first_token_seconds,
+        bytes_per_round=stats.bytes_per_round,
+        num_speculative_tokens=stats.num_speculative_tokens,
+        accepted_per_position=stats.accepted_per_position,
+    )
+
+
+def event_to_proto(event: GenerationEvent) -> orchestrator_pb2.GenerateResponse:
+    response = orchestrator_pb2.GenerateResponse(text=event.text, token_ids=event.token_ids)
+    if event.finish_reason is not None:
+        response.finish_reason = FINISH_REASONS[event.finish_reason]
+        response.stats.CopyFrom(stats_to_proto(event.stats))
+    return response
+
+
+class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
+    def __init__(self, default_timeout_s: float | None = None):
+        self.generator: Generator | None = None
+        self.default_timeout_s = default_timeout_s
+
+    def _ready(self) -> Generator:
+        if self.generator is None:
+            raise Unavailable("the orchestrator is still connecting to the model services")
+        return self.generator
+
+    def _deadline(self, context) -> float | None:
+        """The client's deadline, else the server's default, as a time.monotonic() instant."""
+        left = context.time_remaining()
+        if left is None or left > 1e9:  # no deadline set by the client
+            left = self.default_timeout_s
+        return None if left is None else time.monotonic() + left
+
+    @grpc_errors
+    async def Generate(self, request, context):
+        text, token_ids, last = [], [], None
+        async for event in self._ready().stream(request_from_proto(request), self._deadline(context)):
+            text.append(event.text)
+            token_ids.extend(event.token_ids)
+            last = event
+        return event_to_proto(GenerationEvent("".join(text), token_ids, last.finish_reason, last.stats))
+
+    @grpc_errors
+    async def GenerateStream(self, request, context):
+        async for event in self._ready().stream(request_from_proto(request), self._deadline(context)):
+            yield event_to_proto(event)

@@ -1,0 +1,98 @@
+"""The speculation loop at the level of token ids: draft K tokens, verify them, commit the accepted
+prefix plus the recovered or bonus token, repeat. Text, stop strings and streaming live above it
+(generation.py); the math lives in the target (specdec/sampling.py).
+
+Every round has one shape. The target holds `committed` tokens in its cache; `pending` is the one
+token it has not seen (the prompt's last token, then each round's recovered or bonus token). The
+draft proposes from committed + pending; the target scores pending + drafts in one forward pass.
+K = 0 is the same loop with no draft call: plain target-only decoding through the same services.
+
+A round never drafts past `max_new_tokens`: with r tokens left it drafts at most r - 1, so the
+accepted tokens plus the one the target adds always fit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import torch
+
+from orchestrator.backends import DraftBackend, TargetBackend, is_draft_failure
+from orchestrator.stats import GenerationStats
+from specdec.errors import DeadlineExceeded, SpecdecError
+from specdec.messages import ProposeWork, VerifyWork
+from specdec.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Speculation:
+    """One generation's fixed inputs."""
+
+    session_id: str
+    prompt: list[int]
+    sampling: SamplingParams
+    k: int
+    max_new_tokens: int
+    generator: torch.Generator
+    deadline: float | None = None  # time.monotonic() by which the request must end
+
+
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left before the deadline, as a timeout for the next upstream call."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded("the request's deadline passed")
+    return left
+
+
+def _uniforms(spec: Speculation, count: int) -> list[float]:
+    if spec.sampling.greedy:
+        return []
+    return torch.rand(count, generator=spec.generator, dtype=torch.float32).tolist()
+
+
+async def speculate(
+    spec: Speculation, target: TargetBackend, draft: DraftBackend | None, stats: GenerationStats
+) -> AsyncIterator[list[int]]:
+    """Yield the tokens committed by each round until max_new_tokens; the caller stops early on
+    EOS or a stop string. Sessions must already be started on both services."""
+    committed, pending = len(spec.prompt) - 1, [spec.prompt[-1]]
+    left = spec.max_new_tokens
+    while left > 0:
+        k = min(spec.k, left - 1) if draft is not None else 0
+        proposal_tokens, distributions = [], None
+        if k > 0:
+            work = ProposeWork(spec.session_id, committed, pending, k, spec.sampling, _uniforms(spec, k))
+            try:
+                proposal, cost = await draft.propose(work, remaining(spec.deadline))
+                stats.add_draft_call(cost)
+                proposal_tokens, distributions = proposal.tokens[:k], proposal.distributions
+            except SpecdecError as error:
+                if not is_draft_failure(error):
+                    raise
+                log.warning("session %s: draft failed (%s); continuing target-only", spec.session_id, error.message)
+                draft = None
+        verify = VerifyWork(
+            spec.session_id,
+            committed,
+            pending,
+            proposal_tokens,
+            distributions[: len(proposal_tokens)] if distributions else None,
+            spec.sampling,
+            _uniforms(spec, len(proposal_tokens) + 1),
+        )
+        verdict, cost = await target.verify(verify, remaining(spec.deadline))
+        stats.add_target_call(cost)
+        stats.add_round(len(proposal_tokens), verdict.accepted)
+        new_tokens = proposal_tokens[: verdict.accepted] + [verdict.next_token]
+        committed += len(pending) + verdict.accepted
+        pending = [verdict.next_token]
+        left -= len(new_tokens)
+        yield new_tokens

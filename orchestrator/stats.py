@@ -1,0 +1,62 @@
+"""Per-request statistics of a generation (GenerationStats in orchestrator.proto)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from orchestrator.backends import CallCost
+
+
+@dataclass
+class GenerationStats:
+    num_speculative_tokens: int = 0
+    generated_tokens: int = 0
+    committed_tokens: int = 0  # tokens the target committed, including any cut off by a stop or EOS
+    rounds: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    target_forward_passes: int = 0
+    draft_forward_passes: int = 0
+    draft_seconds: float = 0.0
+    target_seconds: float = 0.0
+    network_seconds: float = 0.0
+    network_bytes: int = 0
+    total_seconds: float = 0.0
+    time_to_first_token_seconds: float = 0.0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def tokens_per_target_forward(self) -> float:
+        return self.committed_tokens / self.target_forward_passes if self.target_forward_passes else 0.0
+
+    @property
+    def bytes_per_round(self) -> float:
+        return self.network_bytes / self.rounds if self.rounds else 0.0
+
+    def add_target_call(self, cost: CallCost) -> None:
+        self.target_seconds += cost.compute_s
+        self._add_network(cost)
+
+    def add_draft_call(self, cost: CallCost) -> None:
+        self.draft_seconds += cost.compute_s
+        self.draft_forward_passes += cost.forward_passes
+        self._add_network(cost)
+
+    def _add_network(self, cost: CallCost) -> None:
+        self.network_seconds += max(cost.wall_s - cost.compute_s, 0.0)
+        self.network_bytes += cost.bytes
+
+    def add_round(self, drafted: int, accepted: int) -> None:
+        self.rounds += 1
+        self.target_forward_passes += 1
+        self.draft_tokens += drafted
+        self.accepted_tokens += accepted
+        self.committed_tokens += accepted + 1
+        if len(self.accepted_per_position) < drafted:
+            self.accepted_per_position.extend([0] * (drafted - len(self.accepted_per_position)))
+        for position in range(accepted):
+            self.accepted_per_position[position] += 1

@@ -1,0 +1,54 @@
+"""Turning generated token ids into streamed text: incremental detokenization that never splits a
+multi-byte character, and stop strings that may span rounds and are never streamed, not even in
+part.
+
+The whole output is decoded after each token, and only text that cannot change any more is
+released: a trailing U+FFFD (an incomplete UTF-8 sequence of byte-level BPE) and a trailing piece
+that could still grow into a stop string are held back until the next token settles them.
+"""
+
+from __future__ import annotations
+
+REPLACEMENT = "\ufffd"
+
+
+class TextStream:
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.emitted = 0  # characters of self.text already released
+        self.end: int | None = None  # where a stop string begins, once one appeared
+
+    @property
+    def stopped(self) -> bool:
+        return self.end is not None
+
+    def add(self, token: int) -> bool:
+        """Append one token; True when a stop string is now complete (generation must stop)."""
+        self.token_ids.append(token)
+        self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        longest = max((len(s) for s in self.stops), default=0)
+        search_from = max(0, self.emitted - longest)
+        hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
+        if hits:
+            self.end = min(hits)
+        return self.stopped
+
+    def release(self, final: bool = False) -> str:
+        """Text that is now certain and was not released before; everything left when final."""
+        end = self.end if self.end is not None else len(self.text)
+        if not final and self.end is None:
+            end = self._settled(end)
+        delta = self.text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return delta
+
+    def _settled(self, end: int) -> int:
+        while end > self.emitted and self.text[end - 1] == REPLACEMENT:
+            end -= 1
+        for length in range(min(max((len(s) for s in self.stops), default=1) - 1, end - self.emitted), 0, -1):
+            if any(stop.startswith(self.text[end - length : end]) for stop in self.stops):
+                return end - length
+        return end

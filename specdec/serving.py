@@ -1,0 +1,307 @@
+"""gRPC server plumbing shared by the three services: server creation (port 0 for tests), health
+checking, reflection, graceful shutdown on SIGTERM, a single model worker thread, and the
+translation of domain errors into gRPC statuses with rich details.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from specdec import wire
+from specdec.errors import ResourceExhausted, SpecdecError, Unavailable
+from specdec.sessions import SessionLimits
+from specdec.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    max_message_bytes: int = 16 << 20
+    max_concurrent_rpcs: int | None = None
+    keepalive_time_s: float = 30.0
+    reflection: bool = True
+
+
+def channel_options(max_message_bytes: int = 16 << 20, keepalive_time_s: float = 30.0) -> list[tuple[str, int]]:
+    """Options for clients and servers alike: explicit message limits (gRPC's default receive
+    limit is 4 MiB) and keepalive pings, so a dead peer is noticed."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+@dataclass
+class Server:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: tuple[str, ...]
+
+    async def set_serving(self, serving: bool) -> None:
+        status = SERVING if serving else NOT_SERVING
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        """Start answering, with health NOT_SERVING (grpc's health servicer starts as SERVING)."""
+        await self.set_serving(False)
+        await self.server.start()
+
+    async def stop(self, grace_s: float) -> None:
+        await self.set_serving(False)
+        await self.server.stop(grace_s)
+
+
+def create_server(
+    address: str,
+    register: Callable[[grpc.aio.Server], None],
+    service_names: tuple[str, ...],
+    options: ServerOptions = ServerOptions(),
+) -> Server:
+    """A grpc.aio server bound to `address` (port 0 picks a free port) with health checking, which
+    reports NOT_SERVING until `set_serving(True)`, and reflection when enabled. Not started yet."""
+    server = grpc.aio.server(
+        options=channel_options(options.max_message_bytes, options.keepalive_time_s),
+        maximum_concurrent_rpcs=options.max_concurrent_rpcs,
+    )
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if options.reflection:
+        reflection.enable_server_reflection(
+            (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    return Server(server, port, health_servicer, service_names)
+
+
+async def wait_for_signal() -> None:
+    """Return on SIGTERM or SIGINT (the caller then drains and stops)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+
+def server_options(config) -> ServerOptions:
+    """ServerOptions from a ServerConfig (specdec/config.py)."""
+    return ServerOptions(
+        max_message_bytes=config.max_message_mb << 20,
+        max_concurrent_rpcs=config.max_concurrent_rpcs or None,
+        keepalive_time_s=config.keepalive_s,
+        reflection=config.reflection,
+    )
+
+
+def session_limits(config) -> SessionLimits:
+    """SessionLimits from a ModelServiceConfig."""
+    return SessionLimits(max_sessions=config.max_sessions, max_bytes=config.max_cache_mb << 20, ttl_s=config.session_ttl_s)
+
+
+@dataclass
+class RunningModelService:
+    server: Server
+    servicer: "SessionServicerBase"
+    worker: ModelWorker
+    expiry: asyncio.Task
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        self.expiry.cancel()
+        await self.server.stop(grace_s)
+        self.worker.shutdown()
+
+
+async def start_model_service(
+    config,
+    servicer: "SessionServicerBase",
+    add_to_server: Callable,
+    service_name: str,
+    load_engine: Callable[[], object],
+) -> RunningModelService:
+    """Start serving at once (health NOT_SERVING, model RPCs UNAVAILABLE), load and warm up the
+    engine on the model worker, then report SERVING."""
+    server = create_server(
+        f"{config.host}:{config.port}", lambda s: add_to_server(servicer, s), (service_name,), server_options(config)
+    )
+    await server.start()
+    log.info("%s listening on %s:%d, loading the model", service_name, config.host, server.port)
+    started = time.perf_counter()
+    engine = await servicer.worker.run(load_engine)
+    servicer.engine = engine
+    await server.set_serving(True)
+    log.info("%s SERVING after %.1f s of loading and warm-up", service_name, time.perf_counter() - started)
+    expiry = asyncio.create_task(expire_sessions_forever(engine, servicer.worker, min(60.0, config.session_ttl_s / 4)))
+    return RunningModelService(server, servicer, servicer.worker, expiry)
+
+
+async def run_model_service(config, start: Callable) -> None:
+    """A service's main: start it, serve until SIGTERM, drain, stop."""
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    service = await start(config)
+    await wait_for_signal()
+    log.info("stopping: draining in-flight calls for up to %.1f s", config.grace_s)
+    await service.stop(config.grace_s)
+
+
+async def wait_until_serving(channel: grpc.aio.Channel, timeout_s: float, what: str) -> None:
+    """Poll the peer's health until it reports SERVING (its model is loaded and warmed up)."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Unavailable(f"{what} did not report SERVING within {timeout_s:.0f} s")
+        try:
+            response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=min(left, 5.0), wait_for_ready=True)
+            if response.status == SERVING:
+                return
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise Unavailable(f"{what} health check failed: {error.code().name}: {error.details()}") from error
+        await asyncio.sleep(min(0.5, max(deadline - time.monotonic(), 0)))
+
+
+class ModelWorker:
+    """One thread that runs all model work of a service, in arrival order. Engines are not
+    thread-safe, and a forward pass must not block the event loop (health checks, new calls)."""
+
+    def __init__(self, name: str):
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def run(self, fn: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def timed(self, fn: Callable, *args) -> tuple[object, float]:
+        """fn(*args) and the seconds it took inside the worker (queueing excluded)."""
+
+        def call():
+            started = time.perf_counter()
+            result = fn(*args)
+            return result, time.perf_counter() - started
+
+        return await self.run(call)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def error_status(error: SpecdecError) -> grpc.Status:
+    """The gRPC status of a domain error, with a BadRequest naming the field when there is one
+    and a RetryInfo when retrying later may succeed."""
+    status = status_pb2.Status(code=getattr(code_pb2, error.code_name), message=error.message)
+    if error.field:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    if isinstance(error, ResourceExhausted):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(error.retry_after_s * 1e9))
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return rpc_status.to_status(status)
+
+
+def grpc_errors(method):
+    """Servicer method decorator: domain errors become their gRPC status; anything unexpected is
+    logged and becomes INTERNAL instead of killing the call with an opaque UNKNOWN."""
+
+    async def fail(context, error: Exception):
+        if isinstance(error, SpecdecError):
+            await context.abort_with_status(error_status(error))
+        log.exception("internal error in %s", method.__qualname__, exc_info=error)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream_wrapper(self, request, context):
+            try:
+                async for response in method(self, request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:  # noqa: BLE001 - the boundary where every error gets a status
+                await fail(context, error)
+
+        return stream_wrapper
+
+    @functools.wraps(method)
+    async def unary_wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:  # noqa: BLE001
+            await fail(context, error)
+
+    return unary_wrapper
+
+
+class SessionServicerBase:
+    """The RPCs the draft and target services share: model info and the session life cycle.
+    `engine` has info(), start_session(id, prompt) and end_session(id); all run on `worker`."""
+
+    def __init__(self, worker: ModelWorker, engine=None):
+        self.worker = worker
+        self._engine = engine
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            raise Unavailable("the model is still loading")
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine) -> None:
+        self._engine = engine
+
+    @grpc_errors
+    async def GetModelInfo(self, request, context):
+        return wire.model_info_to_proto(await self.worker.run(self.engine.info))
+
+    @grpc_errors
+    async def StartSession(self, request, context):
+        seconds = await self.worker.run(self.engine.start_session, request.session_id, list(request.prompt_token_ids))
+        return common_pb2.StartSessionResponse(compute_seconds=seconds)
+
+    @grpc_errors
+    async def EndSession(self, request, context):
+        existed = await self.worker.run(self.engine.end_session, request.session_id)
+        return common_pb2.EndSessionResponse(existed=existed)
+
+
+async def expire_sessions_forever(engine, worker: ModelWorker, every_s: float) -> None:
+    """Drop sessions whose TTL passed (their orchestrator crashed or forgot them)."""
+    while True:
+        await asyncio.sleep(every_s)
+        expired = await worker.run(engine.sessions.expire)
+        if expired:
+            log.warning("expired %d idle sessions: %s", len(expired), ", ".join(expired[:5]))

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code of the specdec.v1 package (protos/generate.py writes it)."""

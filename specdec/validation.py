@@ -1,0 +1,76 @@
+"""Checks on request values shared by the services; each failure names the field at fault."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+from specdec.errors import InvalidArgument
+from specdec.sampling import SamplingParams
+
+
+def sampling_params(temperature: float, top_k: int, top_p: float, prefix: str = "") -> SamplingParams:
+    """Validated SamplingParams."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise InvalidArgument(f"temperature must be a finite number >= 0, got {temperature}", prefix + "temperature")
+    if top_k < 0:
+        raise InvalidArgument(f"top_k must be >= 0, got {top_k}", prefix + "top_k")
+    if not math.isfinite(top_p) or not 0 < top_p <= 1:
+        raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}", prefix + "top_p")
+    return SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+
+
+def token_ids(ids: Iterable[int], vocab_size: int, field: str, allow_empty: bool = False) -> list[int]:
+    """The ids as a list, each in [0, vocab_size) (any id >= 0 when vocab_size is 0: unknown)."""
+    ids = list(ids)
+    if not ids and not allow_empty:
+        raise InvalidArgument("must hold at least one token id", field)
+    for index, token in enumerate(ids):
+        if token < 0 or (vocab_size and token >= vocab_size):
+            raise InvalidArgument(f"token id {token} at index {index} is outside the vocabulary [0, {vocab_size})", field)
+    return ids
+
+
+def uniforms(values: Iterable[float], count: int, field: str) -> list[float]:
+    """Exactly `count` numbers in [0, 1)."""
+    values = list(values)
+    if len(values) != count:
+        raise InvalidArgument(f"expected {count} uniform numbers, got {len(values)}", field)
+    for index, value in enumerate(values):
+        if not 0 <= value < 1:  # also rejects NaN
+            raise InvalidArgument(f"uniform number {value} at index {index} is outside [0, 1)", field)
+    return values
+
+
+def sparse_distributions(
+    rows: list[tuple[torch.Tensor, torch.Tensor]], draft_tokens: list[int], vocab_size: int, field: str
+) -> None:
+    """One distribution per draft token, ids in the vocabulary, finite non-negative probabilities
+    summing to 1, and the draft token itself in the support with probability > 0."""
+    if len(rows) != len(draft_tokens):
+        raise InvalidArgument(f"expected {len(draft_tokens)} distributions, one per draft token, got {len(rows)}", field)
+    for position, ((ids, probs), token) in enumerate(zip(rows, draft_tokens)):
+        where = f"{field}[{position}]"
+        if ids.shape != probs.shape or ids.numel() == 0:
+            raise InvalidArgument("token_ids and probs must be non-empty and of equal length", where)
+        if bool((ids < 0).any()) or bool((ids >= vocab_size).any()):
+            raise InvalidArgument(f"a token id is outside the vocabulary [0, {vocab_size})", where + ".token_ids")
+        if not bool(torch.isfinite(probs).all()) or bool((probs < 0).any()):
+            raise InvalidArgument("probabilities must be finite and >= 0", where + ".probs")
+        if abs(float(probs.sum()) - 1.0) > 1e-3:
+            raise InvalidArgument(f"probabilities sum to {float(probs.sum()):.6f}, not 1", where + ".probs")
+        if len(set(ids.tolist())) != ids.numel():
+            raise InvalidArgument("token ids repeat", where + ".token_ids")
+        if float(probs[ids == token].sum()) <= 0:
+            raise InvalidArgument(f"draft token {token} has no probability in its own distribution", where)
+
+
+def distinct_sessions(session_ids: list[str], field: str) -> None:
+    """A batch may name each session once: two items of one session cannot be scored together."""
+    seen: set[str] = set()
+    for index, session_id in enumerate(session_ids):
+        if session_id in seen:
+            raise InvalidArgument(f"session {session_id!r} appears twice in one batch", f"{field}[{index}].session_id")
+        seen.add(session_id)

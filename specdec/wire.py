@@ -1,0 +1,142 @@
+"""Conversions between protobuf messages (specdec.v1) and the domain objects of messages.py.
+
+The only place that knows both sides; servicers and clients call these and nothing else. Sparse
+distributions travel as raw little-endian bytes (int32 ids, float32 probabilities): a repeated
+float field costs far more CPU to (de)serialize in Python.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from specdec import validation
+from specdec.errors import InvalidArgument
+from specdec.messages import ModelInfo, Proposal, ProposeWork, SparseDistribution, VerifyWork
+from specdec.sampling import SamplingParams, Verdict
+from specdec.v1 import common_pb2, draft_pb2, target_pb2
+
+
+def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+
+
+def sampling_from_proto(message: common_pb2.SamplingParams, prefix: str) -> SamplingParams:
+    return validation.sampling_params(message.temperature, message.top_k, message.top_p, prefix)
+
+
+def distribution_to_proto(distribution: SparseDistribution) -> common_pb2.SparseDistribution:
+    ids, probs = distribution
+    return common_pb2.SparseDistribution(
+        token_ids=ids.numpy().astype("<i4").tobytes(), probs=probs.numpy().astype("<f4").tobytes()
+    )
+
+
+def distribution_from_proto(message: common_pb2.SparseDistribution, field: str) -> SparseDistribution:
+    if len(message.token_ids) % 4 or len(message.probs) % 4:
+        raise InvalidArgument("token_ids and probs must be whole int32 / float32 values (4 bytes each)", field)
+    ids = torch.from_numpy(np.frombuffer(message.token_ids, dtype="<i4").astype(np.int64))
+    probs = torch.from_numpy(np.frombuffer(message.probs, dtype="<f4").astype(np.float32))
+    return ids, probs
+
+
+def _distributions(messages, field: str) -> list[SparseDistribution] | None:
+    if not messages:
+        return None
+    return [distribution_from_proto(m, f"{field}[{i}]") for i, m in enumerate(messages)]
+
+
+def verify_item_to_proto(work: VerifyWork) -> target_pb2.VerifyItem:
+    return target_pb2.VerifyItem(
+        session_id=work.session_id,
+        prefix_len=work.prefix_len,
+        tokens=work.tokens,
+        draft_tokens=work.draft_tokens,
+        draft_probs=[distribution_to_proto(d) for d in work.draft_probs or []],
+        sampling=sampling_to_proto(work.sampling),
+        uniforms=work.uniforms,
+    )
+
+
+def verify_item_from_proto(item: target_pb2.VerifyItem, index: int) -> VerifyWork:
+    prefix = f"items[{index}]."
+    return VerifyWork(
+        session_id=item.session_id,
+        prefix_len=item.prefix_len,
+        tokens=list(item.tokens),
+        draft_tokens=list(item.draft_tokens),
+        draft_probs=_distributions(item.draft_probs, prefix + "draft_probs"),
+        sampling=sampling_from_proto(item.sampling, prefix + "sampling."),
+        uniforms=list(item.uniforms),
+    )
+
+
+def verdict_to_proto(session_id: str, verdict: Verdict) -> target_pb2.VerifyResult:
+    return target_pb2.VerifyResult(session_id=session_id, accepted=verdict.accepted, next_token=verdict.next_token)
+
+
+def verdict_from_proto(result: target_pb2.VerifyResult) -> Verdict:
+    return Verdict(accepted=result.accepted, next_token=result.next_token)
+
+
+def propose_item_to_proto(work: ProposeWork) -> draft_pb2.ProposeItem:
+    return draft_pb2.ProposeItem(
+        session_id=work.session_id,
+        prefix_len=work.prefix_len,
+        tokens=work.tokens,
+        num_tokens=work.num_tokens,
+        sampling=sampling_to_proto(work.sampling),
+        uniforms=work.uniforms,
+    )
+
+
+def propose_item_from_proto(item: draft_pb2.ProposeItem, index: int) -> ProposeWork:
+    prefix = f"items[{index}]."
+    return ProposeWork(
+        session_id=item.session_id,
+        prefix_len=item.prefix_len,
+        tokens=list(item.tokens),
+        num_tokens=item.num_tokens,
+        sampling=sampling_from_proto(item.sampling, prefix + "sampling."),
+        uniforms=list(item.uniforms),
+    )
+
+
+def proposal_to_proto(session_id: str, proposal: Proposal) -> draft_pb2.Proposal:
+    return draft_pb2.Proposal(
+        session_id=session_id,
+        draft_tokens=proposal.tokens,
+        draft_probs=[distribution_to_proto(d) for d in proposal.distributions or []],
+    )
+
+
+def proposal_from_proto(message: draft_pb2.Proposal) -> Proposal:
+    return Proposal(tokens=list(message.draft_tokens), distributions=_distributions(message.draft_probs, "draft_probs"))
+
+
+def model_info_to_proto(info: ModelInfo) -> common_pb2.ModelInfo:
+    return common_pb2.ModelInfo(
+        model=info.model,
+        vocab_size=info.vocab_size,
+        vocab_fingerprint=info.vocab_fingerprint,
+        max_context=info.max_context,
+        eos_token_ids=info.eos_token_ids,
+        max_speculative_tokens=info.max_speculative_tokens,
+        active_sessions=info.active_sessions,
+        cache_bytes=info.cache_bytes,
+        device=info.device,
+    )
+
+
+def model_info_from_proto(message: common_pb2.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        model=message.model,
+        vocab_size=message.vocab_size,
+        vocab_fingerprint=message.vocab_fingerprint,
+        max_context=message.max_context,
+        eos_token_ids=tuple(message.eos_token_ids),
+        max_speculative_tokens=message.max_speculative_tokens,
+        active_sessions=message.active_sessions,
+        cache_bytes=message.cache_bytes,
+        device=message.device,
+    )

@@ -1,0 +1,135 @@
+"""The target engine: the large model, its per-session KV caches, and batched verification.
+
+No gRPC here: the servicer converts protobuf into `VerifyWork` and calls `verify`. The acceptance
+test runs here, where the target's distribution p lives, so that p ([K+1, V] floats per sequence)
+never crosses the network; what comes in is the draft tokens plus, when sampling, the draft's
+sparse q and K+1 uniform numbers; what goes out is two integers per sequence.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from specdec import lm, sampling, validation
+from specdec.errors import FailedPrecondition, InvalidArgument
+from specdec.messages import ModelInfo, VerifyWork
+from specdec.models import LoadedModel, vocab_fingerprint
+from specdec.sampling import Verdict
+from specdec.sessions import SessionLimits, SessionStore
+
+
+@dataclass
+class TargetSession:
+    """Token ids held in the cache, and the cache."""
+
+    ids: list[int]
+    cache: lm.SequenceCache = field(default_factory=lm.SequenceCache)
+
+
+class TargetEngine:
+    def __init__(self, loaded: LoadedModel, limits: SessionLimits = SessionLimits(), max_speculative_tokens: int = 16):
+        self.loaded = loaded
+        self.max_speculative_tokens = max_speculative_tokens
+        self.sessions: SessionStore[TargetSession] = SessionStore(limits, lambda s: s.cache.nbytes)
+        self.vocab_fingerprint = vocab_fingerprint(loaded.tokenizer) if loaded.tokenizer is not None else ""
+        self._bytes_per_token = lm.kv_bytes_per_token(loaded.model)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.loaded.vocab_size
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            model=self.loaded.name,
+            vocab_size=self.vocab_size,
+            vocab_fingerprint=self.vocab_fingerprint,
+            max_context=self.loaded.max_context,
+            eos_token_ids=self.loaded.eos_token_ids,
+            max_speculative_tokens=self.max_speculative_tokens,
+            active_sessions=len(self.sessions),
+            cache_bytes=self.sessions.total_bytes(),
+            device=f"{self.loaded.device}/{str(self.loaded.dtype).removeprefix('torch.')}",
+        )
+
+    def warm_up(self) -> None:
+        """One prefill and one verify, so the first real request does not pay for lazy setup."""
+        self.start_session("warm-up", [0, 1, 2])
+        self.verify([VerifyWork("warm-up", 2, [2], [3], None, sampling.GREEDY, [])])
+        self.end_session("warm-up")
+
+    def start_session(self, session_id: str, prompt: list[int]) -> float:
+        started = time.perf_counter()
+        prompt = validation.token_ids(prompt, self.vocab_size, "prompt_token_ids")
+        if len(prompt) >= self.loaded.max_context:
+            raise InvalidArgument(
+                f"prompt of {len(prompt)} tokens leaves no room in the context of {self.loaded.max_context}", "prompt_token_ids"
+            )
+        self.sessions.check_budget(len(prompt) * self._bytes_per_token)
+        session = TargetSession(ids=prompt[:-1])
+        self.sessions.add(session_id, session)
+        if session.ids:
+            lm.forward(self.loaded.model, [session.cache], [session.ids], logits_for_last=1)
+        return time.perf_counter() - started
+
+    def end_session(self, session_id: str) -> bool:
+        return self.sessions.remove(session_id)
+
+    def verify(self, batch: list[VerifyWork]) -> list[Verdict]:
+        """Score every item's tokens + drafts in one forward pass; roll each cache back to its
+        accepted prefix."""
+        if not batch:
+            raise InvalidArgument("a Verify call needs at least one item", "items")
+        validation.distinct_sessions([work.session_id for work in batch], "items")
+        sessions = [self._checked(index, work) for index, work in enumerate(batch)]
+        new_tokens = sum(len(w.tokens) + len(w.draft_tokens) for w in batch)
+        self.sessions.check_budget(new_tokens * self._bytes_per_token)
+        inputs = [work.tokens + work.draft_tokens for work in batch]
+        logits = lm.forward(
+            self.loaded.model, [s.cache for s in sessions], inputs, logits_for_last=None
+        )  # per item [len(tokens) + K, V]
+        verdicts = []
+        for work, session, item_logits in zip(batch, sessions, logits):
+            k = len(work.draft_tokens)
+            scored = item_logits[-(k + 1) :]  # [K+1, V]: predictions for each draft and the bonus
+            verdict = self._decide(work, scored)
+            keep = work.prefix_len + len(work.tokens) + verdict.accepted
+            session.ids = (session.ids + work.tokens + work.draft_tokens)[:keep]
+            session.cache.truncate(keep)
+            verdicts.append(verdict)
+        return verdicts
+
+    def _decide(self, work: VerifyWork, scored: torch.Tensor) -> Verdict:
+        drafts = torch.tensor([work.draft_tokens], dtype=torch.long)  # [1, K]
+        if work.sampling.greedy:
+            return sampling.greedy_verify(scored.unsqueeze(0), drafts)[0]
+        p = sampling.warp(scored, work.sampling).unsqueeze(0)  # [1, K+1, V]
+        q = None
+        if work.draft_probs is not None:
+            ids = [ids for ids, _ in work.draft_probs]
+            probs = [probs for _, probs in work.draft_probs]
+            q = torch.stack([sampling.densify(i[None], pr[None], self.vocab_size)[0] for i, pr in zip(ids, probs)])[None]
+        return sampling.rejection_sample(p, drafts, q, torch.tensor([work.uniforms]))[0]
+
+    def _checked(self, index: int, work: VerifyWork) -> TargetSession:
+        prefix = f"items[{index}]."
+        session = self.sessions.get(work.session_id, prefix + "session_id")
+        validation.token_ids(work.tokens, self.vocab_size, prefix + "tokens")
+        validation.token_ids(work.draft_tokens, self.vocab_size, prefix + "draft_tokens", allow_empty=True)
+        k = len(work.draft_tokens)
+        if k > self.max_speculative_tokens:
+            raise InvalidArgument(f"{k} draft tokens, the limit is {self.max_speculative_tokens}", prefix + "draft_tokens")
+        if work.prefix_len != len(session.ids):
+            raise FailedPrecondition(
+                f"session {work.session_id!r} holds {len(session.ids)} tokens, the item says {work.prefix_len}",
+                prefix + "prefix_len",
+            )
+        if len(session.ids) + len(work.tokens) + k > self.loaded.max_context:
+            raise InvalidArgument(f"the sequence would exceed the context of {self.loaded.max_context}", prefix + "tokens")
+        if not work.sampling.greedy:
+            validation.uniforms(work.uniforms, k + 1, prefix + "uniforms")
+            if work.draft_probs is not None:
+                validation.sparse_distributions(work.draft_probs, work.draft_tokens, self.vocab_size, prefix + "draft_probs")
+        return session

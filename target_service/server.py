@@ -1,0 +1,32 @@
+"""Configuration and start-up of the target service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specdec.config import ModelServiceConfig, option
+from specdec.models import LoadedModel, load_causal_lm
+from specdec.serving import ModelWorker, RunningModelService, session_limits, start_model_service
+from specdec.v1 import target_pb2, target_pb2_grpc
+from target_service.engine import TargetEngine
+from target_service.servicer import TargetServicer
+
+SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
+
+
+@dataclass
+class TargetConfig(ModelServiceConfig):
+    port: int = option(50051, "port to listen on; 0 picks a free one")
+
+
+async def start(config: TargetConfig, loaded: LoadedModel | None = None) -> RunningModelService:
+    """Serve the target; `loaded` skips loading `config.model` (tests pass tiny models)."""
+
+    def load_engine() -> TargetEngine:
+        model = loaded or load_causal_lm(config.model, config.device, config.dtype)
+        engine = TargetEngine(model, session_limits(config), config.max_speculative_tokens)
+        engine.warm_up()
+        return engine
+
+    servicer = TargetServicer(ModelWorker("target-model"))
+    return await start_model_service(config, servicer, target_pb2_grpc.add_TargetServiceServicer_to_server, SERVICE_NAME, load_engine)

@@ -1,0 +1,142 @@
+"""The model-side engines without gRPC: batched forwards over ragged caches, the draft's rollback
+and all-accepted bookkeeping, n-gram drafting against Hugging Face's, sessions and their limits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+from draft_service.drafters.base import DraftSession
+from draft_service.drafters.model import ModelDrafter
+from draft_service.drafters.ngram import lookup
+from draft_service.engine import DraftEngine
+from specdec import lm, sampling
+from specdec.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from specdec.messages import ProposeWork, VerifyWork
+from specdec.sessions import SessionLimits, SessionStore
+from target_service.engine import TargetEngine
+from tests.helpers import tiny_lm
+
+
+@pytest.fixture(scope="module")
+def small():
+    return tiny_lm(seed=5, vocab_size=64, max_context=256)
+
+
+def full_logits(model, ids):
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def test_batched_forward_over_ragged_caches_matches_unbatched(small):
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, 64, (50,), generator=generator).tolist(), torch.randint(0, 64, (80,), generator=generator).tolist()
+    cache_a, cache_b, cache_c = lm.SequenceCache(), lm.SequenceCache(), lm.SequenceCache()
+    lm.forward(small.model, [cache_a], [a[:45]], logits_for_last=1)
+    lm.forward(small.model, [cache_b], [b[:70]])
+    out = lm.forward(small.model, [cache_a, cache_b, cache_c], [a[45:], b[70:], a[:3]])
+    torch.testing.assert_close(out[0], full_logits(small.model, a)[45:], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out[1], full_logits(small.model, b)[70:], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out[2], full_logits(small.model, a[:3]), atol=1e-4, rtol=1e-5)
+    assert (cache_a.length, cache_b.length, cache_c.length) == (50, 80, 3)
+    cache_a.truncate(47)
+    out = lm.forward(small.model, [cache_a, cache_b], [a[47:49], [1]])
+    torch.testing.assert_close(out[0], full_logits(small.model, a[:49])[47:], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out[1], full_logits(small.model, b + [1])[80:], atol=1e-4, rtol=1e-5)
+
+
+def greedy_continuation(model, ids, n):
+    ids = list(ids)
+    for _ in range(n):
+        ids.append(int(full_logits(model, ids)[-1].argmax()))
+    return ids[-n:]
+
+
+def test_model_drafter_rolls_back_and_catches_up_after_all_accepted(small):
+    engine = DraftEngine(ModelDrafter(small), max_context=256)
+    prompt = [5, 9, 3, 7, 1]
+    engine.start_session("s", prompt)
+    first, _ = engine.propose([ProposeWork("s", 4, [1], 3, sampling.GREEDY, [])])
+    assert first[0].tokens == greedy_continuation(small.model, prompt, 3)
+    # One draft accepted, then a different token: the rest must be rolled back.
+    sequence = prompt + first[0].tokens[:1] + [11]
+    second, passes = engine.propose([ProposeWork("s", 6, [11], 4, sampling.GREEDY, [])])
+    assert second[0].tokens == greedy_continuation(small.model, sequence, 4)
+    assert passes == 4
+    # Every draft accepted: the last draft token never entered the cache and must be fed now.
+    sequence = sequence + second[0].tokens + [13]
+    third, _ = engine.propose([ProposeWork("s", 11, [13], 2, sampling.GREEDY, [])])
+    assert third[0].tokens == greedy_continuation(small.model, sequence, 2)
+    assert engine.sessions.get("s").state.length == len(sequence) + 1
+
+
+def test_model_drafter_sends_the_distribution_it_sampled_from(small):
+    engine = DraftEngine(ModelDrafter(small, max_support=8), max_context=256)
+    engine.start_session("s", [1, 2, 3])
+    params = sampling.SamplingParams(temperature=0.8)
+    proposal = engine.propose([ProposeWork("s", 2, [3], 3, params, [0.1, 0.5, 0.9])])[0][0]
+    assert len(proposal.tokens) == 3 and len(proposal.distributions) == 3
+    for token, (ids, probs) in zip(proposal.tokens, proposal.distributions):
+        assert ids.shape == probs.shape == (8,)
+        assert token in ids.tolist()
+        assert abs(float(probs.sum()) - 1) < 1e-5
+
+
+def test_draft_engine_rejects_a_prefix_it_does_not_hold(small):
+    engine = DraftEngine(ModelDrafter(small), max_context=256)
+    engine.start_session("s", [1, 2, 3])
+    with pytest.raises(FailedPrecondition) as error:
+        engine.propose([ProposeWork("s", 9, [3], 2, sampling.GREEDY, [])])
+    assert error.value.field == "items[0].prefix_len"
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ngram_lookup_matches_hugging_face_prompt_lookup(seed):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 6, (int(torch.randint(2, 40, (1,), generator=generator)),), generator=generator)
+    hf = PromptLookupCandidateGenerator(num_output_tokens=4, max_matching_ngram_size=3, max_length=1000)
+    candidates, _ = hf.get_candidates(ids[None])
+    assert lookup(ids.tolist(), 4, max_ngram=3) == candidates[0, len(ids) :].tolist()
+
+
+def test_target_engine_checks_prefix_and_session(small):
+    engine = TargetEngine(small)
+    engine.start_session("s", [1, 2, 3])
+    with pytest.raises(FailedPrecondition):
+        engine.verify([VerifyWork("s", 5, [3], [], None, sampling.GREEDY, [])])
+    with pytest.raises(InvalidArgument) as error:
+        engine.verify([VerifyWork("nope", 2, [3], [], None, sampling.GREEDY, [])])
+    assert error.value.field == "items[0].session_id"
+    with pytest.raises(InvalidArgument) as error:
+        engine.verify([VerifyWork("s", 2, [3], [], None, sampling.GREEDY, []), VerifyWork("s", 2, [3], [], None, sampling.GREEDY, [])])
+    assert error.value.field == "items[1].session_id"
+
+
+def test_target_engine_verifies_a_batch_of_sessions_like_one_at_a_time(small):
+    prompts = {"a": [1, 2, 3, 4, 5, 6, 7], "b": [9, 8], "c": [4, 4, 4, 4]}
+    drafts = {"a": [3, 5, 7], "b": [], "c": [1, 1]}
+    batched, single = TargetEngine(small), TargetEngine(small)
+    for sid, prompt in prompts.items():
+        batched.start_session(sid, prompt)
+        single.start_session(sid, prompt)
+    work = [VerifyWork(sid, len(p) - 1, [p[-1]], drafts[sid], None, sampling.GREEDY, []) for sid, p in prompts.items()]
+    assert batched.verify(work) == [single.verify([w])[0] for w in work]
+
+
+def test_session_store_expires_idle_sessions_and_enforces_limits():
+    now = [0.0]
+    store = SessionStore(SessionLimits(max_sessions=2, max_bytes=100, ttl_s=10), size_of=lambda s: s, clock=lambda: now[0])
+    store.add("a", 40)
+    store.add("b", 40)
+    with pytest.raises(ResourceExhausted):
+        store.add("c", 1)
+    with pytest.raises(ResourceExhausted):
+        store.check_budget(21)
+    now[0] = 5.0
+    store.get("a")  # refreshes a's TTL
+    now[0] = 12.0
+    assert store.expire() == ["b"]
+    assert "a" in store and len(store) == 1
+    with pytest.raises(InvalidArgument):
+        store.add("a", 1)
