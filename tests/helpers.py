@@ -103,23 +103,35 @@ def start_stack(target: LoadedModel, drafter=None, draft_context: int | None = N
     loop = LoopThread()
 
     async def start_all():
-        target_running = await target_server.start(target_server.TargetConfig(port=0), loaded=target)
-        draft_running = None
-        if drafter is not None:
-            draft_running = await draft_server.start(
-                draft_server.DraftConfig(port=0), drafter=drafter, max_context=draft_context or target.max_context
+        started = []
+        try:
+            target_running = await target_server.start(target_server.TargetConfig(port=0), loaded=target)
+            started.append(target_running)
+            draft_running = None
+            if drafter is not None:
+                draft_running = await draft_server.start(
+                    draft_server.DraftConfig(port=0), drafter=drafter, max_context=draft_context or target.max_context
+                )
+                started.append(draft_running)
+            config = orchestrator_server.OrchestratorConfig(
+                port=0,
+                target=f"127.0.0.1:{target_running.port}",
+                draft=f"127.0.0.1:{draft_running.port}" if draft_running else "",
+                connect_timeout_s=60,
+                **orchestrator_options,
             )
-        config = orchestrator_server.OrchestratorConfig(
-            port=0,
-            target=f"127.0.0.1:{target_running.port}",
-            draft=f"127.0.0.1:{draft_running.port}" if draft_running else "",
-            connect_timeout_s=60,
-            **orchestrator_options,
-        )
-        orchestrator_running = await orchestrator_server.start(config, tokenizer=target.tokenizer)
+            orchestrator_running = await orchestrator_server.start(config, tokenizer=target.tokenizer)
+        except BaseException:
+            for running in started:
+                await running.stop()
+            raise
         return Stack(loop, target_running, draft_running, orchestrator_running)
 
-    return loop.run(start_all())
+    try:
+        return loop.run(start_all())
+    except BaseException:
+        loop.close()
+        raise
 
 
 def model_drafter(loaded: LoadedModel, max_support: int = 64) -> ModelDrafter:

@@ -1,0 +1,39 @@
+"""End to end with the embedded SmolLM2-135M-Instruct target, each service its own process started
+from its command line, as a user runs them. Slow (model load, CPU decoding), run in CI."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.stack import ServiceStack
+from specdec.v1 import orchestrator_pb2
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = [
+    "What is the capital of France? Answer in one sentence.",
+    "Write a Python function that returns the square of a number.",
+    "List three colors of the rainbow.",
+]
+
+
+def generate(stub, question: str, k: int, max_new_tokens: int = 40) -> orchestrator_pb2.GenerateResponse:
+    request = orchestrator_pb2.GenerateRequest(max_new_tokens=max_new_tokens, num_speculative_tokens=k)
+    request.messages.add(role="user", content=question)
+    return stub.Generate(request, timeout=600)
+
+
+@pytest.mark.parametrize("draft", ["ngram", "embedded"])
+def test_embedded_pair_greedy_output_equals_target_only(draft, tmp_path):
+    with ServiceStack(draft_model=draft, log_dir=tmp_path) as stack:
+        stub = stack.orchestrator_stub()
+        for question in QUESTIONS:
+            baseline = generate(stub, question, k=0)
+            speculative = generate(stub, question, k=4)
+            assert list(speculative.token_ids) == list(baseline.token_ids), question
+            assert speculative.text == baseline.text
+            if draft == "embedded":  # the target drafting for itself: (nearly) everything accepted
+                assert speculative.stats.acceptance_rate > 0.9
+        processes = list(stack.processes.values())
+    # SIGTERM: each service drained and exited cleanly.
+    assert [p.returncode for p in processes] == [0, 0, 0]

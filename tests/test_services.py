@@ -1,0 +1,202 @@
+"""The three services as real gRPC servers on loopback ports: the public API, greedy equality and
+bytes per round across the network, health and reflection, a clear status naming the field for
+every bad input, and no session left behind by cancelled or timed-out requests."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from draft_service.drafters.model import ModelDrafter
+from specdec.errors import FailedPrecondition
+from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc, orchestrator_pb2, orchestrator_pb2_grpc, target_pb2, target_pb2_grpc
+from tests.helpers import start_stack, tiny_lm, with_eos
+
+PROMPT = "Once upon a time, in a land far away,"
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_target):
+    """Target = tiny_target, draft = the same model (every draft accepted)."""
+    target = with_eos(tiny_target, ())
+    running = start_stack(target, ModelDrafter(target))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def orchestrator(stack):
+    with stack.channel("orchestrator") as channel:
+        yield orchestrator_pb2_grpc.OrchestratorStub(channel)
+
+
+def request(**fields) -> orchestrator_pb2.GenerateRequest:
+    fields.setdefault("max_new_tokens", 20)
+    if "messages" not in fields:
+        fields.setdefault("prompt", PROMPT)
+    return orchestrator_pb2.GenerateRequest(**fields)
+
+
+def sessions_held(stack) -> tuple[int, int]:
+    with stack.channel("target") as t, stack.channel("draft") as d:
+        target = target_pb2_grpc.TargetServiceStub(t).GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=10)
+        draft = draft_pb2_grpc.DraftServiceStub(d).GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=10)
+    return target.active_sessions, draft.active_sessions
+
+
+def wait_for_no_sessions(stack, timeout_s: float = 10.0) -> tuple[int, int]:
+    deadline = time.monotonic() + timeout_s
+    while (held := sessions_held(stack)) != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return held
+
+
+def test_every_service_reports_serving_and_serves_reflection(stack):
+    names = {
+        "target": "specdec.v1.TargetService",
+        "draft": "specdec.v1.DraftService",
+        "orchestrator": "specdec.v1.Orchestrator",
+    }
+    for which, name in names.items():
+        with stack.channel(which) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", name):
+                assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            answer = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+            assert name in {s.name for s in answer.list_services_response.service}
+
+
+def test_generate_equals_the_concatenated_stream(orchestrator):
+    whole = orchestrator.Generate(request(), timeout=60)
+    parts = list(orchestrator.GenerateStream(request(), timeout=60))
+    assert "".join(p.text for p in parts) == whole.text
+    assert [t for p in parts for t in p.token_ids] == list(whole.token_ids)
+    assert parts[-1].finish_reason == whole.finish_reason == orchestrator_pb2.FINISH_REASON_LENGTH
+    assert all(not p.HasField("stats") for p in parts[:-1]) and parts[-1].HasField("stats")
+    assert whole.stats.generated_tokens == len(whole.token_ids) == 20
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_greedy_speculative_equals_target_only_across_the_network(orchestrator, k):
+    baseline = orchestrator.Generate(request(num_speculative_tokens=0), timeout=60)
+    speculative = orchestrator.Generate(request(num_speculative_tokens=k), timeout=60)
+    assert list(speculative.token_ids) == list(baseline.token_ids)
+    stats = speculative.stats
+    assert stats.acceptance_rate == 1.0 and stats.num_speculative_tokens == k
+    assert stats.tokens_per_target_forward > 1
+    assert stats.target_forward_passes == stats.rounds < baseline.stats.target_forward_passes == 20
+    assert stats.draft_forward_passes > 0 and stats.network_seconds > 0 and stats.target_seconds > 0
+    # Greedy sends token ids only: a few dozen bytes per call.
+    assert stats.bytes_per_round < 300
+
+
+def test_chat_messages_and_sampling_with_seed(orchestrator):
+    chat = request(messages=[orchestrator_pb2.ChatMessage(role="user", content="Tell me a story.")], temperature=0.8, top_p=0.95, seed=7)
+    first, second = orchestrator.Generate(chat, timeout=60), orchestrator.Generate(chat, timeout=60)
+    assert list(first.token_ids) == list(second.token_ids)
+    # Sampling adds the draft's sparse distributions (64 ids + probabilities per draft token).
+    assert first.stats.bytes_per_round > 64 * 8
+
+
+def bad_request_field(error: grpc.RpcError) -> str:
+    status = rpc_status.from_call(error)
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            return bad_request.field_violations[0].field
+    raise AssertionError(f"no BadRequest detail in {status}")
+
+
+BAD_REQUESTS = {
+    "empty prompt": (dict(prompt=""), "prompt"),
+    "prompt and messages": (dict(messages=[orchestrator_pb2.ChatMessage(role="user", content="hi")], prompt="x"), "prompt"),
+    "unknown role": (dict(messages=[orchestrator_pb2.ChatMessage(role="wizard", content="hi")]), "messages[0].role"),
+    "prompt over the context": (dict(prompt=" a" * 600), "prompt"),
+    "prompt + max_new_tokens over the context": (dict(prompt=" a" * 500, max_new_tokens=100), "max_new_tokens"),
+    "max_new_tokens 0": (dict(max_new_tokens=0), "max_new_tokens"),
+    "max_new_tokens negative": (dict(max_new_tokens=-5), "max_new_tokens"),
+    "max_new_tokens over the limit": (dict(max_new_tokens=1_000_000), "max_new_tokens"),
+    "temperature negative": (dict(temperature=-0.1), "temperature"),
+    "temperature NaN": (dict(temperature=math.nan), "temperature"),
+    "top_p 0": (dict(top_p=0.0), "top_p"),
+    "top_p over 1": (dict(top_p=1.5), "top_p"),
+    "top_k negative": (dict(top_k=-1), "top_k"),
+    "K over the limit": (dict(num_speculative_tokens=17), "num_speculative_tokens"),
+    "K negative": (dict(num_speculative_tokens=-1), "num_speculative_tokens"),
+    "empty stop string": (dict(stop=[""]), "stop"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_is_invalid_argument_naming_the_field(stack, orchestrator, case):
+    fields, field = BAD_REQUESTS[case]
+    for call in (orchestrator.Generate, lambda r, timeout: list(orchestrator.GenerateStream(r, timeout=timeout))):
+        with pytest.raises(grpc.RpcError) as error:
+            call(request(**fields), timeout=30)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_request_field(error.value) == field
+    assert sessions_held(stack) == (0, 0)
+
+
+def test_unknown_session_on_the_model_services(stack):
+    with stack.channel("target") as t, stack.channel("draft") as d:
+        target, draft = target_pb2_grpc.TargetServiceStub(t), draft_pb2_grpc.DraftServiceStub(d)
+        item = target_pb2.VerifyItem(session_id="nobody", prefix_len=0, tokens=[1], sampling=common_pb2.SamplingParams(top_p=1))
+        with pytest.raises(grpc.RpcError) as error:
+            target.Verify(target_pb2.VerifyRequest(items=[item]), timeout=10)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_request_field(error.value) == "items[0].session_id"
+        propose = draft_pb2.ProposeItem(session_id="nobody", tokens=[1], num_tokens=2, sampling=common_pb2.SamplingParams(top_p=1))
+        with pytest.raises(grpc.RpcError) as error:
+            draft.Propose(draft_pb2.ProposeRequest(items=[propose]), timeout=10)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_request_field(error.value) == "items[0].session_id"
+        assert not target.EndSession(common_pb2.EndSessionRequest(session_id="nobody"), timeout=10).existed
+
+
+def test_nan_draft_probabilities_are_rejected_by_the_target(stack):
+    with stack.channel("target") as channel:
+        target = target_pb2_grpc.TargetServiceStub(channel)
+        target.StartSession(common_pb2.StartSessionRequest(session_id="nan-test", prompt_token_ids=[1, 2, 3]), timeout=10)
+        try:
+            probs = common_pb2.SparseDistribution(token_ids=(5).to_bytes(4, "little"), probs=b"\x00\x00\xc0\x7f")  # float32 NaN
+            item = target_pb2.VerifyItem(
+                session_id="nan-test", prefix_len=2, tokens=[3], draft_tokens=[5], draft_probs=[probs],
+                sampling=common_pb2.SamplingParams(temperature=1.0, top_p=1.0), uniforms=[0.5, 0.5],
+            )
+            with pytest.raises(grpc.RpcError) as error:
+                target.Verify(target_pb2.VerifyRequest(items=[item]), timeout=10)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert bad_request_field(error.value) == "items[0].draft_probs[0].probs"
+        finally:
+            target.EndSession(common_pb2.EndSessionRequest(session_id="nan-test"), timeout=10)
+
+
+def test_cancelled_streams_leave_no_session_on_either_model_service(stack, orchestrator):
+    for _ in range(5):
+        stream = orchestrator.GenerateStream(request(max_new_tokens=400, num_speculative_tokens=2), timeout=60)
+        next(stream)
+        stream.cancel()
+    assert wait_for_no_sessions(stack) == (0, 0)
+
+
+def test_deadline_exceeded_is_reported_and_frees_the_sessions(stack, orchestrator):
+    with pytest.raises(grpc.RpcError) as error:
+        orchestrator.Generate(request(max_new_tokens=450, num_speculative_tokens=0), timeout=0.3)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_for_no_sessions(stack) == (0, 0)
+
+
+def test_orchestrator_refuses_a_draft_with_another_vocabulary(tiny_target):
+    other = ModelDrafter(tiny_lm(seed=3, vocab_size=64, max_context=512))
+    other.vocab_fingerprint = "a-different-tokenizer"
+    with pytest.raises(FailedPrecondition) as error:
+        start_stack(tiny_target, other)
+    assert error.value.field == "draft"
