@@ -8,7 +8,9 @@ order, and compares the token ids. Where they differ, it measures the gap betwee
 best logits at the first differing position (one forward pass over prompt + common prefix): below
 1e-4 the difference is a floating-point tie between a K+1-token and a 1-token forward pass, not a
 bug. It also reports the speedup of each prompt (target-only time / speculative time), measured
-side by side. Results go to bench/results/greedy_equality.json.
+side by side. Each prompt's result is appended to bench/results/greedy_equality.jsonl as soon as
+it is measured, and a rerun skips the prompts already there (`--fresh` starts over), so a long run
+can be interrupted and resumed; the summary is written to bench/results/greedy_equality.json.
 """
 
 from __future__ import annotations
@@ -57,15 +59,22 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=4)
     parser.add_argument("--draft", default="ngram", help="draft model for the draft service")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "greedy_equality.json")
+    parser.add_argument("--fresh", action="store_true", help="discard earlier per-prompt results")
     args = parser.parse_args()
 
     prompts = load_prompts(args.prompts, args.limit)
     loaded = load_causal_lm("embedded")
-    rows = []
+    progress = args.out.with_suffix(".jsonl")
+    progress.parent.mkdir(parents=True, exist_ok=True)
+    if args.fresh:
+        progress.unlink(missing_ok=True)
+    rows = [json.loads(line) for line in progress.read_text().splitlines()] if progress.exists() else []
+    done = {row["question_id"] for row in rows}
+    todo = [p for p in prompts if p["question_id"] not in done]
     started = time.monotonic()
     with ServiceStack(draft_model=args.draft) as stack:
         stub = stack.orchestrator_stub()
-        for index, prompt in enumerate(prompts):
+        for index, prompt in enumerate(todo):
             question = prompt["turns"][0]
             outputs = {}
             for k in ((0, args.k) if index % 2 == 0 else (args.k, 0)):
@@ -90,14 +99,17 @@ def main() -> None:
                 prompt_ids, _ = encode_prompt(loaded.tokenizer, "", (("user", question),))
                 row["top2_gap"] = top2_gap(loaded.model, prompt_ids + base_ids[:diff])
             rows.append(row)
+            with progress.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
             elapsed = time.monotonic() - started
-            eta = elapsed / (index + 1) * (len(prompts) - index - 1)
+            eta = elapsed / (index + 1) * (len(todo) - index - 1)
             print(
-                f"[{index + 1}/{len(prompts)}] q{prompt['question_id']} {prompt['category']}: "
+                f"[{len(rows)}/{len(prompts)}] q{prompt['question_id']} {prompt['category']}: "
                 f"{'identical' if diff is None else 'differs at %d (gap %.2e)' % (diff, row['top2_gap'])} "
                 f"speedup {row['speedup']:.2f} accept {row['acceptance_rate']:.2f} | ETA {eta / 60:.1f} min",
                 flush=True,
             )
+    rows = [r for r in rows if r["question_id"] in {p["question_id"] for p in prompts}]
     differing = [r for r in rows if not r["identical"]]
     ties = [r for r in differing if r["top2_gap"] < TIE]
     speedups = [r["speedup"] for r in rows]
@@ -114,7 +126,6 @@ def main() -> None:
         "acceptance_rate_median": statistics.median(r["acceptance_rate"] for r in rows),
         "tokens_per_target_forward_median": statistics.median(r["tokens_per_target_forward"] for r in rows),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     print(json.dumps(summary, indent=1))
 

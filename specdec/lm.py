@@ -1,13 +1,16 @@
 """Running a causal LM over many sequences that each own a KV cache of a different length.
 
-A `SequenceCache` holds one sequence's per-layer keys and values. `forward` extends several of them
-in one batched forward pass: caches are left-padded to a common length, new tokens right-padded,
-and an attention mask (zeros on the padding) plus explicit `position_ids` per row make every row
-compute what it would compute alone. Rolling back is `truncate`.
+A `SequenceCache` holds one sequence's keys and values in per-layer buffers that grow by doubling:
+appending a token writes into the buffer instead of concatenating (torch.cat would copy the whole
+cache on every step, which dominated a decoding step at 1,000 tokens of context on CPU), and
+rolling back is just a shorter length. `forward` extends several caches in one batched forward
+pass: caches are left-padded to a common length, new tokens right-padded, and an attention mask
+(zeros on the padding) plus explicit `position_ids` per row make every row compute what it would
+compute alone.
 
-Plain transformers 5.x only (DynamicCache built from tensors); no custom kernels. Copying the
-caches into a padded batch costs memory traffic every call; a preallocated per-slot cache is the
-optimization to measure against it (batched-serving issue).
+Plain transformers 5.x only: a single sequence runs through a `Cache` whose layers write into the
+session's buffers; a batch runs through a `DynamicCache` built from padded copies. The padded copy
+per batched call is the cost a preallocated multi-slot cache would remove (batched-serving issue).
 """
 
 from __future__ import annotations
@@ -16,26 +19,76 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 
 @dataclass
 class SequenceCache:
-    """Keys and values of one sequence: per layer a pair of [1, heads, length, head_dim] tensors."""
+    """Keys and values of one sequence: per layer a [1, heads, capacity, head_dim] buffer, of which
+    the first `length` positions are valid."""
 
-    layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-
-    @property
-    def length(self) -> int:
-        return self.layers[0][0].shape[-2] if self.layers else 0
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    length: int = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     def truncate(self, length: int) -> None:
-        """Keep the first `length` positions (views: no copy)."""
-        if length < self.length:
-            self.layers = [(k[:, :, :length], v[:, :, :length]) for k, v in self.layers]
+        """Keep the first `length` positions; later appends overwrite the rest."""
+        self.length = min(self.length, length)
+
+    def layer(self, index: int, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of one layer's valid keys and values: [1, heads, end or length, head_dim]."""
+        end = self.length if end is None else end
+        return self.keys[index][:, :, :end], self.values[index][:, :, :end]
+
+    def write(self, index: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store [1, heads, n, head_dim] new keys and values of one layer after the valid prefix;
+        return that layer's views up to the new end. `length` moves once all layers are written."""
+        end = self.length + keys.shape[2]
+        if index == len(self.keys):
+            self.keys.append(keys.new_empty(1, keys.shape[1], max(end, 16), keys.shape[3]))
+            self.values.append(values.new_empty(1, values.shape[1], max(end, 16), values.shape[3]))
+        elif end > self.keys[index].shape[2]:
+            self.keys[index] = _grown(self.keys[index], self.length, end)
+            self.values[index] = _grown(self.values[index], self.length, end)
+        self.keys[index][:, :, self.length : end] = keys
+        self.values[index][:, :, self.length : end] = values
+        return self.layer(index, end)
+
+
+def _grown(buffer: torch.Tensor, valid: int, needed: int) -> torch.Tensor:
+    bigger = buffer.new_empty(*buffer.shape[:2], max(needed, 2 * buffer.shape[2]), buffer.shape[3])
+    bigger[:, :, :valid] = buffer[:, :, :valid]
+    return bigger
+
+
+class _SessionLayer(DynamicLayer):
+    """A cache layer that appends into a SequenceCache's buffer (no copy of the past)."""
+
+    def __init__(self, store: SequenceCache, index: int):
+        super().__init__()
+        self.store, self.index = store, index
+        if index < len(store.keys) and store.length:
+            self.keys, self.values = store.layer(index)
+            self.dtype, self.device = self.keys.dtype, self.keys.device
+            self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self.values = self.store.write(self.index, key_states, value_states)
+        return self.keys, self.values
+
+
+def num_layers(model: torch.nn.Module) -> int:
+    return model.config.get_text_config().num_hidden_layers
 
 
 @torch.inference_mode()
@@ -75,11 +128,11 @@ def forward(
         use_cache=True,
     )
     results = []
-    for row, (seq_cache, past_length, new_length) in enumerate(zip(caches, past_lengths, new_lengths)):
-        keep = slice(past - past_length, past + new_length)
-        seq_cache.layers = [
-            (layer.keys[row : row + 1, :, keep], layer.values[row : row + 1, :, keep]) for layer in output.past_key_values.layers
-        ]
+    for row, (seq_cache, new_length) in enumerate(zip(caches, new_lengths)):
+        new = slice(past, past + new_length)
+        for index, layer in enumerate(output.past_key_values.layers):
+            seq_cache.write(index, layer.keys[row : row + 1, :, new], layer.values[row : row + 1, :, new])
+        seq_cache.length += new_length
         first = new_length - logits_for_last if logits_for_last else 0
         results.append(output.logits[row, first:new_length].float())
     return results
@@ -90,26 +143,27 @@ def _forward_one(model, cache: SequenceCache, tokens: list[int], logits_for_last
     output = model(
         input_ids=torch.tensor([tokens], device=device),
         position_ids=torch.arange(start, start + len(tokens), device=device).unsqueeze(0),
-        past_key_values=DynamicCache(ddp_cache_data=cache.layers or None),
+        past_key_values=Cache(layers=[_SessionLayer(cache, i) for i in range(num_layers(model))]),
         use_cache=True,
         logits_to_keep=logits_for_last or 0,
     )
-    cache.layers = [(layer.keys, layer.values) for layer in output.past_key_values.layers]
+    cache.length += len(tokens)
     return output.logits[0].float()
 
 
 def _left_padded(caches: list[SequenceCache], length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, the caches stacked into [B, heads, length, head_dim], each left-padded with zeros."""
     padded = []
-    for layer in range(len(next(c for c in caches if c.layers).layers)):
-        template = next(c for c in caches if c.layers).layers[layer][0]
+    filled = next(c for c in caches if c.length)
+    for layer in range(len(filled.keys)):
+        template = filled.keys[layer]
         keys = template.new_zeros(len(caches), template.shape[1], length, template.shape[3])
         values = torch.zeros_like(keys)
         for row, cache in enumerate(caches):
-            if cache.layers:
-                k, v = cache.layers[layer]
-                keys[row, :, length - k.shape[-2] :] = k[0]
-                values[row, :, length - v.shape[-2] :] = v[0]
+            if cache.length:
+                k, v = cache.layer(layer)
+                keys[row, :, length - cache.length :] = k[0]
+                values[row, :, length - cache.length :] = v[0]
         padded.append((keys, values))
     return padded
 

@@ -200,3 +200,75 @@ def test_orchestrator_refuses_a_draft_with_another_vocabulary(tiny_target):
     with pytest.raises(FailedPrecondition) as error:
         start_stack(tiny_target, other)
     assert error.value.field == "draft"
+
+
+class BrokenDrafter(ModelDrafter):
+    """Proposes once, then fails every call: the draft service answers INTERNAL."""
+
+    calls = 0
+
+    def propose(self, sessions, work):
+        BrokenDrafter.calls += 1
+        if BrokenDrafter.calls > 1:
+            raise RuntimeError("drafter crashed")
+        return super().propose(sessions, work)
+
+
+def test_a_failing_draft_falls_back_to_exact_target_only_decoding(tiny_target, tiny_draft):
+    target = with_eos(tiny_target, ())
+    running = start_stack(target, BrokenDrafter(tiny_draft))
+    try:
+        with running.channel("orchestrator") as channel:
+            stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
+            BrokenDrafter.calls = 0  # forget the service's warm-up call
+            speculative = stub.Generate(request(num_speculative_tokens=3), timeout=60)
+            baseline = stub.Generate(request(num_speculative_tokens=0), timeout=60)
+        assert list(speculative.token_ids) == list(baseline.token_ids)
+        assert speculative.stats.draft_tokens == 3  # one round drafted, then the draft was dropped
+    finally:
+        running.stop()
+
+
+def test_health_is_not_serving_until_the_model_is_loaded():
+    import asyncio
+    import threading
+
+    from bench.stack import free_port
+    from specdec.serving import ModelWorker, SessionServicerBase, start_model_service
+    from target_service.server import SERVICE_NAME, TargetConfig
+    from specdec.v1 import target_pb2_grpc as grpc_module
+    from tests.helpers import LoopThread
+
+    loaded = threading.Event()
+
+    class Engine:
+        sessions = None
+
+    def load_engine():
+        loaded.wait(30)
+        return Engine()
+
+    class Servicer(SessionServicerBase, grpc_module.TargetServiceServicer):
+        pass
+
+    port = free_port()
+    loop = LoopThread()
+    future = asyncio.run_coroutine_threadsafe(
+        start_model_service(TargetConfig(port=port), Servicer(ModelWorker("test")), grpc_module.add_TargetServiceServicer_to_server, SERVICE_NAME, load_engine),
+        loop.loop,
+    )
+    try:
+        time.sleep(0.5)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as error:
+                target_pb2_grpc.TargetServiceStub(channel).GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=5)
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+            loaded.set()
+            running = future.result(30)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        loop.run(running.stop())
+    finally:
+        loaded.set()
+        loop.close()
