@@ -25,7 +25,7 @@ class DraftConfig(ModelServiceConfig):
         NGRAM, "'ngram' for prompt-lookup drafting (no model), or a draft model: a Hugging Face directory, a hub id, a .gguf file, 'embedded'"
     )
     ngram_max: int = option(3, "n-gram drafting: longest n-gram to match")
-    ngram_min: int = option(1, "n-gram drafting: shortest n-gram to match")
+    ngram_min: int = option(2, "n-gram drafting: shortest n-gram to match (2 beat 1 in bench/tune_ngram.py: single-token matches mostly propose wrong drafts)")
     max_support: int = option(64, "model drafting when sampling: tokens of the draft distribution sent per position (it stays exact)")
     max_context: int = option(8192, "n-gram drafting: longest sequence a session may hold (model drafters use the model's)")
 

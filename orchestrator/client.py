@@ -15,7 +15,7 @@ import grpc
 
 from specdec.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
-FINISH = {v: k for k, v in orchestrator_pb2.FinishReason.items()}
+FINISH = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in orchestrator_pb2.FinishReason.items()}
 
 
 def build_request(args: argparse.Namespace) -> orchestrator_pb2.GenerateRequest:

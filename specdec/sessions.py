@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Callable, Generic, TypeVar
 
 from specdec.errors import InvalidArgument, ResourceExhausted
 
@@ -38,9 +38,6 @@ class SessionStore(Generic[State]):
 
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._entries
-
-    def ids(self) -> Iterator[str]:
-        return iter(list(self._entries))
 
     def total_bytes(self) -> int:
         return sum(self._size_of(state) for state, _ in self._entries.values())
