@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -158,6 +159,7 @@ class Generator:
                         break
                     yield GenerationEvent(text.release(), released_ids)
             stats.total_seconds = time.monotonic() - started
+            log.info("generation %s", json.dumps(stats.summary(spec.session_id, len(prompt), finish)))
             yield GenerationEvent(text.release(final=True), last_ids, finish, stats)
         finally:
             await _shielded(self._end_sessions(spec.session_id, draft))

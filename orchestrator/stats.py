@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from orchestrator.backends import CallCost
 
@@ -60,3 +60,15 @@ class GenerationStats:
             self.accepted_per_position.extend([0] * (drafted - len(self.accepted_per_position)))
         for position in range(accepted):
             self.accepted_per_position[position] += 1
+
+    def summary(self, session_id: str, prompt_tokens: int, finish_reason: str) -> dict:
+        """One structured log record per request."""
+        return {
+            "session_id": session_id,
+            "prompt_tokens": prompt_tokens,
+            "finish_reason": finish_reason,
+            **asdict(self),
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "tokens_per_target_forward": round(self.tokens_per_target_forward, 4),
+            "bytes_per_round": round(self.bytes_per_round, 1),
+        }

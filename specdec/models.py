@@ -104,6 +104,16 @@ class LoadedModel:
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)
 
+    @property
+    def vocab_fingerprint(self) -> str:
+        """The tokenizer's fingerprint; empty without a tokenizer (ids of an unknown vocabulary)."""
+        return vocab_fingerprint(self.tokenizer) if self.tokenizer is not None else ""
+
+    @property
+    def placement(self) -> str:
+        """Device and dtype, e.g. "cpu/float32"."""
+        return f"{self.device}/{str(self.dtype).removeprefix('torch.')}"
+
 
 def load_causal_lm(model: str, device: str = "cpu", dtype: str = "float32", with_tokenizer: bool = True) -> LoadedModel:
     """Load a causal LM for inference (eval mode, no gradients)."""

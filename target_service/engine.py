@@ -16,7 +16,7 @@ import torch
 from specdec import lm, sampling, validation
 from specdec.errors import FailedPrecondition, InvalidArgument
 from specdec.messages import ModelInfo, VerifyWork
-from specdec.models import LoadedModel, vocab_fingerprint
+from specdec.models import LoadedModel
 from specdec.sampling import Verdict
 from specdec.sessions import SessionLimits, SessionStore
 
@@ -34,7 +34,7 @@ class TargetEngine:
         self.loaded = loaded
         self.max_speculative_tokens = max_speculative_tokens
         self.sessions: SessionStore[TargetSession] = SessionStore(limits, lambda s: s.cache.nbytes)
-        self.vocab_fingerprint = vocab_fingerprint(loaded.tokenizer) if loaded.tokenizer is not None else ""
+        self.vocab_fingerprint = loaded.vocab_fingerprint
         self._bytes_per_token = lm.kv_bytes_per_token(loaded.model)
 
     @property
@@ -51,7 +51,7 @@ class TargetEngine:
             max_speculative_tokens=self.max_speculative_tokens,
             active_sessions=len(self.sessions),
             cache_bytes=self.sessions.total_bytes(),
-            device=f"{self.loaded.device}/{str(self.loaded.dtype).removeprefix('torch.')}",
+            device=self.loaded.placement,
         )
 
     def warm_up(self) -> None:
@@ -108,9 +108,8 @@ class TargetEngine:
         p = sampling.warp(scored, work.sampling).unsqueeze(0)  # [1, K+1, V]
         q = None
         if work.draft_probs is not None:
-            ids = [ids for ids, _ in work.draft_probs]
-            probs = [probs for _, probs in work.draft_probs]
-            q = torch.stack([sampling.densify(i[None], pr[None], self.vocab_size)[0] for i, pr in zip(ids, probs)])[None]
+            rows = [sampling.densify(ids[None], probs[None], self.vocab_size)[0] for ids, probs in work.draft_probs]
+            q = torch.stack(rows).unsqueeze(0)  # [1, K, V]
         return sampling.rejection_sample(p, drafts, q, torch.tensor([work.uniforms]))[0]
 
     def _checked(self, index: int, work: VerifyWork) -> TargetSession:

@@ -19,7 +19,7 @@ import torch
 from draft_service.drafters.base import DraftSession, Drafter
 from specdec.messages import Proposal, ProposeWork
 from specdec import lm, sampling
-from specdec.models import LoadedModel, vocab_fingerprint
+from specdec.models import LoadedModel
 
 
 class ModelDrafter(Drafter):
@@ -29,9 +29,9 @@ class ModelDrafter(Drafter):
         self.loaded = loaded
         self.name = loaded.name
         self.vocab_size = loaded.vocab_size
-        self.vocab_fingerprint = vocab_fingerprint(loaded.tokenizer) if loaded.tokenizer is not None else ""
+        self.vocab_fingerprint = loaded.vocab_fingerprint
         self.max_support = max_support
-        self.device = f"{loaded.device}/{str(loaded.dtype).removeprefix('torch.')}"
+        self.device = loaded.placement
         self._bytes_per_token = lm.kv_bytes_per_token(loaded.model)
 
     def start(self, session: DraftSession) -> None:
