@@ -18,7 +18,7 @@ help:
 	@echo "make test       run the whole test suite (slow end-to-end tests included)"
 	@echo "make test-fast  the suite without the slow-marked tests"
 	@echo "make protos     regenerate specdec/v1/*_pb2*.py and protos/specdec.protoset"
-	@echo "make equality   greedy equality and speedup over the 120 Spec-Bench dev prompts (about an hour on 2 cores)"
+	@echo "make equality   greedy equality over the 120 Spec-Bench dev prompts (resumable; well over an hour on 2 cores)"
 
 $(STAMP): requirements.lock
 	$(PYTHON) -m venv $(VENV)
