@@ -9,8 +9,8 @@ best logits at the first differing position (one forward pass over prompt + comm
 1e-4 the difference is a floating-point tie between a K+1-token and a 1-token forward pass, not a
 bug. It also reports the speedup of each prompt (target-only time / speculative time), measured
 side by side. Each prompt's result is appended to bench/results/greedy_equality.jsonl as soon as
-it is measured, and a rerun skips the prompts already there (`--fresh` starts over), so a long run
-can be interrupted and resumed; the summary is written to bench/results/greedy_equality.json.
+it is measured, and `--resume` skips the prompts already there, so a long run can be interrupted
+and continued; the summary is written to bench/results/greedy_equality.json.
 """
 
 from __future__ import annotations
@@ -59,14 +59,14 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=4)
     parser.add_argument("--draft", default="ngram", help="draft model for the draft service")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "greedy_equality.json")
-    parser.add_argument("--fresh", action="store_true", help="discard earlier per-prompt results")
+    parser.add_argument("--resume", action="store_true", help="keep earlier per-prompt results and skip their prompts")
     args = parser.parse_args()
 
     prompts = load_prompts(args.prompts, args.limit)
     loaded = load_causal_lm("embedded")
     progress = args.out.with_suffix(".jsonl")
     progress.parent.mkdir(parents=True, exist_ok=True)
-    if args.fresh:
+    if not args.resume:
         progress.unlink(missing_ok=True)
     rows = [json.loads(line) for line in progress.read_text().splitlines()] if progress.exists() else []
     done = {row["question_id"] for row in rows}
