@@ -2,9 +2,11 @@
 multi-byte character, and stop strings that may span rounds and are never streamed, not even in
 part.
 
-The whole output is decoded after each token, and only text that cannot change any more is
-released: a trailing U+FFFD (an incomplete UTF-8 sequence of byte-level BPE) and a trailing piece
-that could still grow into a stop string are held back until the next token settles them.
+Each token is decoded in a short window of the tokens around it (Text Generation Inference's
+prefix/read offsets), not by decoding the whole output again, which would cost O(n^2) over a long
+generation. A window whose text ends in U+FFFD (an incomplete UTF-8 sequence of byte-level BPE)
+waits for the next token; a trailing piece that could still grow into a stop string is held back
+until the next token settles it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ class TextStream:
         self.tokenizer = tokenizer
         self.stops = [s for s in stops if s]
         self.token_ids: list[int] = []
-        self.text = ""
+        self.text = ""  # decoded text of token_ids[:self._read]
+        self._prefix = 0  # decoding starts here, a few tokens before _read, for context
+        self._read = 0
         self.emitted = 0  # characters of self.text already released
         self.end: int | None = None  # where a stop string begins, once one appeared
 
@@ -28,7 +32,7 @@ class TextStream:
     def add(self, token: int) -> bool:
         """Append one token; True when a stop string is now complete (generation must stop)."""
         self.token_ids.append(token)
-        self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        self._decode_new(final=False)
         longest = max((len(s) for s in self.stops), default=0)
         search_from = max(0, self.emitted - longest)
         hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
@@ -38,12 +42,26 @@ class TextStream:
 
     def release(self, final: bool = False) -> str:
         """Text that is now certain and was not released before; everything left when final."""
+        if final and self.end is None:
+            self._decode_new(final=True)
         end = self.end if self.end is not None else len(self.text)
         if not final and self.end is None:
             end = self._settled(end)
         delta = self.text[self.emitted : end] if end > self.emitted else ""
         self.emitted = max(self.emitted, end)
         return delta
+
+    def _decode_new(self, final: bool) -> None:
+        """Append the text of tokens not yet decoded, unless it ends mid-character (and not final)."""
+        if self._read == len(self.token_ids):
+            return
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)  # noqa: E731
+        before = decode(self.token_ids[self._prefix : self._read])
+        window = decode(self.token_ids[self._prefix :])
+        if not final and (len(window) <= len(before) or window.endswith(REPLACEMENT)):
+            return
+        self.text += window[len(before) :]
+        self._prefix, self._read = self._read, len(self.token_ids)
 
     def _settled(self, end: int) -> int:
         while end > self.emitted and self.text[end - 1] == REPLACEMENT:
