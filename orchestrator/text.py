@@ -20,7 +20,7 @@ class TextStream:
         self.stops = [s for s in stops if s]
         self.token_ids: list[int] = []
         self.text = ""  # decoded text of token_ids[:self._read]
-        self._prefix = 0  # decoding starts here, a few tokens before _read, for context
+        self._prefix = 0  # start of the previous window: decoded again as context for the next token
         self._read = 0
         self.emitted = 0  # characters of self.text already released
         self.end: int | None = None  # where a stop string begins, once one appeared
