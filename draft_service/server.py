@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from draft_service.drafters.base import Drafter
-from draft_service.drafters.model import ModelDrafter
+from draft_service.drafters.model import ModelDrafter, draft_vocabulary_of
 from draft_service.drafters.ngram import NGramDrafter
 from draft_service.engine import DraftEngine
 from draft_service.servicer import DraftServicer
@@ -35,7 +35,7 @@ def build_drafter(config: DraftConfig) -> tuple[Drafter, int]:
     if config.model == NGRAM:
         return NGramDrafter(config.ngram_max, config.ngram_min), config.max_context
     loaded = load_causal_lm(config.model, config.device, config.dtype)
-    return ModelDrafter(loaded, config.max_support), loaded.max_context
+    return ModelDrafter(loaded, config.max_support, draft_vocabulary_of(config.model)), loaded.max_context
 
 
 async def start(config: DraftConfig, drafter: Drafter | None = None, max_context: int | None = None) -> RunningModelService:

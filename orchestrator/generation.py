@@ -22,6 +22,7 @@ from orchestrator.speculation import Speculation, remaining, speculate
 from orchestrator.stats import GenerationStats
 from orchestrator.text import TextStream
 from specdec import validation
+from specdec.chat import chat_token_ids
 from specdec.errors import FailedPrecondition, InvalidArgument, SpecdecError
 from specdec.messages import ModelInfo
 from specdec.sampling import SamplingParams
@@ -44,9 +45,7 @@ def encode_prompt(tokenizer, prompt: str, messages: tuple[tuple[str, str], ...])
             raise InvalidArgument(f"role must be one of {', '.join(ROLES)}, got {role!r}", f"messages[{index}].role")
     if getattr(tokenizer, "chat_template", None) is None:
         raise InvalidArgument("the target's tokenizer has no chat template; send a prompt", "messages")
-    chat = [{"role": role, "content": content} for role, content in messages]
-    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False).input_ids, "messages"
+    return chat_token_ids(tokenizer, [{"role": role, "content": content} for role, content in messages]), "messages"
 
 
 @dataclass(frozen=True)

@@ -189,17 +189,24 @@ async def sample_many(target, drafter, prompt, params, k, steps, trials):
 
 
 @pytest.mark.parametrize(
-    "params,max_support",
-    [(sampling.SamplingParams(1.0), 64), (sampling.SamplingParams(0.8, top_k=6, top_p=0.9), 64), (sampling.SamplingParams(1.0), 4)],
-    ids=["plain", "warped", "truncated_draft"],
+    "params,max_support,head_ids",
+    [
+        (sampling.SamplingParams(1.0), 64, None),
+        (sampling.SamplingParams(0.8, top_k=6, top_p=0.9), 64, None),
+        (sampling.SamplingParams(1.0), 4, None),
+        (sampling.SamplingParams(1.0), 64, [0, 2, 3, 5, 8, 11, 13, 14]),
+    ],
+    ids=["plain", "warped", "truncated_draft", "reduced_draft_vocabulary"],
 )
-def test_sampled_output_distribution_equals_the_targets(params, max_support):
+def test_sampled_output_distribution_equals_the_targets(params, max_support, head_ids):
     """The whole loop (drafting, verification, rollback, bonus tokens), 3 tokens per trial with
-    K=2: each position's histogram must match the target's exact marginal (chi-square)."""
+    K=2: each position's histogram must match the target's exact marginal (chi-square). A draft
+    whose head covers half the vocabulary must not hide the other half."""
     target = tiny_lm(seed=21, vocab_size=16, eos=(), init=0.1)  # flat enough for many tokens to be in play
     draft = tiny_lm(seed=22, vocab_size=16, eos=(), init=0.1)
     prompt, steps = [3, 1, 4, 1, 5], 3
-    counts, stats = asyncio.run(sample_many(target, ModelDrafter(draft, max_support), prompt, params, 2, steps, trials=2000))
+    drafter = ModelDrafter(draft, max_support, torch.tensor(head_ids) if head_ids else None)
+    counts, stats = asyncio.run(sample_many(target, drafter, prompt, params, 2, steps, trials=2000))
     assert stats.accepted_tokens > 50 and stats.draft_tokens - stats.accepted_tokens > 50  # both paths are exercised
     for step, exact in enumerate(exact_target_marginals(target, prompt, params, steps)):
         support = exact > 1e-9

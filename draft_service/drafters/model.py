@@ -10,23 +10,52 @@ When sampling, each draft token is drawn from the warped draft distribution trun
 draft distribution, as long as q is the one the token was drawn from, so the truncation costs a
 little acceptance and buys a small message: K x max_support ids and probabilities per round
 instead of K x V floats.
+
+A draft directory may hold a reduced draft vocabulary (`DRAFT_VOCAB_FILE`, written by
+`python -m draft_service.train`): the output head then scores only those tokens (FR-Spec), which
+on a tiny model costs less than its layers, and head rows are mapped back to token ids. Exactness
+is unaffected: a draft may propose from any support.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file
 
 from draft_service.drafters.base import DraftSession, Drafter
 from specdec.messages import Proposal, ProposeWork
 from specdec import lm, sampling
-from specdec.models import LoadedModel
+from specdec.models import LoadedModel, resolve
+
+DRAFT_VOCAB_FILE = "draft_vocab.safetensors"
+
+
+def draft_vocabulary_of(model: str) -> torch.Tensor | None:
+    """The sorted token ids a local draft directory's head is restricted to, if it has a file."""
+    path = Path(resolve(model)) / DRAFT_VOCAB_FILE
+    return load_file(str(path))["token_ids"].long() if path.is_file() else None
+
+
+def restrict_head(model: torch.nn.Module, token_ids: torch.Tensor) -> None:
+    """Replace the output head by one scoring only `token_ids` (rows of the current head)."""
+    full = model.get_output_embeddings().weight  # [V, H]
+    head = torch.nn.Linear(full.shape[1], len(token_ids), bias=False, device=full.device, dtype=full.dtype)
+    head.weight = torch.nn.Parameter(full[token_ids.to(full.device)].clone(), requires_grad=False)  # [V', H]
+    model.set_output_embeddings(head)
 
 
 class ModelDrafter(Drafter):
     samples = True
 
-    def __init__(self, loaded: LoadedModel, max_support: int = 64):
+    def __init__(self, loaded: LoadedModel, max_support: int = 64, head_ids: torch.Tensor | None = None):
+        """`head_ids`: the draft vocabulary to restrict `loaded.model`'s head to, in place (None:
+        the full vocabulary)."""
         self.loaded = loaded
+        self.head_ids = head_ids
+        if head_ids is not None:
+            restrict_head(loaded.model, head_ids)
         self.name = loaded.name
         self.vocab_size = loaded.vocab_size
         self.vocab_fingerprint = loaded.vocab_fingerprint
@@ -63,13 +92,18 @@ class ModelDrafter(Drafter):
         return proposals, passes
 
     def _draw(self, logits: torch.Tensor, work: ProposeWork, step: int, proposal: Proposal) -> int:
+        """One draft token from [V'] logits over the head's rows (V' = V without a draft vocabulary)."""
         if work.sampling.greedy:
-            return int(logits.argmax())
-        probs = sampling.warp(logits, work.sampling)  # [V]
-        support_ids, support_probs = sampling.truncate_to_support(probs[None], self.max_support)  # [1, S] each
+            return int(self._token_ids(logits.argmax()))
+        probs = sampling.warp(logits, work.sampling)  # [V']
+        support_rows, support_probs = sampling.truncate_to_support(probs[None], self.max_support)  # [1, S] each
+        support_ids = self._token_ids(support_rows[0])  # [S]
         chosen = sampling.sample(support_probs, torch.tensor([work.uniforms[step]]))  # [1]
-        proposal.distributions.append((support_ids[0].to(torch.int32), support_probs[0]))
-        return int(support_ids[0, chosen[0]])
+        proposal.distributions.append((support_ids.to(torch.int32), support_probs[0]))
+        return int(support_ids[chosen[0]])
+
+    def _token_ids(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.head_ids is None else self.head_ids[rows]
 
     def warm_up(self) -> None:
         session = DraftSession(ids=[0, 1, 2])

@@ -1,0 +1,86 @@
+"""`python -m bench`: speculative decoding through the services against its alternatives, on the
+same Spec-Bench-format prompts, in one run, interleaved (see README "Benchmarks").
+
+For every prompt, every configuration runs once, in an order that rotates from prompt to prompt so
+that a slow spell of this shared machine does not always hit the same configuration. Each record
+is appended to records.jsonl as soon as it is measured; `--resume` skips what is already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from bench.report import category_markdown, methods_markdown, summarize, write_outputs
+from bench.services import ServiceBench, service_configs
+from bench.specbench import default_prompts, load_prompts
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--prompts", type=Path, default=default_prompts(), help="Spec-Bench-format JSONL")
+    parser.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    parser.add_argument("--per-category", type=int, default=None, help="first N prompts of each category only")
+    parser.add_argument("--drafters", default="ngram", help="comma-separated draft service models: 'ngram' or model directories")
+    parser.add_argument("--k", default="4", help="comma-separated draft lengths K to sweep")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--seed", type=int, default=0, help="per-request seed when sampling")
+    parser.add_argument("--target", default="embedded", help="target model of the target service")
+    parser.add_argument("--device", default="cpu", help="device of the model services (cuda works unchanged)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench", help="output directory")
+    parser.add_argument("--resume", action="store_true", help="keep records already in OUT/records.jsonl and skip them")
+    parser.add_argument("--quick", action="store_true", help="one prompt per category, 48 new tokens: a two-minute smoke run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.per_category, args.max_new_tokens = 1, 48
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    prompts = load_prompts(args.prompts, args.limit, args.per_category)
+    drafters = [d for d in args.drafters.split(",") if d]
+    configs = service_configs(drafters, [int(k) for k in args.k.split(",")])
+    records_path = args.out / "records.jsonl"
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        records_path.unlink(missing_ok=True)
+    records = [json.loads(line) for line in records_path.read_text().splitlines()] if records_path.exists() else []
+    done = {(r["question_id"], r["method"]) for r in records}
+    todo = [(p, c) for i, p in enumerate(prompts) for c in _rotated(configs, i) if (p.question_id, c.name) not in done]
+    print(f"{len(prompts)} prompts x {len(configs)} configurations; {len(todo)} runs to do", file=sys.stderr)
+    started = time.monotonic()
+    with ServiceBench(drafters, args.target, args.device, args.dtype, args.out / "logs") as bench, records_path.open("a") as out:
+        bench.measure(configs[0], prompts[0], 4, args.temperature, args.seed)  # warm-up, not recorded
+        for index, (prompt, config) in enumerate(todo):
+            record = bench.measure(config, prompt, args.max_new_tokens, args.temperature, args.seed)
+            records.append(record)
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            elapsed = time.monotonic() - started
+            print(
+                f"[{index + 1}/{len(todo)}] q{prompt.question_id} {prompt.category} {config.name}: {record['tokens_per_second']:.1f} tok/s"
+                f" | eta {elapsed / (index + 1) * (len(todo) - index - 1) / 60:.1f} min",
+                file=sys.stderr,
+                flush=True,
+            )
+    wanted = {p.question_id for p in prompts}
+    summary = summarize([r for r in records if r["question_id"] in wanted])
+    summary["settings"] = {k: str(v) for k, v in vars(args).items()}
+    write_outputs(args.out, records, summary)
+    print(methods_markdown(summary))
+    print()
+    print(category_markdown(summary))
+    return 0
+
+
+def _rotated(items: list, shift: int) -> list:
+    shift %= len(items)
+    return items[shift:] + items[:shift]

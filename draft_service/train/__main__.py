@@ -1,0 +1,3 @@
+from draft_service.train.run import main
+
+main()
