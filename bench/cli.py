@@ -14,9 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+from bench.hf_baselines import HFBench, hf_configs
+from bench.plots import write_plots
 from bench.report import category_markdown, methods_markdown, summarize, write_outputs
 from bench.services import ServiceBench, service_configs
 from bench.specbench import default_prompts, load_prompts
+from bench.theory import verify_cost_curve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -36,10 +39,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--out", type=Path, default=RESULTS / "bench", help="output directory")
     parser.add_argument("--resume", action="store_true", help="keep records already in OUT/records.jsonl and skip them")
-    parser.add_argument("--quick", action="store_true", help="one prompt per category, 48 new tokens: a two-minute smoke run")
+    parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run Hugging Face generate(), assisted generation with each draft model, and prompt lookup in-process")
+    parser.add_argument("--quick", action="store_true", help="3 prompts of different categories, K=4, 32 new tokens: a smoke run of a few minutes")
     args = parser.parse_args(argv)
     if args.quick:
-        args.per_category, args.max_new_tokens = 1, 48
+        args.per_category, args.limit, args.max_new_tokens, args.k = 1, 3, 32, "4"
     return args
 
 
@@ -47,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     prompts = load_prompts(args.prompts, args.limit, args.per_category)
     drafters = [d for d in args.drafters.split(",") if d]
-    configs = service_configs(drafters, [int(k) for k in args.k.split(",")])
+    ks = [int(k) for k in args.k.split(",")]
+    draft_models = [d for d in drafters if d != "ngram"]
+    through_services, in_process_configs = service_configs(drafters, ks), (hf_configs(draft_models, ks) if args.hf else [])
+    configs = through_services + in_process_configs
     records_path = args.out / "records.jsonl"
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.resume:
@@ -57,10 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     todo = [(p, c) for i, p in enumerate(prompts) for c in _rotated(configs, i) if (p.question_id, c.name) not in done]
     print(f"{len(prompts)} prompts x {len(configs)} configurations; {len(todo)} runs to do", file=sys.stderr)
     started = time.monotonic()
-    with ServiceBench(drafters, args.target, args.device, args.dtype, args.out / "logs") as bench, records_path.open("a") as out:
-        bench.measure(configs[0], prompts[0], 4, args.temperature, args.seed)  # warm-up, not recorded
+    with ServiceBench(drafters, args.target, args.device, args.dtype, args.out / "logs") as services, records_path.open("a") as out:
+        in_process = HFBench(args.target, draft_models, args.device, args.dtype)
+        print("measuring the target's verify cost curve T(n)/T(1)", file=sys.stderr)
+        curve = verify_cost_curve(in_process.target, max(ks) + 1)
+        runners = {**{c: services for c in through_services}, **{c: in_process for c in in_process_configs}}
+        for config in configs:  # warm-up of every path, not recorded
+            runners[config].measure(config, prompts[0], 4, args.temperature, args.seed)
         for index, (prompt, config) in enumerate(todo):
-            record = bench.measure(config, prompt, args.max_new_tokens, args.temperature, args.seed)
+            record = runners[config].measure(config, prompt, args.max_new_tokens, args.temperature, args.seed)
             records.append(record)
             out.write(json.dumps(record) + "\n")
             out.flush()
@@ -72,9 +85,11 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     wanted = {p.question_id for p in prompts}
-    summary = summarize([r for r in records if r["question_id"] in wanted])
+    summary = summarize([r for r in records if r["question_id"] in wanted], curve)
+    summary["verify_cost_curve"] = curve
     summary["settings"] = {k: str(v) for k, v in vars(args).items()}
     write_outputs(args.out, records, summary)
+    write_plots(args.out, summary, [r for r in records if r["question_id"] in wanted])
     print(methods_markdown(summary))
     print()
     print(category_markdown(summary))

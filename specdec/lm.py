@@ -8,18 +8,24 @@ pass: caches are left-padded to a common length, new tokens right-padded, and an
 (zeros on the padding) plus explicit `position_ids` per row make every row compute what it would
 compute alone.
 
-Plain transformers 5.x only: a single sequence runs through a `Cache` whose layers write into the
-session's buffers; a batch runs through a `DynamicCache` built from padded copies. The padded copy
+A single sequence of a Llama-architecture model runs through `lean_llama` (the same arithmetic
+without transformers' per-call overhead, which dominates small models on CPU); other single
+sequences run through a transformers `Cache` whose layers write into the session's buffers; a
+batch runs through a `DynamicCache` built from padded copies (plain transformers 5.x). The padded copy
 per batched call is the cost a preallocated multi-slot cache would remove (batched-serving issue).
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
+
+from specdec import lean_llama
+from specdec.lean_llama import LeanLlama
 
 
 @dataclass
@@ -138,7 +144,28 @@ def forward(
     return results
 
 
+_lean_paths: "weakref.WeakKeyDictionary[torch.nn.Module, LeanLlama]" = weakref.WeakKeyDictionary()
+
+
+def _lean_path(model: torch.nn.Module) -> LeanLlama | None:
+    """The model's lean single-sequence path, rebuilt when its head was replaced (draft vocabulary)."""
+    if not lean_llama.supports(model):
+        return None
+    lean = _lean_paths.get(model)
+    if lean is None or lean.head is not model.get_output_embeddings().weight:
+        lean = _lean_paths[model] = LeanLlama(model)
+    return lean
+
+
 def _forward_one(model, cache: SequenceCache, tokens: list[int], logits_for_last: int | None, device) -> torch.Tensor:
+    lean = _lean_path(model)
+    if lean is not None:
+        return lean.forward(cache, tokens, logits_for_last)
+    return forward_transformers(model, cache, tokens, logits_for_last, device)
+
+
+def forward_transformers(model, cache: SequenceCache, tokens: list[int], logits_for_last: int | None, device) -> torch.Tensor:
+    """One sequence through the model's own forward (any architecture); float32 logits [n, V]."""
     start = cache.length
     output = model(
         input_ids=torch.tensor([tokens], device=device),

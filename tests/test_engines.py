@@ -3,15 +3,17 @@ and all-accepted bookkeeping, n-gram drafting against Hugging Face's, sessions a
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 
 from draft_service.drafters.base import DraftSession
-from draft_service.drafters.model import ModelDrafter
+from draft_service.drafters.model import ModelDrafter, restrict_head
 from draft_service.drafters.ngram import lookup
 from draft_service.engine import DraftEngine
-from specdec import lm, sampling
+from specdec import lean_llama, lm, sampling
 from specdec.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from specdec.messages import ProposeWork, VerifyWork
 from specdec.sessions import SessionLimits, SessionStore
@@ -44,6 +46,29 @@ def test_batched_forward_over_ragged_caches_matches_unbatched(small):
     out = lm.forward(small.model, [cache_a, cache_b], [a[47:49], [1]])
     torch.testing.assert_close(out[0], full_logits(small.model, a[:49])[47:], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(out[1], full_logits(small.model, b + [1])[80:], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reduced_head", [False, True])
+def test_lean_llama_path_matches_transformers(small, reduced_head):
+    """The lean single-sequence path: same logits as transformers' forward through a prefill,
+    multi-token extensions (the K+1 tokens of a verify), rollbacks, and with a reduced draft head."""
+    model = copy.deepcopy(small.model)
+    if reduced_head:
+        restrict_head(model, torch.tensor([0, 3, 7, 9, 20, 41, 63]))
+    assert lean_llama.supports(model)
+    lean = lean_llama.LeanLlama(model)
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (60,), generator=generator).tolist()
+    fast, reference = lm.SequenceCache(), lm.SequenceCache()
+    for chunk, rollback in ((ids[:40], 0), (ids[40:45], 2), (ids[43:44], 0), (ids[44:50], 3), (ids[47:48], 0)):
+        torch.testing.assert_close(
+            lean.forward(fast, chunk), lm.forward_transformers(model, reference, chunk, None, "cpu"), atol=1e-5, rtol=1e-5
+        )
+        fast.truncate(fast.length - rollback)
+        reference.truncate(reference.length - rollback)
+    last = lean.forward(fast, ids[48:49], 1)  # the cache now holds ids[:49] after all the rollbacks
+    torch.testing.assert_close(last, lm.forward_transformers(model, reference, ids[48:49], 1, "cpu"))
+    torch.testing.assert_close(last, full_logits(model, ids[:49])[-1:], atol=1e-5, rtol=1e-5)
 
 
 def greedy_continuation(model, ids, n):
