@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
+
+from tqdm import tqdm
 
 from bench.hf_baselines import HFBench, hf_configs
 from bench.plots import write_plots
@@ -41,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="keep records already in OUT/records.jsonl and skip them")
     parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
                         help="also run Hugging Face generate(), assisted generation with each draft model, and prompt lookup in-process")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the summary, tables and plots from OUT/records.jsonl and OUT/summary.json's verify curve")
     parser.add_argument("--quick", action="store_true", help="3 prompts of different categories, K=4, 32 new tokens: a smoke run of a few minutes")
     args = parser.parse_args(argv)
     if args.quick:
@@ -58,13 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     configs = through_services + in_process_configs
     records_path = args.out / "records.jsonl"
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        records = [json.loads(line) for line in records_path.read_text().splitlines()]
+        return _report(args, prompts, records, json.loads((args.out / "summary.json").read_text())["verify_cost_curve"])
     if not args.resume:
         records_path.unlink(missing_ok=True)
     records = [json.loads(line) for line in records_path.read_text().splitlines()] if records_path.exists() else []
     done = {(r["question_id"], r["method"]) for r in records}
     todo = [(p, c) for i, p in enumerate(prompts) for c in _rotated(configs, i) if (p.question_id, c.name) not in done]
     print(f"{len(prompts)} prompts x {len(configs)} configurations; {len(todo)} runs to do", file=sys.stderr)
-    started = time.monotonic()
     with ServiceBench(drafters, args.target, args.device, args.dtype, args.out / "logs") as services, records_path.open("a") as out:
         in_process = HFBench(args.target, draft_models, args.device, args.dtype)
         print("measuring the target's verify cost curve T(n)/T(1)", file=sys.stderr)
@@ -72,18 +76,17 @@ def main(argv: list[str] | None = None) -> int:
         runners = {**{c: services for c in through_services}, **{c: in_process for c in in_process_configs}}
         for config in configs:  # warm-up of every path, not recorded
             runners[config].measure(config, prompts[0], 4, args.temperature, args.seed)
-        for index, (prompt, config) in enumerate(todo):
+        bar = tqdm(todo, desc="bench", unit="run", file=sys.stderr, dynamic_ncols=True)
+        for prompt, config in bar:
             record = runners[config].measure(config, prompt, args.max_new_tokens, args.temperature, args.seed)
             records.append(record)
             out.write(json.dumps(record) + "\n")
             out.flush()
-            elapsed = time.monotonic() - started
-            print(
-                f"[{index + 1}/{len(todo)}] q{prompt.question_id} {prompt.category} {config.name}: {record['tokens_per_second']:.1f} tok/s"
-                f" | eta {elapsed / (index + 1) * (len(todo) - index - 1) / 60:.1f} min",
-                file=sys.stderr,
-                flush=True,
-            )
+            bar.set_postfix_str(f"q{prompt.question_id} {prompt.category} {config.name}: {record['tokens_per_second']:.1f} tok/s")
+    return _report(args, prompts, records, curve)
+
+
+def _report(args: argparse.Namespace, prompts: list, records: list[dict], curve: list[float]) -> int:
     wanted = {p.question_id for p in prompts}
     summary = summarize([r for r in records if r["question_id"] in wanted], curve)
     summary["verify_cost_curve"] = curve

@@ -23,18 +23,13 @@ from pathlib import Path
 
 import torch
 
+from bench.specbench import default_prompts, load_prompts
 from bench.stack import ServiceStack
 from orchestrator.generation import encode_prompt
 from specdec.models import load_causal_lm
 from specdec.v1 import orchestrator_pb2
 
 TIE = 1e-4
-DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "specbench_dev.jsonl"
-
-
-def load_prompts(path: Path, limit: int | None) -> list[dict]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return rows[:limit] if limit else rows
 
 
 def top2_gap(model, ids: list[int]) -> float:
@@ -53,7 +48,7 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
+    parser.add_argument("--prompts", type=Path, default=default_prompts())
     parser.add_argument("--limit", type=int, default=None, help="first N prompts only")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("-k", type=int, default=4)
@@ -70,12 +65,12 @@ def main() -> None:
         progress.unlink(missing_ok=True)
     rows = [json.loads(line) for line in progress.read_text().splitlines()] if progress.exists() else []
     done = {row["question_id"] for row in rows}
-    todo = [p for p in prompts if p["question_id"] not in done]
+    todo = [p for p in prompts if p.question_id not in done]
     started = time.monotonic()
     with ServiceStack(draft_model=args.draft) as stack:
         stub = stack.orchestrator_stub()
         for index, prompt in enumerate(todo):
-            question = prompt["turns"][0]
+            question = prompt.text
             outputs = {}
             for k in ((0, args.k) if index % 2 == 0 else (args.k, 0)):
                 request = orchestrator_pb2.GenerateRequest(max_new_tokens=args.max_new_tokens, num_speculative_tokens=k)
@@ -85,8 +80,8 @@ def main() -> None:
             base_ids, spec_ids = list(baseline.token_ids), list(speculative.token_ids)
             diff = first_difference(base_ids, spec_ids)
             row = {
-                "question_id": prompt["question_id"],
-                "category": prompt["category"],
+                "question_id": prompt.question_id,
+                "category": prompt.category,
                 "identical": diff is None,
                 "first_difference": diff,
                 "tokens": len(base_ids),
@@ -104,12 +99,12 @@ def main() -> None:
             elapsed = time.monotonic() - started
             eta = elapsed / (index + 1) * (len(todo) - index - 1)
             print(
-                f"[{len(rows)}/{len(prompts)}] q{prompt['question_id']} {prompt['category']}: "
+                f"[{len(rows)}/{len(prompts)}] q{prompt.question_id} {prompt.category}: "
                 f"{'identical' if diff is None else 'differs at %d (gap %.2e)' % (diff, row['top2_gap'])} "
                 f"speedup {row['speedup']:.2f} accept {row['acceptance_rate']:.2f} | ETA {eta / 60:.1f} min",
                 flush=True,
             )
-    rows = [r for r in rows if r["question_id"] in {p["question_id"] for p in prompts}]
+    rows = [r for r in rows if r["question_id"] in {p.question_id for p in prompts}]
     differing = [r for r in rows if not r["identical"]]
     ties = [r for r in differing if r["top2_gap"] < TIE]
     speedups = [r["speedup"] for r in rows]

@@ -77,6 +77,8 @@ class HFBench:
             output = self.target.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **options)
         seconds = time.perf_counter() - started
         new = output[0, len(ids) :].tolist()
+        if new and new[-1] in self.target.eos_token_ids:
+            new = new[:-1]  # the services do not return the EOS token either
         return {
             "question_id": prompt.question_id,
             "category": prompt.category,

@@ -56,7 +56,10 @@ def summarize_method(rows: list[dict], baselines: dict[str, dict[int, dict]]) ->
                 positions[i] += count
         summary.update(
             acceptance_rate=_ratio(sum(r["accepted_tokens"] for r in speculative), drafted),
-            tokens_per_target_forward=_ratio(sum(r["tokens"] for r in speculative), sum(r["target_forward_passes"] for r in speculative)),
+            # committed tokens (the orchestrator's count, EOS included) per target forward
+            tokens_per_target_forward=_ratio(
+                sum(r["tokens_per_target_forward"] * r["target_forward_passes"] for r in speculative), sum(r["target_forward_passes"] for r in speculative)
+            ),
             tokens_per_target_forward_per_prompt=spread([r["tokens_per_target_forward"] for r in speculative]),
             accepted_per_position=[positions[i] / rounds for i in sorted(positions)] if rounds else [],
             draft_ms_per_forward=_ms(speculative, "draft_seconds", "draft_forward_passes"),
