@@ -4,7 +4,7 @@ tokenizer, target and draft share one vocabulary, then serve."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -13,7 +13,7 @@ from orchestrator.generation import GenerationLimits, Generator, check_compatibl
 from orchestrator.servicer import OrchestratorServicer
 from specdec.config import ServerConfig, option
 from specdec.models import vocab_fingerprint
-from specdec.serving import Server, channel_options, create_server, server_options, wait_until_serving
+from specdec.serving import Server, channel_options, create_server, read_tokens, server_options, wait_until_serving
 from specdec.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,9 @@ class OrchestratorConfig(ServerConfig):
     max_new_tokens: int = option(4096, "largest max_new_tokens a request may ask for")
     request_timeout_s: float = option(600.0, "deadline of a request whose client set none")
     connect_timeout_s: float = option(900.0, "at start-up, how long to wait for the model services to load")
+    auth_token_file: str = option(
+        "", "file of accepted bearer tokens, one per line: calls must send 'authorization: Bearer <token>' (health and reflection exempt); empty = no authentication"
+    )
 
 
 @dataclass
@@ -66,7 +69,7 @@ async def start(config: OrchestratorConfig, tokenizer=None) -> RunningOrchestrat
         f"{config.host}:{config.port}",
         lambda s: orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, s),
         (SERVICE_NAME,),
-        server_options(config),
+        replace(server_options(config), bearer_tokens=read_tokens(config.auth_token_file)),
     )
     await server.start()
     options = channel_options(config.max_message_mb << 20, config.keepalive_s)

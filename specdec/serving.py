@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import inspect
 import logging
 import signal
@@ -39,6 +40,7 @@ class ServerOptions:
     max_concurrent_rpcs: int | None = None
     keepalive_time_s: float = 30.0
     reflection: bool = True
+    bearer_tokens: tuple[str, ...] = ()  # accepted `authorization: Bearer` tokens; empty: no authentication
 
 
 def channel_options(max_message_bytes: int = 16 << 20, keepalive_time_s: float = 30.0) -> list[tuple[str, int]]:
@@ -75,6 +77,52 @@ class Server:
         await self.server.stop(grace_s)
 
 
+class BearerTokenAuth(grpc.aio.ServerInterceptor):
+    """Calls must carry `authorization: Bearer <token>` with one of the accepted tokens, else they
+    end with UNAUTHENTICATED before reaching a servicer. Health checks and reflection stay open:
+    load balancers, probes and grpcurl carry no token."""
+
+    EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+    def __init__(self, tokens: tuple[str, ...]):
+        self._tokens = tuple(t.encode() for t in tokens)
+
+    def _authorized(self, metadata) -> bool:
+        presented = dict(metadata or ()).get("authorization", "")
+        scheme, _, token = presented.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        # compare_digest against every token: the time taken does not tell which one nearly matched
+        return sum(hmac.compare_digest(token.encode(), accepted) for accepted in self._tokens) > 0
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(self.EXEMPT) or self._authorized(details.invocation_metadata):
+            return handler
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (metadata 'authorization: Bearer <token>')")
+
+        async def deny_stream(request, context):
+            await deny(request, context)
+            yield  # never reached: makes this an async generator, as streaming handlers are
+
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(deny_stream, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
+
+
+def read_tokens(path: str) -> tuple[str, ...]:
+    """Accepted bearer tokens, one per line of `path` (blank lines and # comments ignored)."""
+    if not path:
+        return ()
+    with open(path) as lines:
+        tokens = tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    if not tokens:
+        raise ValueError(f"{path} holds no token")
+    return tokens
+
+
 def create_server(
     address: str,
     register: Callable[[grpc.aio.Server], None],
@@ -86,6 +134,7 @@ def create_server(
     server = grpc.aio.server(
         options=channel_options(options.max_message_bytes, options.keepalive_time_s),
         maximum_concurrent_rpcs=options.max_concurrent_rpcs,
+        interceptors=[BearerTokenAuth(options.bearer_tokens)] if options.bearer_tokens else None,
     )
     register(server)
     health_servicer = health.aio.HealthServicer()

@@ -272,3 +272,30 @@ def test_health_is_not_serving_until_the_model_is_loaded():
     finally:
         loaded.set()
         loop.close()
+
+
+def test_bearer_token_authentication(tiny_target, tmp_path):
+    """With --auth-token-file, Generate and GenerateStream need one of the file's tokens; health
+    checks and reflection stay open for probes and tools."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# application tokens\nfirst-secret\n\nsecond-secret\n")
+    secured = start_stack(with_eos(tiny_target, ()), auth_token_file=str(tokens))
+    try:
+        with secured.channel("orchestrator") as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
+            for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", "first-secret"),)):
+                with pytest.raises(grpc.RpcError) as unary:
+                    stub.Generate(request(), metadata=metadata, timeout=30)
+                assert unary.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                with pytest.raises(grpc.RpcError) as streamed:
+                    list(stub.GenerateStream(request(), metadata=metadata, timeout=30))
+                assert streamed.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            for token in ("first-secret", "second-secret"):
+                reply = stub.Generate(request(), metadata=(("authorization", f"Bearer {token}"),), timeout=30)
+                assert reply.stats.generated_tokens > 0
+            streamed = list(stub.GenerateStream(request(), metadata=(("authorization", "bearer second-secret"),), timeout=30))
+            assert streamed[-1].stats.generated_tokens > 0
+    finally:
+        secured.stop()
