@@ -9,7 +9,7 @@ pass: caches are left-padded to a common length, new tokens right-padded, and an
 compute alone.
 
 A single sequence of a Llama-architecture model runs through `lean_llama` (the same arithmetic
-without transformers' per-call overhead, which dominates small models on CPU); other single
+without transformers' per-call overhead); other single
 sequences run through a transformers `Cache` whose layers write into the session's buffers; a
 batch runs through a `DynamicCache` built from padded copies (plain transformers 5.x). The padded copy
 per batched call is the cost a preallocated multi-slot cache would remove (batched-serving issue).
@@ -24,8 +24,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-from specdec import lean_llama
-from specdec.lean_llama import LeanLlama
+from specdec.lean_llama import LeanLlama, supports_lean_path
 
 
 @dataclass
@@ -149,7 +148,7 @@ _lean_paths: "weakref.WeakKeyDictionary[torch.nn.Module, LeanLlama]" = weakref.W
 
 def _lean_path(model: torch.nn.Module) -> LeanLlama | None:
     """The model's lean single-sequence path, rebuilt when its head was replaced (draft vocabulary)."""
-    if not lean_llama.supports(model):
+    if not supports_lean_path(model):
         return None
     lean = _lean_paths.get(model)
     if lean is None or lean.head is not model.get_output_embeddings().weight:

@@ -55,7 +55,7 @@ def test_lean_llama_path_matches_transformers(small, reduced_head):
     model = copy.deepcopy(small.model)
     if reduced_head:
         restrict_head(model, torch.tensor([0, 3, 7, 9, 20, 41, 63]))
-    assert lean_llama.supports(model)
+    assert lean_llama.supports_lean_path(model)
     lean = lean_llama.LeanLlama(model)
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 64, (60,), generator=generator).tolist()
