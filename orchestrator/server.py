@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import grpc
 
 from orchestrator.backends import GrpcDraft, GrpcTarget
 from orchestrator.generation import GenerationLimits, Generator, check_compatible
-from orchestrator.servicer import OrchestratorServicer
+from orchestrator.servicer import METRICS_SERVICE, OrchestratorServicer
+from specdec import metrics
 from specdec.config import ServerConfig, option
 from specdec.models import vocab_fingerprint
 from specdec.serving import Server, channel_options, create_server, read_tokens, server_options, wait_until_serving
@@ -42,6 +44,8 @@ class RunningOrchestrator:
     server: Server
     servicer: OrchestratorServicer
     channels: list[grpc.aio.Channel]
+    metrics: metrics.MetricsEndpoint | None = None
+    untrack_sessions: Callable[[], None] = lambda: None
 
     @property
     def port(self) -> int:
@@ -51,6 +55,9 @@ class RunningOrchestrator:
         await self.server.stop(grace_s)
         for channel in self.channels:
             await channel.close()
+        self.untrack_sessions()
+        if self.metrics is not None:
+            await self.metrics.close()
 
 
 def load_tokenizer(name: str):
@@ -74,7 +81,10 @@ async def start(config: OrchestratorConfig, tokenizer=None) -> RunningOrchestrat
     await server.start()
     options = channel_options(config.max_message_mb << 20, config.keepalive_s)
     channels = [grpc.aio.insecure_channel(config.target, options=options)]
-    running = RunningOrchestrator(server, servicer, channels)
+    running = RunningOrchestrator(
+        server, servicer, channels, metrics.serve(config.host, config.metrics_port),
+        metrics.track_sessions(METRICS_SERVICE, lambda: servicer.running),
+    )
     try:
         await wait_until_serving(channels[0], config.connect_timeout_s, f"target service at {config.target}")
         target = GrpcTarget(channels[0])

@@ -1,12 +1,14 @@
 """The public Orchestrator API over gRPC: converts protobuf to a GenerationRequest, passes the
-client's deadline on, and delegates to the Generator."""
+client's deadline on, delegates to the Generator, and records each request's metrics at its end."""
 
 from __future__ import annotations
 
 import time
+from typing import AsyncIterator
 
 from orchestrator.generation import GenerationEvent, GenerationRequest, Generator
 from orchestrator.stats import GenerationStats
+from specdec import metrics
 from specdec.errors import Unavailable
 from specdec.serving import grpc_errors
 from specdec.v1 import orchestrator_pb2, orchestrator_pb2_grpc
@@ -53,6 +55,29 @@ def stats_to_proto(stats: GenerationStats) -> orchestrator_pb2.GenerationStats:
     )
 
 
+METRICS_SERVICE = "orchestrator"  # the `service` label of its metrics
+
+
+def record_metrics(stats: GenerationStats, finish_reason: str) -> None:
+    """Add a finished request to the Prometheus metrics (specdec/metrics.py)."""
+    labels = {"service": METRICS_SERVICE}
+    metrics.DRAFTS.labels(**labels).inc(stats.drafts)
+    metrics.DRAFT_TOKENS.labels(**labels).inc(stats.draft_tokens)
+    metrics.ACCEPTED_TOKENS.labels(**labels).inc(stats.accepted_tokens)
+    for position, accepted in enumerate(stats.accepted_per_position):
+        metrics.ACCEPTED_PER_POSITION.labels(position=str(position), **labels).inc(accepted)
+    metrics.EMITTED_TOKENS.labels(**labels).inc(stats.committed_tokens)
+    metrics.TARGET_FORWARDS.labels(**labels).inc(stats.target_forward_passes)
+    metrics.GENERATION_TOKENS.labels(**labels).inc(stats.generated_tokens)
+    metrics.E2E_LATENCY.labels(**labels).observe(stats.total_seconds)
+    if stats.generated_tokens:
+        metrics.TIME_TO_FIRST_TOKEN.labels(**labels).observe(stats.time_to_first_token_seconds)
+    if stats.generated_tokens > 1:
+        after_first = stats.total_seconds - stats.time_to_first_token_seconds
+        metrics.TIME_PER_OUTPUT_TOKEN.labels(**labels).observe(after_first / (stats.generated_tokens - 1))
+    metrics.REQUEST_SUCCESS.labels(finished_reason=finish_reason, **labels).inc()
+
+
 def event_to_proto(event: GenerationEvent) -> orchestrator_pb2.GenerateResponse:
     response = orchestrator_pb2.GenerateResponse(text=event.text, token_ids=event.token_ids)
     if event.finish_reason is not None:
@@ -65,6 +90,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def __init__(self, default_timeout_s: float | None = None):
         self.generator: Generator | None = None
         self.default_timeout_s = default_timeout_s
+        self.running = 0  # requests in progress (specdec:num_sessions_running)
 
     def _ready(self) -> Generator:
         if self.generator is None:
@@ -78,10 +104,22 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             left = self.default_timeout_s
         return None if left is None else time.monotonic() + left
 
+    async def _events(self, request, context) -> AsyncIterator[GenerationEvent]:
+        """The request's events; counted while running, and in the metrics at the end."""
+        self.running += 1
+        try:
+            with metrics.count_errors(METRICS_SERVICE):
+                async for event in self._ready().stream(request_from_proto(request), self._deadline(context)):
+                    if event.finish_reason is not None:
+                        record_metrics(event.stats, event.finish_reason)
+                    yield event
+        finally:
+            self.running -= 1
+
     @grpc_errors
     async def Generate(self, request, context):
         text, token_ids, last = [], [], None
-        async for event in self._ready().stream(request_from_proto(request), self._deadline(context)):
+        async for event in self._events(request, context):
             text.append(event.text)
             token_ids.extend(event.token_ids)
             last = event
@@ -89,5 +127,5 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
     @grpc_errors
     async def GenerateStream(self, request, context):
-        async for event in self._ready().stream(request_from_proto(request), self._deadline(context)):
+        async for event in self._events(request, context):
             yield event_to_proto(event)

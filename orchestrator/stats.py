@@ -13,6 +13,7 @@ class GenerationStats:
     generated_tokens: int = 0
     committed_tokens: int = 0  # tokens the target committed, including any cut off by a stop or EOS
     rounds: int = 0
+    drafts: int = 0  # rounds that verified at least one draft token (vLLM's num_drafts)
     draft_tokens: int = 0
     accepted_tokens: int = 0
     target_forward_passes: int = 0
@@ -52,6 +53,7 @@ class GenerationStats:
 
     def add_round(self, drafted: int, accepted: int) -> None:
         self.rounds += 1
+        self.drafts += drafted > 0
         self.target_forward_passes += 1
         self.draft_tokens += drafted
         self.accepted_tokens += accepted

@@ -32,6 +32,7 @@ class ServerConfig:
     max_concurrent_rpcs: int = option(0, "calls served at once before new ones get RESOURCE_EXHAUSTED; 0 = no limit")
     keepalive_s: float = option(30.0, "seconds between HTTP/2 keepalive pings")
     log_level: str = option("INFO", "logging level", ("DEBUG", "INFO", "WARNING", "ERROR"))
+    metrics_port: int = option(0, "port of the Prometheus metrics endpoint (HTTP, on --host); 0 = no metrics endpoint")
 
 
 @dataclass

@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from specdec import wire
+from specdec import metrics, wire
 from specdec.errors import ResourceExhausted, SpecdecError, Unavailable
 from specdec.sessions import SessionLimits
 from specdec.v1 import common_pb2
@@ -179,6 +179,8 @@ class RunningModelService:
     servicer: "SessionServicerBase"
     worker: ModelWorker
     expiry: asyncio.Task
+    metrics: metrics.MetricsEndpoint | None = None
+    untrack_sessions: Callable[[], None] = lambda: None
 
     @property
     def port(self) -> int:
@@ -188,6 +190,9 @@ class RunningModelService:
         self.expiry.cancel()
         await self.server.stop(grace_s)
         self.worker.shutdown()
+        self.untrack_sessions()
+        if self.metrics is not None:
+            await self.metrics.close()
 
 
 async def start_model_service(
@@ -197,20 +202,29 @@ async def start_model_service(
     service_name: str,
     load_engine: Callable[[], object],
 ) -> RunningModelService:
-    """Start serving at once (health NOT_SERVING, model RPCs UNAVAILABLE), load and warm up the
-    engine on the model worker, then report SERVING."""
+    """Start serving at once (health NOT_SERVING, model RPCs UNAVAILABLE) and the metrics
+    endpoint when configured, load and warm up the engine on the model worker, then report
+    SERVING."""
     server = create_server(
         f"{config.host}:{config.port}", lambda s: add_to_server(servicer, s), (service_name,), server_options(config)
     )
     await server.start()
+    endpoint = metrics.serve(config.host, config.metrics_port)
     log.info("%s listening on %s:%d, loading the model", service_name, config.host, server.port)
     started = time.perf_counter()
-    engine = await servicer.worker.run(load_engine)
+    try:
+        engine = await servicer.worker.run(load_engine)
+    except BaseException:
+        await server.stop(0)
+        if endpoint is not None:
+            await endpoint.close()
+        raise
     servicer.engine = engine
+    untrack = metrics.track_sessions(metrics.service_label(service_name), lambda: len(engine.sessions))
     await server.set_serving(True)
     log.info("%s SERVING after %.1f s of loading and warm-up", service_name, time.perf_counter() - started)
     expiry = asyncio.create_task(expire_sessions_forever(engine, servicer.worker, min(60.0, config.session_ttl_s / 4)))
-    return RunningModelService(server, servicer, servicer.worker, expiry)
+    return RunningModelService(server, servicer, servicer.worker, expiry, endpoint, untrack)
 
 
 async def run_model_service(config, start: Callable) -> None:
