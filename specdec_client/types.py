@@ -1,0 +1,124 @@
+"""Typed requests and results of the specdec client, and their protobuf forms.
+
+Boundary: the only module of the client that builds or reads `specdec.v1` messages; the clients
+in sync.py and aio.py move them over gRPC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Mapping, Sequence
+
+from specdec.v1 import orchestrator_pb2
+
+FinishReason = Literal["length", "stop", "eos"]
+
+_FINISH: dict[int, FinishReason] = {
+    orchestrator_pb2.FINISH_REASON_LENGTH: "length",
+    orchestrator_pb2.FINISH_REASON_STOP: "stop",
+    orchestrator_pb2.FINISH_REASON_EOS: "eos",
+}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation; the fields of `GenerateRequest` in protos/specdec/v1/orchestrator.proto.
+
+    Exactly one of `prompt` (raw text) and `messages` (a chat, rendered with the target's chat
+    template: `(role, content)` pairs or `{"role": ..., "content": ...}` mappings) must be set.
+    `temperature` 0 is greedy; `top_p`, `seed` and `num_speculative_tokens` (K) left as None take
+    the server's defaults (no nucleus truncation, a random seed, the server's K); K = 0 is plain
+    target-only decoding.
+    """
+
+    prompt: str = ""
+    messages: Sequence[tuple[str, str] | Mapping[str, str]] = ()
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int = 0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    num_speculative_tokens: int | None = None
+
+    def to_proto(self) -> orchestrator_pb2.GenerateRequest:
+        message = orchestrator_pb2.GenerateRequest(
+            prompt=self.prompt,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            stop=list(self.stop),
+        )
+        for turn in self.messages:
+            role, content = (turn["role"], turn["content"]) if isinstance(turn, Mapping) else turn
+            message.messages.add(role=role, content=content)
+        # unset optional fields mean "the server's default", so None must stay unset, not 0
+        for name in ("top_p", "seed", "num_speculative_tokens"):
+            if getattr(self, name) is not None:
+                setattr(message, name, getattr(self, name))
+        return message
+
+
+def as_request(request: Request | str) -> Request:
+    """A bare string is a raw prompt with every other field at its default."""
+    return Request(prompt=request) if isinstance(request, str) else request
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Per-request statistics (`GenerationStats`): where tokens and time went."""
+
+    generated_tokens: int
+    rounds: int
+    draft_tokens: int
+    accepted_tokens: int
+    acceptance_rate: float
+    tokens_per_target_forward: float
+    target_forward_passes: int
+    draft_forward_passes: int
+    draft_seconds: float
+    target_seconds: float
+    network_seconds: float
+    total_seconds: float
+    time_to_first_token_seconds: float
+    bytes_per_round: float
+    num_speculative_tokens: int
+    accepted_per_position: tuple[int, ...]
+
+    @classmethod
+    def from_proto(cls, message: orchestrator_pb2.GenerationStats) -> Stats:
+        values = {f.name: getattr(message, f.name) for f in dataclasses.fields(cls)}
+        return cls(**{**values, "accepted_per_position": tuple(message.accepted_per_position)})
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One message of a stream: the new text and token ids since the previous one. The last
+    delta carries `finish_reason` and `stats`; on the others they are None."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    stats: Stats | None = None
+
+    @classmethod
+    def from_proto(cls, message: orchestrator_pb2.GenerateResponse) -> Delta:
+        if message.finish_reason == orchestrator_pb2.FINISH_REASON_UNSPECIFIED:
+            return cls(message.text, tuple(message.token_ids))
+        return cls(message.text, tuple(message.token_ids), _FINISH[message.finish_reason], Stats.from_proto(message.stats))
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole generation: the output text and token ids, why it ended, and its statistics."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    stats: Stats = field(repr=False)
+
+    @classmethod
+    def from_proto(cls, message: orchestrator_pb2.GenerateResponse) -> Completion:
+        delta = Delta.from_proto(message)
+        return cls(delta.text, delta.token_ids, delta.finish_reason, delta.stats)
