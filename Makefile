@@ -16,6 +16,16 @@ TOOLS_DIR ?= $(HOME)/.cache/specdec/tools
 GHZ_VERSION := v0.120.0
 GHZ := $(TOOLS_DIR)/ghz-$(GHZ_VERSION)/ghz
 export SPECDEC_GHZ := $(GHZ)
+GRPCURL_VERSION := v1.9.4
+GRPCURL := $(TOOLS_DIR)/grpcurl-$(GRPCURL_VERSION)/grpcurl
+export SPECDEC_GRPCURL := $(GRPCURL)
+# protoc plugins that generate clients/go/specdec/v1 (protoc itself is grpcio-tools': python -m grpc_tools.protoc)
+PROTOC_GEN_GO_VERSION := v1.36.11
+PROTOC_GEN_GO := $(TOOLS_DIR)/protoc-gen-go-$(PROTOC_GEN_GO_VERSION)/protoc-gen-go
+export SPECDEC_PROTOC_GEN_GO := $(PROTOC_GEN_GO)
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.1
+PROTOC_GEN_GO_GRPC := $(TOOLS_DIR)/protoc-gen-go-grpc-$(PROTOC_GEN_GO_GRPC_VERSION)/protoc-gen-go-grpc
+export SPECDEC_PROTOC_GEN_GO_GRPC := $(PROTOC_GEN_GO_GRPC)
 
 .PHONY: deps tools demo test test-fast protos equality bench loadtest clean-venv help
 
@@ -42,7 +52,16 @@ deps: $(STAMP)
 $(GHZ):
 	GOBIN=$(dir $(GHZ)) go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
 
-tools: $(GHZ)
+$(GRPCURL):
+	GOBIN=$(dir $(GRPCURL)) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
+
+$(PROTOC_GEN_GO):
+	GOBIN=$(dir $(PROTOC_GEN_GO)) go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+
+$(PROTOC_GEN_GO_GRPC):
+	GOBIN=$(dir $(PROTOC_GEN_GO_GRPC)) go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
+
+tools: $(GHZ) $(GRPCURL) $(PROTOC_GEN_GO) $(PROTOC_GEN_GO_GRPC)
 
 demo: deps
 	PYTHONPATH=$(CURDIR) $(PY) -m bench.demo
