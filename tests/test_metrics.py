@@ -8,9 +8,12 @@ a scrape before with one after."""
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -21,6 +24,7 @@ from target_service import server as target_server
 from tests.helpers import model_drafter, start_stack, with_eos
 
 ORCHESTRATOR = {"service": "orchestrator"}
+DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "specdec-dashboard.json"
 
 
 def free_port() -> int:
@@ -29,10 +33,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def exposition(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
 def scrape(port: int) -> dict[tuple[str, frozenset], float]:
     """(sample name, labels) -> value of every sample the endpoint serves."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
+    text = exposition(port)
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(text)
@@ -144,10 +152,22 @@ def test_a_model_service_serves_its_sessions_and_the_batch_metrics(stack, tiny_t
             stub.EndSession(common_pb2.EndSessionRequest(session_id="metrics-test"), timeout=30)
         assert running() == held
         # the scheduler's metrics are declared for every service, whether or not it recorded yet
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        text = exposition(port)
         for name in ("specdec:batch_size", "specdec:num_requests_waiting", "specdec:request_queue_time_seconds"):
             assert f"# TYPE {name} " in text
     finally:
         stack.loop.run(target.stop())
     with pytest.raises(OSError):
         scrape(port)  # the endpoint stops with the service
+
+
+def test_the_dashboard_queries_only_served_series(stack):
+    """Every series the Grafana dashboard's PromQL names is one the services declare."""
+    served = set()
+    for name, kind in re.findall(r"^# TYPE (\S+) (\w+)$", exposition(stack.orchestrator.metrics.port), flags=re.M):
+        served |= {name} | ({f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "histogram" else set())
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    used = {name for panel in panels for target in panel["targets"] for name in re.findall(r"specdec:\w+", target["expr"])}
+    assert used and used <= served, used - served
+    titles = {panel["title"] for panel in panels}
+    assert {"Acceptance rate", "Tokens per target forward", "Time to first token", "Time per output token"} <= titles
