@@ -26,6 +26,14 @@ export SPECDEC_PROTOC_GEN_GO := $(PROTOC_GEN_GO)
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.1
 PROTOC_GEN_GO_GRPC := $(TOOLS_DIR)/protoc-gen-go-grpc-$(PROTOC_GEN_GO_GRPC_VERSION)/protoc-gen-go-grpc
 export SPECDEC_PROTOC_GEN_GO_GRPC := $(PROTOC_GEN_GO_GRPC)
+# The deployment checks (tests/test_deployment.py): the images' health probe, run against a real
+# server, and tools/composecheck (compose-go, pinned in its go.mod), keyed by its sources' hash.
+GRPC_HEALTH_PROBE_VERSION := v0.4.62
+GRPC_HEALTH_PROBE := $(TOOLS_DIR)/grpc-health-probe-$(GRPC_HEALTH_PROBE_VERSION)/grpc-health-probe
+export SPECDEC_GRPC_HEALTH_PROBE := $(GRPC_HEALTH_PROBE)
+COMPOSECHECK_SOURCES := tools/composecheck/go.mod tools/composecheck/go.sum tools/composecheck/main.go
+COMPOSECHECK := $(TOOLS_DIR)/composecheck-$(shell cat $(COMPOSECHECK_SOURCES) | sha256sum | cut -c1-12)/composecheck
+export SPECDEC_COMPOSECHECK := $(COMPOSECHECK)
 
 .PHONY: deps tools demo test test-fast protos equality bench loadtest clean-venv help
 
@@ -37,7 +45,7 @@ help:
 	@echo "make equality   greedy equality over the 120 Spec-Bench dev prompts (resumable; well over an hour on 2 cores)"
 	@echo "make bench      python -m bench --quick: services, Hugging Face baselines, theory, plots (python -m bench --help for the full run)"
 	@echo "make loadtest   ghz against the three services (unary and streaming); JSON reports in bench/results/ghz/"
-	@echo "make tools      go install the pinned ghz"
+	@echo "make tools      go install the pinned ghz, grpc-health-probe and tools/composecheck"
 
 $(STAMP): requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +60,12 @@ deps: $(STAMP)
 $(GHZ):
 	GOBIN=$(dir $(GHZ)) go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
 
+$(GRPC_HEALTH_PROBE):
+	GOBIN=$(dir $(GRPC_HEALTH_PROBE)) CGO_ENABLED=0 go install github.com/grpc-ecosystem/grpc-health-probe@$(GRPC_HEALTH_PROBE_VERSION)
+
+$(COMPOSECHECK):
+	go -C tools/composecheck build -o $(abspath $(COMPOSECHECK)) .
+
 $(GRPCURL):
 	GOBIN=$(dir $(GRPCURL)) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
 
@@ -61,7 +75,7 @@ $(PROTOC_GEN_GO):
 $(PROTOC_GEN_GO_GRPC):
 	GOBIN=$(dir $(PROTOC_GEN_GO_GRPC)) go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
 
-tools: $(GHZ) $(GRPCURL) $(PROTOC_GEN_GO) $(PROTOC_GEN_GO_GRPC)
+tools: $(GHZ) $(GRPC_HEALTH_PROBE) $(COMPOSECHECK) $(GRPCURL) $(PROTOC_GEN_GO) $(PROTOC_GEN_GO_GRPC)
 
 demo: deps
 	PYTHONPATH=$(CURDIR) $(PY) -m bench.demo
