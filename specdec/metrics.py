@@ -42,7 +42,10 @@ PREFIX = "specdec:"
 
 # Latencies on a CPU run from milliseconds (a token of a tiny model) to minutes (a long answer of
 # a large one); buckets roughly double, so a quantile is known within a factor of about 1.5.
-LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 4.0, 6.0, 10.0, 15.0, 25.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 4.0, 6.0, 10.0,
+    15.0, 25.0, 40.0, 60.0, 120.0, 300.0, 600.0,
+)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 
@@ -72,7 +75,10 @@ GENERATION_TOKENS = Counter(_name("generation_tokens"), "Output tokens of finish
 
 # Requests, as vLLM names them.
 TIME_TO_FIRST_TOKEN = Histogram(
-    _name("time_to_first_token_seconds"), "Seconds from a request's arrival to its first output token.", ["service"], buckets=LATENCY_BUCKETS
+    _name("time_to_first_token_seconds"),
+    "Seconds from a request's arrival to its first output token.",
+    ["service"],
+    buckets=LATENCY_BUCKETS,
 )
 TIME_PER_OUTPUT_TOKEN = Histogram(
     _name("time_per_output_token_seconds"),
@@ -81,16 +87,20 @@ TIME_PER_OUTPUT_TOKEN = Histogram(
     buckets=TOKEN_LATENCY_BUCKETS,
 )
 E2E_LATENCY = Histogram(
-    _name("e2e_request_latency_seconds"), "Seconds from a request's arrival to its last token.", ["service"], buckets=LATENCY_BUCKETS
+    _name("e2e_request_latency_seconds"), "Seconds from a request's arrival to its last token.", ["service"],
+    buckets=LATENCY_BUCKETS,
 )
-REQUEST_SUCCESS = Counter(_name("request_success"), "Requests that finished, by finish reason (length, stop, eos).", ["service", "finished_reason"])
+REQUEST_SUCCESS = Counter(
+    _name("request_success"), "Requests that finished, by finish reason (length, stop, eos).", ["service", "finished_reason"]
+)
 REQUEST_ERRORS = Counter(_name("request_errors"), "Requests that ended with an error, by gRPC status code.", ["service", "code"])
 
 # Batching and queueing, recorded by the model services' scheduler (see the module docstring).
 BATCH_SIZE = Histogram(_name("batch_size"), "Sequences scored in one forward pass.", ["service", "rpc"], buckets=BATCH_BUCKETS)
 QUEUE_LENGTH = Gauge(_name("num_requests_waiting"), "Calls waiting for a forward pass.", ["service"])
 QUEUE_TIME = Histogram(
-    _name("request_queue_time_seconds"), "Seconds a call waited before its forward pass began.", ["service"], buckets=LATENCY_BUCKETS
+    _name("request_queue_time_seconds"), "Seconds a call waited before its forward pass began.", ["service"],
+    buckets=LATENCY_BUCKETS,
 )
 
 

@@ -77,7 +77,13 @@ class RequestError(Exception):
     (from a google.rpc.RetryInfo), when the server sent them.
     """
 
-    def __init__(self, code: grpc.StatusCode, message: str, field_violations: tuple[FieldViolation, ...] = (), retry_after_s: float | None = None):
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        field_violations: tuple[FieldViolation, ...] = (),
+        retry_after_s: float | None = None,
+    ):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message

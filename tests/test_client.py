@@ -61,10 +61,12 @@ def test_stats_carry_every_field_of_the_protocol():
 
 
 def test_options_reach_the_server(client):
-    chat = Request(messages=[("system", "Be brief."), {"role": "user", "content": "Hi"}], max_new_tokens=6, temperature=0.8, top_p=0.9, top_k=20, seed=7)
+    messages = [("system", "Be brief."), {"role": "user", "content": "Hi"}]
+    chat = Request(messages=messages, max_new_tokens=6, temperature=0.8, top_p=0.9, top_k=20, seed=7)
     first, second = client.generate(chat), client.generate(chat)
     assert first.token_ids == second.token_ids  # seeded sampling is reproducible
-    assert client.generate(Request(prompt=PROMPT, max_new_tokens=4, num_speculative_tokens=0)).stats.draft_tokens == 0  # 0 is not "unset"
+    target_only = client.generate(Request(prompt=PROMPT, max_new_tokens=4, num_speculative_tokens=0))
+    assert target_only.stats.draft_tokens == 0  # 0 is sent, not taken for "unset"
     plain = client.generate(Request(prompt=PROMPT, max_new_tokens=20))
     stop = plain.text[5:8]
     stopped = client.generate(Request(prompt=PROMPT, max_new_tokens=20, stop=["never in the output", stop]))

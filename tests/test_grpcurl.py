@@ -87,6 +87,7 @@ def test_generate_and_stream_equal_the_python_client(stack, schema):
 
 
 def test_a_bad_field_is_named_in_the_error(stack):
-    result = grpcurl("-plaintext", "-d", '{"prompt": "Hello", "max_new_tokens": 0}', stack.address("orchestrator"), "specdec.v1.Orchestrator/Generate")
+    body = '{"prompt": "Hello", "max_new_tokens": 0}'
+    result = grpcurl("-plaintext", "-d", body, stack.address("orchestrator"), "specdec.v1.Orchestrator/Generate")
     assert result.returncode == 64 + 3  # grpcurl: 64 + the status code (INVALID_ARGUMENT = 3)
     assert "Code: InvalidArgument" in result.stderr and '"field": "max_new_tokens"' in result.stderr

@@ -69,7 +69,8 @@ def orchestrator(stack):
 
 
 def request(**fields) -> orchestrator_pb2.GenerateRequest:
-    return orchestrator_pb2.GenerateRequest(prompt="Once upon a time", **{"max_new_tokens": 13, "num_speculative_tokens": 4, **fields})
+    fields = {"max_new_tokens": 13, "num_speculative_tokens": 4, **fields}
+    return orchestrator_pb2.GenerateRequest(prompt="Once upon a time", **fields)
 
 
 @pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
@@ -122,8 +123,9 @@ def test_errors_are_counted_by_status_code(stack, orchestrator):
 
     def errors() -> dict[str, float]:
         after = scrape(port)
+        name = "specdec:request_errors_total"
         return {
-            code: value(after, "specdec:request_errors_total", code=code) - value(before, "specdec:request_errors_total", code=code)
+            code: value(after, name, code=code) - value(before, name, code=code)
             for code in ("INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "CANCELLED")
         }
 
