@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from draft_service.drafters.base import DraftSession, Drafter
 from specdec import validation
-from specdec.errors import FailedPrecondition, InvalidArgument
+from specdec.batching import admit_calls, per_call
+from specdec.errors import FailedPrecondition, InvalidArgument, SpecdecError
 from specdec.messages import ModelInfo, Proposal, ProposeWork
 from specdec.sessions import SessionLimits, SessionStore
 
@@ -50,18 +51,34 @@ class DraftEngine:
         return self.sessions.remove(session_id)
 
     def propose(self, batch: list[ProposeWork]) -> tuple[list[Proposal], int]:
+        """Proposals for one call's items and the forward passes spent; raise its error if any."""
+        outcome = self.propose_calls([batch])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def propose_calls(self, calls: list[list[ProposeWork]]) -> list[tuple[list[Proposal], int] | SpecdecError]:
+        """Propose for the items of every valid call at once (one drafter call, its forward passes
+        shared); a call with an invalid item gets its error and takes no part."""
+        outcomes, items = admit_calls(calls, self._checked_call)
+        proposals, passes = [], 0
+        if items:
+            for work, session in items:
+                self.drafter.rollback(session, work.prefix_len)
+                session.ids = session.ids[: work.prefix_len] + work.tokens
+            proposals, passes = self.drafter.propose([s for _, s in items], [w for w, _ in items])
+            for (_, session), proposal in zip(items, proposals):
+                session.ids = session.ids + proposal.tokens
+        return [o if isinstance(o, SpecdecError) else (o, passes) for o in per_call(outcomes, proposals)]
+
+    def _checked_call(self, batch: list[ProposeWork]) -> list[DraftSession]:
+        """The call's sessions, or its error."""
         if not batch:
             raise InvalidArgument("a Propose call needs at least one item", "items")
         validation.distinct_sessions([item.session_id for item in batch], "items")
         sessions = [self._checked(index, item) for index, item in enumerate(batch)]
         self.sessions.check_budget(sum(len(i.tokens) + i.num_tokens for i in batch) * self.drafter.bytes_per_token())
-        for session, item in zip(sessions, batch):
-            self.drafter.rollback(session, item.prefix_len)
-            session.ids = session.ids[: item.prefix_len] + item.tokens
-        proposals, passes = self.drafter.propose(sessions, batch)
-        for session, proposal in zip(sessions, proposals):
-            session.ids = session.ids + proposal.tokens
-        return proposals, passes
+        return sessions
 
     def _checked(self, index: int, item: ProposeWork) -> DraftSession:
         prefix = f"items[{index}]."

@@ -11,7 +11,7 @@ from draft_service.engine import DraftEngine
 from draft_service.servicer import DraftServicer
 from specdec.config import ModelServiceConfig, option
 from specdec.models import load_causal_lm
-from specdec.serving import ModelWorker, RunningModelService, session_limits, start_model_service
+from specdec.serving import ModelWorker, RunningModelService, batching_config, session_limits, start_model_service
 from specdec.v1 import draft_pb2, draft_pb2_grpc
 
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
@@ -46,5 +46,5 @@ async def start(config: DraftConfig, drafter: Drafter | None = None, max_context
         built.warm_up()
         return DraftEngine(built, session_limits(config), config.max_speculative_tokens, context)
 
-    servicer = DraftServicer(ModelWorker("draft-model"))
+    servicer = DraftServicer(ModelWorker("draft-model"), batching_config(config))
     return await start_model_service(config, servicer, draft_pb2_grpc.add_DraftServiceServicer_to_server, SERVICE_NAME, load_engine)

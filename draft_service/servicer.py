@@ -1,19 +1,29 @@
-"""DraftService over gRPC: converts protobuf to domain objects and delegates to DraftEngine."""
+"""DraftService over gRPC: converts protobuf to domain objects and delegates to DraftEngine
+through the batching scheduler, which fuses concurrent Propose calls into one drafter call."""
 
 from __future__ import annotations
 
 from specdec import wire
+from specdec.messages import ProposeWork
 from specdec.serving import SessionServicerBase, grpc_errors
 from specdec.v1 import draft_pb2, draft_pb2_grpc
 
 
 class DraftServicer(SessionServicerBase, draft_pb2_grpc.DraftServiceServicer):
+    service = "draft"
+    batched_rpc = "Propose"
+
+    def run_batch(self, calls: list[list[ProposeWork]]) -> list:
+        return self.engine.propose_calls(calls)
+
     @grpc_errors
     async def Propose(self, request: draft_pb2.ProposeRequest, context) -> draft_pb2.ProposeResponse:
         batch = [wire.propose_item_from_proto(item, index) for index, item in enumerate(request.items)]
-        (proposals, passes), seconds = await self.worker.timed(self.engine.propose, batch)
+        (proposals, passes), info = await self.scheduler.submit(batch)
         return draft_pb2.ProposeResponse(
             proposals=[wire.proposal_to_proto(work.session_id, p) for work, p in zip(batch, proposals)],
-            compute_seconds=seconds,
+            compute_seconds=info.compute_seconds,
             forward_passes=passes,
+            batch_size=info.items,
+            queue_seconds=info.queue_seconds,
         )

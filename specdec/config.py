@@ -44,6 +44,11 @@ class ModelServiceConfig(ServerConfig):
     max_cache_mb: int = option(4096, "KV cache memory of all sessions, in MiB; more is RESOURCE_EXHAUSTED")
     session_ttl_s: float = option(600.0, "a session unused this long is dropped (its orchestrator is gone)")
     max_speculative_tokens: int = option(16, "largest K accepted per round")
+    max_batch_items: int = option(32, "most sequences fused from concurrent calls into one forward pass")
+    batch_wait_ms: float = option(
+        5.0, "how long a batch may wait for the other recently active sessions' calls before it runs without them"
+    )
+    max_queued_items: int = option(1024, "sequences waiting for a forward pass before new calls get RESOURCE_EXHAUSTED")
 
 
 def _env_name(prefix: str, name: str) -> str:

@@ -74,10 +74,11 @@ class LeanLlama:
         x32 = x.float()
         return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
-    def _rope(self, start: int, n: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(start, start + n, device=self.inv_freq.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.inv_freq.float())  # [n, head_dim / 2]
-        angles = torch.cat([angles, angles], -1)  # [n, head_dim]
+    def _rope(self, positions: list[int], dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [N, head_dim] for the given absolute positions."""
+        positions = torch.tensor(positions, device=self.inv_freq.device, dtype=torch.float32)
+        angles = torch.outer(positions, self.inv_freq.float())  # [N, head_dim / 2]
+        angles = torch.cat([angles, angles], -1)  # [N, head_dim]
         return (angles.cos() * self.rope_scale).to(dtype), (angles.sin() * self.rope_scale).to(dtype)
 
     @staticmethod
@@ -87,25 +88,49 @@ class LeanLlama:
         return x * cos + rotated * sin
 
     @torch.inference_mode()
-    def forward(self, cache, tokens: list[int], logits_for_last: int | None = None) -> torch.Tensor:
-        """Append `tokens` to `cache`; return float32 logits [n or logits_for_last, V']."""
-        start, n = cache.length, len(tokens)
-        x = self.embedding[torch.tensor(tokens, device=self.embedding.device)]  # [n, H]
-        cos, sin = self._rope(start, n, x.dtype)  # [n, head_dim] each
+    def forward(self, caches: list, new_tokens: list[list[int]], logits_for_last: int | None = None) -> list[torch.Tensor]:
+        """Append `new_tokens[i]` to `caches[i]` for every i in one pass; per row float32 logits
+        [n_i or logits_for_last, V'].
+
+        The rows are packed, not padded: the projections and MLPs run once over all N new tokens
+        of the batch, and only attention runs per row, each over its own cache buffer in place. No
+        padding is computed and no cache is copied, whatever the rows' lengths.
+        """
+        lengths = [len(tokens) for tokens in new_tokens]
+        bounds = [0]
+        for n in lengths:
+            bounds.append(bounds[-1] + n)
+        flat = [token for tokens in new_tokens for token in tokens]
+        x = self.embedding[torch.tensor(flat, device=self.embedding.device)]  # [N, H]
+        positions = [cache.length + i for cache, n in zip(caches, lengths) for i in range(n)]
+        cos, sin = self._rope(positions, x.dtype)  # [N, head_dim] each
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        # query i sees the whole past and new tokens up to itself
-        mask = torch.ones(n, start + n, dtype=torch.bool, device=x.device).tril(start) if n > 1 else None
+        # row i's query j sees the row's whole past and its new tokens up to j
+        masks = [
+            torch.ones(n, cache.length + n, dtype=torch.bool, device=x.device).tril(cache.length) if n > 1 else None
+            for cache, n in zip(caches, lengths)
+        ]
+        total = bounds[-1]
         for index, layer in enumerate(self.layers):
-            h = F.linear(self._norm(x, layer.input_norm), layer.qkv, layer.qkv_bias)  # [n, q + 2 kv]
-            q = h[:, :q_size].view(n, self.heads, self.head_dim).transpose(0, 1)  # [heads, n, d]
-            k = h[:, q_size : q_size + kv_size].view(n, self.kv_heads, self.head_dim).transpose(0, 1)  # [kv, n, d]
-            v = h[:, q_size + kv_size :].view(n, self.kv_heads, self.head_dim).transpose(0, 1)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-            keys, values = cache.write(index, k.unsqueeze(0), v.unsqueeze(0))  # [1, kv, start + n, d]
-            attended = F.scaled_dot_product_attention(q.unsqueeze(0), keys, values, attn_mask=mask, enable_gqa=True)  # [1, heads, n, d]
-            x = x + F.linear(attended[0].transpose(0, 1).reshape(n, q_size), layer.out)
-            gate, up = F.linear(self._norm(x, layer.post_norm), layer.gate_up).chunk(2, -1)  # [n, I] each
+            h = F.linear(self._norm(x, layer.input_norm), layer.qkv, layer.qkv_bias)  # [N, q + 2 kv]
+            q = self._rotate(h[:, :q_size].view(total, self.heads, self.head_dim), cos[:, None], sin[:, None])  # [N, heads, d]
+            k = self._rotate(h[:, q_size : q_size + kv_size].view(total, self.kv_heads, self.head_dim), cos[:, None], sin[:, None])
+            v = h[:, q_size + kv_size :].view(total, self.kv_heads, self.head_dim)  # [N, kv, d]
+            attended = []
+            for row, cache in enumerate(caches):
+                rows = slice(bounds[row], bounds[row + 1])
+                keys, values = cache.write(index, k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None])  # [1, kv, past + n, d]
+                out = F.scaled_dot_product_attention(
+                    q[rows].transpose(0, 1)[None], keys, values, attn_mask=masks[row], enable_gqa=True
+                )  # [1, heads, n, d]
+                attended.append(out[0].transpose(0, 1).reshape(lengths[row], q_size))
+            x = x + F.linear(torch.cat(attended) if len(attended) > 1 else attended[0], layer.out)
+            gate, up = F.linear(self._norm(x, layer.post_norm), layer.gate_up).chunk(2, -1)  # [N, I] each
             x = x + F.linear(F.silu(gate) * up, layer.down)
-        cache.length += n
-        last = x[-logits_for_last:] if logits_for_last else x
-        return F.linear(self._norm(last, self.final_norm), self.head).float()
+        for cache, n in zip(caches, lengths):
+            cache.length += n
+        keep = [
+            torch.arange(end - min(logits_for_last or n, n), end, device=x.device) for end, n in zip(bounds[1:], lengths)
+        ]
+        logits = F.linear(self._norm(x[torch.cat(keep)], self.final_norm), self.head).float()  # [sum kept, V']
+        return list(logits.split([len(rows) for rows in keep]))

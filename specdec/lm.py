@@ -108,10 +108,25 @@ def forward(
     Returns per row a float32 tensor [n_i, V] of logits at the new positions (only the last
     `logits_for_last` of them when given, e.g. 1 for a prefill). The caches are updated in place.
     """
+    lean = _lean_path(model)
+    if lean is not None:
+        return lean.forward(caches, new_tokens, logits_for_last)
     device = next(model.parameters()).device
     if len(caches) == 1:
-        return [_forward_one(model, caches[0], new_tokens[0], logits_for_last, device)]
+        return [forward_transformers(model, caches[0], new_tokens[0], logits_for_last, device)]
+    return forward_padded(model, caches, new_tokens, logits_for_last)
 
+
+@torch.inference_mode()
+def forward_padded(
+    model: torch.nn.Module,
+    caches: list[SequenceCache],
+    new_tokens: list[list[int]],
+    logits_for_last: int | None = None,
+) -> list[torch.Tensor]:
+    """`forward` for any architecture through transformers: the caches are copied, left-padded,
+    into one DynamicCache and the new tokens right-padded, so every row computes its padding too."""
+    device = next(model.parameters()).device
     past_lengths = [c.length for c in caches]
     new_lengths = [len(t) for t in new_tokens]
     past, width = max(past_lengths), max(new_lengths)
@@ -154,13 +169,6 @@ def _lean_path(model: torch.nn.Module) -> LeanLlama | None:
     if lean is None or lean.head is not model.get_output_embeddings().weight:
         lean = _lean_paths[model] = LeanLlama(model)
     return lean
-
-
-def _forward_one(model, cache: SequenceCache, tokens: list[int], logits_for_last: int | None, device) -> torch.Tensor:
-    lean = _lean_path(model)
-    if lean is not None:
-        return lean.forward(cache, tokens, logits_for_last)
-    return forward_transformers(model, cache, tokens, logits_for_last, device)
 
 
 def forward_transformers(model, cache: SequenceCache, tokens: list[int], logits_for_last: int | None, device) -> torch.Tensor:

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from specdec import metrics, wire
+from specdec.batching import BatchingConfig, BatchScheduler
 from specdec.errors import ResourceExhausted, SpecdecError, Unavailable
 from specdec.sessions import SessionLimits
 from specdec.v1 import common_pb2
@@ -168,6 +169,13 @@ def server_options(config) -> ServerOptions:
     )
 
 
+def batching_config(config) -> BatchingConfig:
+    """BatchingConfig from a ModelServiceConfig."""
+    return BatchingConfig(
+        max_batch_items=config.max_batch_items, max_wait_s=config.batch_wait_ms / 1000, max_queued_items=config.max_queued_items
+    )
+
+
 def session_limits(config) -> SessionLimits:
     """SessionLimits from a ModelServiceConfig."""
     return SessionLimits(max_sessions=config.max_sessions, max_bytes=config.max_cache_mb << 20, ttl_s=config.session_ttl_s)
@@ -189,6 +197,7 @@ class RunningModelService:
     async def stop(self, grace_s: float = 0.0) -> None:
         self.expiry.cancel()
         await self.server.stop(grace_s)
+        await self.servicer.scheduler.close()
         self.worker.shutdown()
         self.untrack_sessions()
         if self.metrics is not None:
@@ -254,6 +263,18 @@ async def wait_until_serving(channel: grpc.aio.Channel, timeout_s: float, what: 
         await asyncio.sleep(min(0.5, max(deadline - time.monotonic(), 0)))
 
 
+def timed(fn: Callable) -> Callable:
+    """fn, returning (its result, the seconds it took)."""
+
+    @functools.wraps(fn)
+    def call(*args):
+        started = time.perf_counter()
+        result = fn(*args)
+        return result, time.perf_counter() - started
+
+    return call
+
+
 class ModelWorker:
     """One thread that runs all model work of a service, in arrival order. Engines are not
     thread-safe, and a forward pass must not block the event loop (health checks, new calls)."""
@@ -266,13 +287,7 @@ class ModelWorker:
 
     async def timed(self, fn: Callable, *args) -> tuple[object, float]:
         """fn(*args) and the seconds it took inside the worker (queueing excluded)."""
-
-        def call():
-            started = time.perf_counter()
-            result = fn(*args)
-            return result, time.perf_counter() - started
-
-        return await self.run(call)
+        return await self.run(timed(fn), *args)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -329,12 +344,33 @@ def grpc_errors(method):
 
 
 class SessionServicerBase:
-    """The RPCs the draft and target services share: model info and the session life cycle.
-    `engine` has info(), start_session(id, prompt) and end_session(id); all run on `worker`."""
+    """The RPCs the draft and target services share: model info and the session life cycle, and
+    the batching scheduler (specdec/batching.py) through which all their model work runs.
+    `engine` has info(), start_session(id, prompt) and end_session(id); a subclass provides
+    `run_batch(calls)`, the engine call that serves several fused calls, and its metrics labels."""
 
-    def __init__(self, worker: ModelWorker, engine=None):
+    service = "model"  # the `service` label of its metrics
+    batched_rpc = ""  # the RPC whose calls are fused into batches
+
+    def __init__(self, worker: ModelWorker, batching: BatchingConfig = BatchingConfig(), engine=None):
         self.worker = worker
         self._engine = engine
+        self.scheduler = BatchScheduler(worker, lambda calls: self.run_batch(calls), batching, tokens_of=self.tokens_of)
+        self.scheduler.on_batch = self._observe_batch
+        metrics.QUEUE_LENGTH.labels(service=self.service).set_function(lambda: self.scheduler.queued_items)
+
+    def run_batch(self, calls: list) -> list:
+        raise NotImplementedError
+
+    @staticmethod
+    def tokens_of(item) -> int:
+        """Tokens an item adds to its batch's forward pass."""
+        return 1
+
+    def _observe_batch(self, items: int, queue_seconds: list[float]) -> None:
+        metrics.BATCH_SIZE.labels(service=self.service, rpc=self.batched_rpc).observe(items)
+        for seconds in queue_seconds:
+            metrics.QUEUE_TIME.labels(service=self.service).observe(seconds)
 
     @property
     def engine(self):
@@ -348,16 +384,21 @@ class SessionServicerBase:
 
     @grpc_errors
     async def GetModelInfo(self, request, context):
-        return wire.model_info_to_proto(await self.worker.run(self.engine.info))
+        return wire.model_info_to_proto(await self.scheduler.job(self.engine.info))
 
     @grpc_errors
     async def StartSession(self, request, context):
-        seconds = await self.worker.run(self.engine.start_session, request.session_id, list(request.prompt_token_ids))
+        seconds = await self.start_session(request.session_id, list(request.prompt_token_ids))
         return common_pb2.StartSessionResponse(compute_seconds=seconds)
+
+    async def start_session(self, session_id: str, prompt: list[int]) -> float:
+        """Open and prefill a session between batches; seconds of compute."""
+        return await self.scheduler.job(self.engine.start_session, session_id, prompt)
 
     @grpc_errors
     async def EndSession(self, request, context):
-        existed = await self.worker.run(self.engine.end_session, request.session_id)
+        self.scheduler.forget(request.session_id)
+        existed = await self.scheduler.job(self.engine.end_session, request.session_id)
         return common_pb2.EndSessionResponse(existed=existed)
 
 

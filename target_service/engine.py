@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from specdec import lm, sampling, validation
-from specdec.errors import FailedPrecondition, InvalidArgument
+from specdec.batching import admit_calls, per_call
+from specdec.errors import FailedPrecondition, InvalidArgument, SpecdecError
 from specdec.messages import ModelInfo, VerifyWork
 from specdec.models import LoadedModel
 from specdec.sampling import Verdict
@@ -27,6 +28,7 @@ class TargetSession:
 
     ids: list[int]
     cache: lm.SequenceCache = field(default_factory=lm.SequenceCache)
+    chunk: int = 0  # prefill chunk size in tokens; 0: the whole prompt at once
 
 
 class TargetEngine:
@@ -61,45 +63,77 @@ class TargetEngine:
         self.end_session("warm-up")
 
     def start_session(self, session_id: str, prompt: list[int]) -> float:
+        """Open a session and prefill its whole prompt; seconds spent."""
         started = time.perf_counter()
+        self.begin_session(session_id, prompt)
+        while self.prefill(session_id):
+            pass
+        return time.perf_counter() - started
+
+    def begin_session(self, session_id: str, prompt: list[int], prefill_chunk_tokens: int = 0) -> int:
+        """Open a session whose cache `prefill` then fills, `prefill_chunk_tokens` at a time (0:
+        all at once); returns the number of tokens to prefill. The service prefills in chunks so
+        that other sessions' rounds run between them."""
         prompt = validation.token_ids(prompt, self.vocab_size, "prompt_token_ids")
         if len(prompt) >= self.loaded.max_context:
             raise InvalidArgument(
                 f"prompt of {len(prompt)} tokens leaves no room in the context of {self.loaded.max_context}", "prompt_token_ids"
             )
         self.sessions.check_budget(len(prompt) * self._bytes_per_token)
-        session = TargetSession(ids=prompt[:-1])
+        # the cache holds all but the last prompt token: that one is the first round's input
+        session = TargetSession(ids=prompt[:-1], chunk=prefill_chunk_tokens)
         self.sessions.add(session_id, session)
-        if session.ids:
-            lm.forward(self.loaded.model, [session.cache], [session.ids], logits_for_last=1)
-        return time.perf_counter() - started
+        return len(session.ids)
+
+    def prefill(self, session_id: str) -> int:
+        """Feed the next chunk of the session's prompt to its cache; tokens still to prefill."""
+        session = self.sessions.get(session_id)
+        done = session.cache.length
+        end = len(session.ids) if not session.chunk else min(len(session.ids), done + session.chunk)
+        if end > done:
+            lm.forward(self.loaded.model, [session.cache], [session.ids[done:end]], logits_for_last=1)
+        return len(session.ids) - end
 
     def end_session(self, session_id: str) -> bool:
         return self.sessions.remove(session_id)
 
     def verify(self, batch: list[VerifyWork]) -> list[Verdict]:
-        """Score every item's tokens + drafts in one forward pass; roll each cache back to its
-        accepted prefix."""
+        """Verify one call's items in one forward pass; raise its error if it has one."""
+        outcome = self.verify_calls([batch])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def verify_calls(self, calls: list[list[VerifyWork]]) -> list[list[Verdict] | SpecdecError]:
+        """Score the items of every valid call in one forward pass and roll each cache back to its
+        accepted prefix. A call with an invalid item gets its error and takes no part; the others
+        are not affected by it."""
+        outcomes, items = admit_calls(calls, self._checked_call)
+        verdicts = []
+        if items:
+            logits = lm.forward(
+                self.loaded.model, [s.cache for _, s in items], [w.tokens + w.draft_tokens for w, _ in items], logits_for_last=None
+            )  # per item [len(tokens) + K, V]
+            verdicts = [self._commit(work, session, rows) for (work, session), rows in zip(items, logits)]
+        return per_call(outcomes, verdicts)
+
+    def _checked_call(self, batch: list[VerifyWork]) -> list[TargetSession]:
+        """The call's sessions, or its error."""
         if not batch:
             raise InvalidArgument("a Verify call needs at least one item", "items")
         validation.distinct_sessions([work.session_id for work in batch], "items")
         sessions = [self._checked(index, work) for index, work in enumerate(batch)]
         new_tokens = sum(len(w.tokens) + len(w.draft_tokens) for w in batch)
         self.sessions.check_budget(new_tokens * self._bytes_per_token)
-        inputs = [work.tokens + work.draft_tokens for work in batch]
-        logits = lm.forward(
-            self.loaded.model, [s.cache for s in sessions], inputs, logits_for_last=None
-        )  # per item [len(tokens) + K, V]
-        verdicts = []
-        for work, session, item_logits in zip(batch, sessions, logits):
-            k = len(work.draft_tokens)
-            scored = item_logits[-(k + 1) :]  # [K+1, V]: predictions for each draft and the bonus
-            verdict = self._decide(work, scored)
-            keep = work.prefix_len + len(work.tokens) + verdict.accepted
-            session.ids = (session.ids + work.tokens + work.draft_tokens)[:keep]
-            session.cache.truncate(keep)
-            verdicts.append(verdict)
-        return verdicts
+        return sessions
+
+    def _commit(self, work: VerifyWork, session: TargetSession, logits: torch.Tensor) -> Verdict:
+        k = len(work.draft_tokens)
+        verdict = self._decide(work, logits[-(k + 1) :])  # [K+1, V]: predictions for each draft and the bonus
+        keep = work.prefix_len + len(work.tokens) + verdict.accepted
+        session.ids = (session.ids + work.tokens + work.draft_tokens)[:keep]
+        session.cache.truncate(keep)
+        return verdict
 
     def _decide(self, work: VerifyWork, scored: torch.Tensor) -> Verdict:
         drafts = torch.tensor([work.draft_tokens], dtype=torch.long)  # [1, K]
@@ -120,6 +154,8 @@ class TargetEngine:
         k = len(work.draft_tokens)
         if k > self.max_speculative_tokens:
             raise InvalidArgument(f"{k} draft tokens, the limit is {self.max_speculative_tokens}", prefix + "draft_tokens")
+        if session.cache.length < len(session.ids):
+            raise FailedPrecondition(f"session {work.session_id!r} is still prefilling its prompt", prefix + "session_id")
         if work.prefix_len != len(session.ids):
             raise FailedPrecondition(
                 f"session {work.session_id!r} holds {len(session.ids)} tokens, the item says {work.prefix_len}",

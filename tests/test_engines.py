@@ -31,19 +31,21 @@ def full_logits(model, ids):
         return model(torch.tensor([ids])).logits[0]
 
 
-def test_batched_forward_over_ragged_caches_matches_unbatched(small):
+@pytest.mark.parametrize("forward", [lm.forward, lm.forward_padded], ids=["packed", "padded"])
+def test_batched_forward_over_ragged_caches_matches_unbatched(small, forward):
+    """Both batched paths: the packed lean path (Llama models) and transformers with padding."""
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randint(0, 64, (50,), generator=generator).tolist(), torch.randint(0, 64, (80,), generator=generator).tolist()
     cache_a, cache_b, cache_c = lm.SequenceCache(), lm.SequenceCache(), lm.SequenceCache()
     lm.forward(small.model, [cache_a], [a[:45]], logits_for_last=1)
     lm.forward(small.model, [cache_b], [b[:70]])
-    out = lm.forward(small.model, [cache_a, cache_b, cache_c], [a[45:], b[70:], a[:3]])
+    out = forward(small.model, [cache_a, cache_b, cache_c], [a[45:], b[70:], a[:3]])
     torch.testing.assert_close(out[0], full_logits(small.model, a)[45:], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(out[1], full_logits(small.model, b)[70:], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(out[2], full_logits(small.model, a[:3]), atol=1e-4, rtol=1e-5)
     assert (cache_a.length, cache_b.length, cache_c.length) == (50, 80, 3)
     cache_a.truncate(47)
-    out = lm.forward(small.model, [cache_a, cache_b], [a[47:49], [1]])
+    out = forward(small.model, [cache_a, cache_b], [a[47:49], [1]])
     torch.testing.assert_close(out[0], full_logits(small.model, a[:49])[47:], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(out[1], full_logits(small.model, b + [1])[80:], atol=1e-4, rtol=1e-5)
 
@@ -62,11 +64,11 @@ def test_lean_llama_path_matches_transformers(small, reduced_head):
     fast, reference = lm.SequenceCache(), lm.SequenceCache()
     for chunk, rollback in ((ids[:40], 0), (ids[40:45], 2), (ids[43:44], 0), (ids[44:50], 3), (ids[47:48], 0)):
         torch.testing.assert_close(
-            lean.forward(fast, chunk), lm.forward_transformers(model, reference, chunk, None, "cpu"), atol=1e-5, rtol=1e-5
+            lean.forward([fast], [chunk])[0], lm.forward_transformers(model, reference, chunk, None, "cpu"), atol=1e-5, rtol=1e-5
         )
         fast.truncate(fast.length - rollback)
         reference.truncate(reference.length - rollback)
-    last = lean.forward(fast, ids[48:49], 1)  # the cache now holds ids[:49] after all the rollbacks
+    last = lean.forward([fast], [ids[48:49]], 1)[0]  # the cache now holds ids[:49] after all the rollbacks
     torch.testing.assert_close(last, lm.forward_transformers(model, reference, ids[48:49], 1, "cpu"))
     torch.testing.assert_close(last, full_logits(model, ids[:49])[-1:], atol=1e-5, rtol=1e-5)
 
