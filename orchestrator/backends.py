@@ -25,6 +25,9 @@ class CallCost:
     compute_s: float
     bytes: int = 0
     forward_passes: int = 0
+    queue_s: float = 0.0  # waiting in the service's batching queue
+    batch_size: int = 1  # sequences in the batch the call ran in
+    batch_tokens: int = 0  # tokens the batch's forward pass scored (target)
 
 
 class SessionBackend(Protocol):
@@ -80,7 +83,15 @@ class GrpcTarget(_GrpcSessions):
         request = target_pb2.VerifyRequest(items=[wire.verify_item_to_proto(work)])
         started = time.perf_counter()
         response = await self._call(self.stub.Verify, request, timeout)
-        cost = CallCost(time.perf_counter() - started, response.compute_seconds, request.ByteSize() + response.ByteSize(), 1)
+        cost = CallCost(
+            time.perf_counter() - started,
+            response.compute_seconds,
+            request.ByteSize() + response.ByteSize(),
+            1,
+            response.queue_seconds,
+            response.batch_size,
+            response.batch_tokens,
+        )
         return wire.verdict_from_proto(response.results[0]), cost
 
 
@@ -95,7 +106,12 @@ class GrpcDraft(_GrpcSessions):
         started = time.perf_counter()
         response = await self._call(self.stub.Propose, request, timeout)
         cost = CallCost(
-            time.perf_counter() - started, response.compute_seconds, request.ByteSize() + response.ByteSize(), response.forward_passes
+            time.perf_counter() - started,
+            response.compute_seconds,
+            request.ByteSize() + response.ByteSize(),
+            response.forward_passes,
+            response.queue_seconds,
+            response.batch_size,
         )
         return wire.proposal_from_proto(response.proposals[0]), cost
 
@@ -122,7 +138,7 @@ class InProcessTarget(_InProcessSessions):
         started = time.perf_counter()
         verdict = self.engine.verify([work])[0]
         seconds = time.perf_counter() - started
-        return verdict, CallCost(seconds, seconds, 0, 1)
+        return verdict, CallCost(seconds, seconds, 0, 1, batch_tokens=len(work.tokens) + len(work.draft_tokens))
 
 
 class InProcessDraft(_InProcessSessions):

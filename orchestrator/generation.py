@@ -17,6 +17,7 @@ from typing import AsyncIterator
 
 import torch
 
+from orchestrator.adaptive import AdaptiveK, CostCurve, FixedK, LoadEstimates
 from orchestrator.backends import DraftBackend, TargetBackend, is_draft_failure
 from orchestrator.speculation import Speculation, remaining, speculate
 from orchestrator.stats import GenerationStats
@@ -74,6 +75,7 @@ class GenerationEvent:
 @dataclass(frozen=True)
 class GenerationLimits:
     default_k: int = 4
+    adaptive_k: bool = True  # requests without num_speculative_tokens get K per round, up to default_k
     max_k: int = 16
     max_new_tokens: int = 4096
 
@@ -90,6 +92,16 @@ class Generator:
 
     def __post_init__(self):
         self.max_k = min(self.limits.max_k, self.target_info.max_speculative_tokens)
+        self.load = LoadEstimates(CostCurve(self.target_info.forward_cost))
+
+    def _policy(self, request: GenerationRequest, k: int) -> FixedK | AdaptiveK:
+        """The request's K, or with adaptive K and K unset, K chosen per round up to `k`. Seeded
+        sampling keeps a fixed K: which tokens a seed produces depends on the K of every round,
+        and adaptive K depends on the load, so the same seed would not give the same text."""
+        seeded_sampling = request.seed is not None and request.temperature > 0
+        if request.num_speculative_tokens is None and self.limits.adaptive_k and not seeded_sampling:
+            return AdaptiveK(self.load, k)
+        return FixedK(k)
 
     def tokenize(self, request: GenerationRequest) -> list[int]:
         ids, field_name = encode_prompt(self.tokenizer, request.prompt, request.messages)
@@ -127,12 +139,14 @@ class Generator:
             session_id=uuid.uuid4().hex,
             prompt=prompt,
             sampling=sampling,
-            k=k,
+            policy=self._policy(request, k),
             max_new_tokens=request.max_new_tokens,
             generator=torch.Generator().manual_seed(seed),
             deadline=deadline,
+            load=self.load,
         )
-        stats = GenerationStats(num_speculative_tokens=k)
+        adaptive = isinstance(spec.policy, AdaptiveK)
+        stats = GenerationStats(num_speculative_tokens=0 if adaptive else k, adaptive_k=adaptive)
         draft = self.draft if k > 0 else None
         text = TextStream(self.tokenizer, list(request.stop))
         eos = set(self.target_info.eos_token_ids)

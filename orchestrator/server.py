@@ -29,7 +29,12 @@ class OrchestratorConfig(ServerConfig):
     target: str = option("127.0.0.1:50051", "address of the target service (host:port)")
     draft: str = option("127.0.0.1:50052", "address of the draft service (host:port); empty: target-only decoding")
     tokenizer: str = option("embedded", "the target's tokenizer: a Hugging Face directory, a hub id, a .gguf file, or 'embedded'")
-    default_k: int = option(4, "draft tokens per round when a request leaves num_speculative_tokens unset")
+    default_k: int = option(
+        4, "draft tokens per round when a request leaves num_speculative_tokens unset (with --adaptive-k, the most per round)"
+    )
+    adaptive_k: bool = option(
+        True, "choose K per round for requests that leave it unset, from acceptance, batch size and the target's cost curve (0 when speculation would cost throughput)"
+    )
     max_k: int = option(16, "largest num_speculative_tokens a request may ask for")
     max_new_tokens: int = option(4096, "largest max_new_tokens a request may ask for")
     request_timeout_s: float = option(600.0, "deadline of a request whose client set none")
@@ -100,7 +105,7 @@ async def start(config: OrchestratorConfig, tokenizer=None) -> RunningOrchestrat
     except BaseException:
         await running.stop()
         raise
-    limits = GenerationLimits(config.default_k, config.max_k, config.max_new_tokens)
+    limits = GenerationLimits(config.default_k, config.adaptive_k, config.max_k, config.max_new_tokens)
     servicer.generator = Generator(tokenizer, target, target_info, draft, limits)
     await server.set_serving(True)
     log.info(

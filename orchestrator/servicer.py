@@ -47,6 +47,8 @@ def stats_to_proto(stats: GenerationStats) -> orchestrator_pb2.GenerationStats:
         draft_seconds=stats.draft_seconds,
         target_seconds=stats.target_seconds,
         network_seconds=stats.network_seconds,
+        queue_seconds=stats.queue_seconds,
+        adaptive_k=stats.adaptive_k,
         total_seconds=stats.total_seconds,
         time_to_first_token_seconds=stats.time_to_first_token_seconds,
         bytes_per_round=stats.bytes_per_round,

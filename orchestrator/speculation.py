@@ -6,6 +6,8 @@ Every round has one shape. The target holds `committed` tokens in its cache; `pe
 token it has not seen (the prompt's last token, then each round's recovered or bonus token). The
 draft proposes from committed + pending; the target scores pending + drafts in one forward pass.
 K = 0 is the same loop with no draft call: plain target-only decoding through the same services.
+K is the request's policy's choice per round (orchestrator/adaptive.py); after rounds at K = 0 the
+draft lags behind, and the next Propose sends every token it has not seen.
 
 A round never drafts past `max_new_tokens`: with r tokens left it drafts at most r - 1, so the
 accepted tokens plus the one the target adds always fit.
@@ -20,6 +22,7 @@ from typing import AsyncIterator
 
 import torch
 
+from orchestrator.adaptive import AdaptiveK, FixedK, LoadEstimates
 from orchestrator.backends import DraftBackend, TargetBackend, is_draft_failure
 from orchestrator.stats import GenerationStats
 from specdec.errors import DeadlineExceeded, SpecdecError
@@ -36,10 +39,11 @@ class Speculation:
     session_id: str
     prompt: list[int]
     sampling: SamplingParams
-    k: int
+    policy: FixedK | AdaptiveK  # the number of draft tokens of each round
     max_new_tokens: int
     generator: torch.Generator
     deadline: float | None = None  # time.monotonic() by which the request must end
+    load: LoadEstimates | None = None  # the orchestrator's shared estimates, updated by every round
 
 
 def remaining(deadline: float | None) -> float | None:
@@ -63,17 +67,21 @@ async def speculate(
 ) -> AsyncIterator[list[int]]:
     """Yield the tokens committed by each round until max_new_tokens; the caller stops early on
     EOS or a stop string. Sessions must already be started on both services."""
-    committed, pending = len(spec.prompt) - 1, [spec.prompt[-1]]
+    sequence = list(spec.prompt)  # the prompt and every committed token; the last one is pending
+    committed = len(sequence) - 1  # tokens in the target's cache
+    drafted_to = committed  # tokens in the draft's cache: rounds at K = 0 leave the draft behind
     left = spec.max_new_tokens
     while left > 0:
-        k = min(spec.k, left - 1) if draft is not None else 0
-        proposal_tokens, distributions = [], None
+        k = min(spec.policy.next_k(), left - 1) if draft is not None else 0
+        proposal_tokens, distributions, drafted = [], None, False
         if k > 0:
-            work = ProposeWork(spec.session_id, committed, pending, k, spec.sampling, _uniforms(spec, k))
+            work = ProposeWork(spec.session_id, drafted_to, sequence[drafted_to:], k, spec.sampling, _uniforms(spec, k))
             try:
                 proposal, cost = await draft.propose(work, remaining(spec.deadline))
                 stats.add_draft_call(cost)
-                proposal_tokens, distributions = proposal.tokens[:k], proposal.distributions
+                if spec.load is not None:
+                    spec.load.observe_draft(cost.wall_s, k)
+                proposal_tokens, distributions, drafted = proposal.tokens[:k], proposal.distributions, True
             except SpecdecError as error:
                 if not is_draft_failure(error):
                     raise
@@ -82,7 +90,7 @@ async def speculate(
         verify = VerifyWork(
             spec.session_id,
             committed,
-            pending,
+            sequence[committed:],
             proposal_tokens,
             distributions[: len(proposal_tokens)] if distributions else None,
             spec.sampling,
@@ -91,8 +99,13 @@ async def speculate(
         verdict, cost = await target.verify(verify, remaining(spec.deadline))
         stats.add_target_call(cost)
         stats.add_round(len(proposal_tokens), verdict.accepted)
+        spec.policy.observe(len(proposal_tokens), verdict.accepted)
+        if spec.load is not None:
+            spec.load.observe_verify(cost.compute_s, cost.batch_size, cost.batch_tokens)
         new_tokens = proposal_tokens[: verdict.accepted] + [verdict.next_token]
-        committed += len(pending) + verdict.accepted
-        pending = [verdict.next_token]
+        committed += 1 + verdict.accepted
+        if drafted:  # the draft holds the pending token and its own accepted drafts
+            drafted_to = committed
+        sequence += new_tokens
         left -= len(new_tokens)
         yield new_tokens

@@ -10,6 +10,7 @@ from orchestrator.backends import CallCost
 @dataclass
 class GenerationStats:
     num_speculative_tokens: int = 0
+    adaptive_k: bool = False
     generated_tokens: int = 0
     committed_tokens: int = 0  # tokens the target committed, including any cut off by a stop or EOS
     rounds: int = 0
@@ -21,6 +22,7 @@ class GenerationStats:
     draft_seconds: float = 0.0
     target_seconds: float = 0.0
     network_seconds: float = 0.0
+    queue_seconds: float = 0.0  # waiting in the model services' batching queues
     network_bytes: int = 0
     total_seconds: float = 0.0
     time_to_first_token_seconds: float = 0.0
@@ -48,11 +50,14 @@ class GenerationStats:
         self._add_network(cost)
 
     def _add_network(self, cost: CallCost) -> None:
-        self.network_seconds += max(cost.wall_s - cost.compute_s, 0.0)
+        self.queue_seconds += cost.queue_s
+        self.network_seconds += max(cost.wall_s - cost.compute_s - cost.queue_s, 0.0)
         self.network_bytes += cost.bytes
 
     def add_round(self, drafted: int, accepted: int) -> None:
         self.rounds += 1
+        if self.adaptive_k:
+            self.num_speculative_tokens = max(self.num_speculative_tokens, drafted)
         self.drafts += drafted > 0
         self.target_forward_passes += 1
         self.draft_tokens += drafted

@@ -1,13 +1,13 @@
-"""A lean forward pass for one sequence of a Llama-architecture model (Llama, SmolLM2 and our
-distilled drafts), over the same `SequenceCache` buffers as the Hugging Face path.
+"""A lean forward pass for a batch of sequences of a Llama-architecture model (Llama, SmolLM2 and
+our distilled drafts), over the same `SequenceCache` buffers as the Hugging Face path.
 
 Why: transformers' module stack adds per-call overhead (module calls, cache objects, mask
 construction) that matters for small models on CPU. This path does the same arithmetic with a few
 tensor operations per layer (fused QKV and gate/up projections), reading the model's own weights.
 Measured single-thread on the 2-core dev machine: the embedded target's one-token step went from
 118 to 82 ms and the 6 x 288 draft's from 10.3-13.4 to 9.6-11.3 ms; what remains is the matrix
-products themselves. Batches of several sequences keep using transformers (`lm.forward`); tests
-check that both paths give the same logits.
+products themselves. A batch is packed (see `LeanLlama.forward`); tests check that this path,
+transformers' and the padded batch give the same logits.
 """
 
 from __future__ import annotations

@@ -3,16 +3,15 @@
 A `SequenceCache` holds one sequence's keys and values in per-layer buffers that grow by doubling:
 appending a token writes into the buffer instead of concatenating (torch.cat would copy the whole
 cache on every step, which dominated a decoding step at 1,000 tokens of context on CPU), and
-rolling back is just a shorter length. `forward` extends several caches in one batched forward
-pass: caches are left-padded to a common length, new tokens right-padded, and an attention mask
-(zeros on the padding) plus explicit `position_ids` per row make every row compute what it would
-compute alone.
+rolling back is just a shorter length.
 
-A single sequence of a Llama-architecture model runs through `lean_llama` (the same arithmetic
-without transformers' per-call overhead); other single
-sequences run through a transformers `Cache` whose layers write into the session's buffers; a
-batch runs through a `DynamicCache` built from padded copies (plain transformers 5.x). The padded copy
-per batched call is the cost a preallocated multi-slot cache would remove (batched-serving issue).
+`forward` extends several caches in one batched forward pass. Llama-architecture models (the
+embedded target, our drafts) run through `lean_llama`, which packs the rows: projections and MLPs
+over all new tokens at once, attention per row over its own buffer, so ragged batches cost neither
+padding nor cache copies. Other architectures run through transformers: one sequence with a
+`Cache` whose layers write into the session's buffers, a batch (`forward_padded`) with the caches
+copied, left-padded, into a `DynamicCache`, the new tokens right-padded, an attention mask with
+zeros on the padding and explicit `position_ids` per row. bench/batching.py measures both.
 """
 
 from __future__ import annotations

@@ -62,3 +62,4 @@ class ModelInfo:
     active_sessions: int = 0
     cache_bytes: int = 0
     device: str = ""
+    forward_cost: tuple[tuple[int, float], ...] = ()  # (tokens scored, seconds) per forward pass

@@ -125,6 +125,8 @@ def model_info_to_proto(info: ModelInfo) -> common_pb2.ModelInfo:
         active_sessions=info.active_sessions,
         cache_bytes=info.cache_bytes,
         device=info.device,
+        forward_cost_tokens=[tokens for tokens, _ in info.forward_cost],
+        forward_cost_seconds=[seconds for _, seconds in info.forward_cost],
     )
 
 
@@ -139,4 +141,5 @@ def model_info_from_proto(message: common_pb2.ModelInfo) -> ModelInfo:
         active_sessions=message.active_sessions,
         cache_bytes=message.cache_bytes,
         device=message.device,
+        forward_cost=tuple(zip(message.forward_cost_tokens, message.forward_cost_seconds)),
     )

@@ -85,6 +85,8 @@ class Stats:
     bytes_per_round: float
     num_speculative_tokens: int
     accepted_per_position: tuple[int, ...]
+    queue_seconds: float
+    adaptive_k: bool
 
     @classmethod
     def from_proto(cls, message: orchestrator_pb2.GenerationStats) -> Stats:

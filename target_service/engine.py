@@ -22,6 +22,10 @@ from specdec.sampling import Verdict
 from specdec.sessions import SessionLimits, SessionStore
 
 
+# Tokens per forward pass at which warm-up measures the cost curve: one K=4 verify up to 16 of them.
+COST_CURVE_TOKENS = (1, 2, 3, 5, 10, 20, 40, 80)
+
+
 @dataclass
 class TargetSession:
     """Token ids held in the cache, and the cache."""
@@ -38,6 +42,7 @@ class TargetEngine:
         self.sessions: SessionStore[TargetSession] = SessionStore(limits, lambda s: s.cache.nbytes)
         self.vocab_fingerprint = loaded.vocab_fingerprint
         self._bytes_per_token = lm.kv_bytes_per_token(loaded.model)
+        self.forward_cost: tuple[tuple[int, float], ...] = ()
 
     @property
     def vocab_size(self) -> int:
@@ -54,13 +59,35 @@ class TargetEngine:
             active_sessions=len(self.sessions),
             cache_bytes=self.sessions.total_bytes(),
             device=self.loaded.placement,
+            forward_cost=self.forward_cost,
         )
 
     def warm_up(self) -> None:
-        """One prefill and one verify, so the first real request does not pay for lazy setup."""
+        """One prefill and one verify, so the first real request does not pay for lazy setup;
+        then the forward cost curve."""
         self.start_session("warm-up", [0, 1, 2])
         self.verify([VerifyWork("warm-up", 2, [2], [3], None, sampling.GREEDY, [])])
         self.end_session("warm-up")
+        self.forward_cost = self.measure_forward_cost()
+
+    def measure_forward_cost(self, sizes=COST_CURVE_TOKENS, context: int = 64) -> tuple[tuple[int, float], ...]:
+        """Seconds of one forward pass scoring n tokens, for each n in `sizes`, in rows of up to 5
+        tokens (a K=4 verify) over `context` tokens each; the median of three passes."""
+        rows = (max(sizes) + 4) // 5
+        caches = [lm.SequenceCache() for _ in range(rows)]
+        lm.forward(self.loaded.model, caches, [[row % self.vocab_size] * context for row in range(rows)], logits_for_last=1)
+        curve = []
+        for n in sizes:
+            lengths = [5] * (n // 5) + ([n % 5] if n % 5 else [])
+            times = []
+            for _ in range(3):
+                started = time.perf_counter()
+                lm.forward(self.loaded.model, caches[: len(lengths)], [[1] * length for length in lengths])
+                times.append(time.perf_counter() - started)
+                for cache in caches:
+                    cache.truncate(context)
+            curve.append((n, sorted(times)[1]))
+        return tuple(curve)
 
     def start_session(self, session_id: str, prompt: list[int]) -> float:
         """Open a session and prefill its whole prompt; seconds spent."""

@@ -14,6 +14,7 @@ from scipy.stats import chisquare
 from draft_service.drafters.model import ModelDrafter
 from draft_service.drafters.ngram import NGramDrafter
 from draft_service.engine import DraftEngine
+from orchestrator.adaptive import FixedK
 from orchestrator.backends import InProcessDraft, InProcessTarget
 from orchestrator.generation import GenerationRequest
 from orchestrator.speculation import Speculation, speculate
@@ -170,7 +171,9 @@ def chisquare_pvalue(observed: torch.Tensor, probabilities: torch.Tensor) -> flo
     return chisquare(observed, expected).pvalue
 
 
-async def sample_many(target, drafter, prompt, params, k, steps, trials):
+async def sample_many(target, drafter, prompt, params, k, steps, trials, make_policy=None):
+    """Histograms of `trials` sampled generations; each round drafts `k` tokens, or as many as
+    `make_policy()`'s policy says (one policy per trial)."""
     target_engine, draft_engine = TargetEngine(target), DraftEngine(drafter, max_context=target.max_context)
     target_backend, draft_backend = InProcessTarget(target_engine), InProcessDraft(draft_engine)
     counts = torch.zeros(steps, target.vocab_size)
@@ -179,7 +182,8 @@ async def sample_many(target, drafter, prompt, params, k, steps, trials):
         sid = f"s{trial}"
         target_engine.start_session(sid, prompt)
         draft_engine.start_session(sid, prompt)
-        spec = Speculation(sid, prompt, params, k, steps, torch.Generator().manual_seed(trial))
+        policy = make_policy() if make_policy else FixedK(k)
+        spec = Speculation(sid, prompt, params, policy, steps, torch.Generator().manual_seed(trial))
         tokens = [t async for round_tokens in speculate(spec, target_backend, draft_backend, stats) for t in round_tokens]
         for step, token in enumerate(tokens):
             counts[step, token] += 1

@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspecdec/v1/orchestrator.proto\x12\nspecdec.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x90\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.specdec.v1.ChatMessage\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12#\n\x16num_speculative_tokens\x18\t \x01(\x05H\x02\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seedB\x19\n\x17_num_speculative_tokens\"\xbf\x03\n\x0fGenerationStats\x12\x18\n\x10generated_tokens\x18\x01 \x01(\r\x12\x0e\n\x06rounds\x18\x02 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x04 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x05 \x01(\x02\x12!\n\x19tokens_per_target_forward\x18\x06 \x01(\x02\x12\x1d\n\x15target_forward_passes\x18\x07 \x01(\r\x12\x1c\n\x14\x64raft_forward_passes\x18\x08 \x01(\r\x12\x15\n\rdraft_seconds\x18\t \x01(\x01\x12\x16\n\x0etarget_seconds\x18\n \x01(\x01\x12\x17\n\x0fnetwork_seconds\x18\x0b \x01(\x01\x12\x15\n\rtotal_seconds\x18\x0c \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\r \x01(\x01\x12\x17\n\x0f\x62ytes_per_round\x18\x0e \x01(\x01\x12\x1e\n\x16num_speculative_tokens\x18\x0f \x01(\r\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x10 \x03(\r\"\x90\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12*\n\x05stats\x18\x04 \x01(\x0b\x32\x1b.specdec.v1.GenerationStats*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32\xa4\x01\n\x0cOrchestrator\x12\x45\n\x08Generate\x12\x1b.specdec.v1.GenerateRequest\x1a\x1c.specdec.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.specdec.v1.GenerateRequest\x1a\x1c.specdec.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspecdec/v1/orchestrator.proto\x12\nspecdec.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x90\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.specdec.v1.ChatMessage\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12#\n\x16num_speculative_tokens\x18\t \x01(\x05H\x02\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seedB\x19\n\x17_num_speculative_tokens\"\xea\x03\n\x0fGenerationStats\x12\x18\n\x10generated_tokens\x18\x01 \x01(\r\x12\x0e\n\x06rounds\x18\x02 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x04 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x05 \x01(\x02\x12!\n\x19tokens_per_target_forward\x18\x06 \x01(\x02\x12\x1d\n\x15target_forward_passes\x18\x07 \x01(\r\x12\x1c\n\x14\x64raft_forward_passes\x18\x08 \x01(\r\x12\x15\n\rdraft_seconds\x18\t \x01(\x01\x12\x16\n\x0etarget_seconds\x18\n \x01(\x01\x12\x17\n\x0fnetwork_seconds\x18\x0b \x01(\x01\x12\x15\n\rtotal_seconds\x18\x0c \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\r \x01(\x01\x12\x17\n\x0f\x62ytes_per_round\x18\x0e \x01(\x01\x12\x1e\n\x16num_speculative_tokens\x18\x0f \x01(\r\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x10 \x03(\r\x12\x15\n\rqueue_seconds\x18\x11 \x01(\x01\x12\x12\n\nadaptive_k\x18\x12 \x01(\x08\"\x90\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12*\n\x05stats\x18\x04 \x01(\x0b\x32\x1b.specdec.v1.GenerationStats*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32\xa4\x01\n\x0cOrchestrator\x12\x45\n\x08Generate\x12\x1b.specdec.v1.GenerateRequest\x1a\x1c.specdec.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.specdec.v1.GenerateRequest\x1a\x1c.specdec.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specdec.v1.orchestrator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=963
-  _globals['_FINISHREASON']._serialized_end=1081
+  _globals['_FINISHREASON']._serialized_start=1006
+  _globals['_FINISHREASON']._serialized_end=1124
   _globals['_CHATMESSAGE']._serialized_start=45
   _globals['_CHATMESSAGE']._serialized_end=89
   _globals['_GENERATEREQUEST']._serialized_start=92
   _globals['_GENERATEREQUEST']._serialized_end=364
   _globals['_GENERATIONSTATS']._serialized_start=367
-  _globals['_GENERATIONSTATS']._serialized_end=814
-  _globals['_GENERATERESPONSE']._serialized_start=817
-  _globals['_GENERATERESPONSE']._serialized_end=961
-  _globals['_ORCHESTRATOR']._serialized_start=1084
-  _globals['_ORCHESTRATOR']._serialized_end=1248
+  _globals['_GENERATIONSTATS']._serialized_end=857
+  _globals['_GENERATERESPONSE']._serialized_start=860
+  _globals['_GENERATERESPONSE']._serialized_end=1004
+  _globals['_ORCHESTRATOR']._serialized_start=1127
+  _globals['_ORCHESTRATOR']._serialized_end=1291
 # @@protoc_insertion_point(module_scope)

@@ -49,7 +49,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., num_speculative_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("generated_tokens", "rounds", "draft_tokens", "accepted_tokens", "acceptance_rate", "tokens_per_target_forward", "target_forward_passes", "draft_forward_passes", "draft_seconds", "target_seconds", "network_seconds", "total_seconds", "time_to_first_token_seconds", "bytes_per_round", "num_speculative_tokens", "accepted_per_position")
+    __slots__ = ("generated_tokens", "rounds", "draft_tokens", "accepted_tokens", "acceptance_rate", "tokens_per_target_forward", "target_forward_passes", "draft_forward_passes", "draft_seconds", "target_seconds", "network_seconds", "total_seconds", "time_to_first_token_seconds", "bytes_per_round", "num_speculative_tokens", "accepted_per_position", "queue_seconds", "adaptive_k")
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,8 @@ class GenerationStats(_message.Message):
     BYTES_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_PER_POSITION_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTIVE_K_FIELD_NUMBER: _ClassVar[int]
     generated_tokens: int
     rounds: int
     draft_tokens: int
@@ -82,7 +84,9 @@ class GenerationStats(_message.Message):
     bytes_per_round: float
     num_speculative_tokens: int
     accepted_per_position: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, generated_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., tokens_per_target_forward: _Optional[float] = ..., target_forward_passes: _Optional[int] = ..., draft_forward_passes: _Optional[int] = ..., draft_seconds: _Optional[float] = ..., target_seconds: _Optional[float] = ..., network_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., time_to_first_token_seconds: _Optional[float] = ..., bytes_per_round: _Optional[float] = ..., num_speculative_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ...) -> None: ...
+    queue_seconds: float
+    adaptive_k: bool
+    def __init__(self, generated_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., tokens_per_target_forward: _Optional[float] = ..., target_forward_passes: _Optional[int] = ..., draft_forward_passes: _Optional[int] = ..., draft_seconds: _Optional[float] = ..., target_seconds: _Optional[float] = ..., network_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., time_to_first_token_seconds: _Optional[float] = ..., bytes_per_round: _Optional[float] = ..., num_speculative_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., queue_seconds: _Optional[float] = ..., adaptive_k: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "stats")

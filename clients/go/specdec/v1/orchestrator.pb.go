@@ -147,13 +147,15 @@ type GenerateRequest struct {
 	// Keep the top_k most probable tokens; 0 means no truncation; must be >= 0.
 	TopK int32 `protobuf:"varint,6,opt,name=top_k,json=topK,proto3" json:"top_k,omitempty"`
 	// Seed of the request's random generator; unset means a random seed. With a seed, sampling is
-	// reproducible on the same deployment.
+	// reproducible on the same deployment (K is then fixed: see num_speculative_tokens).
 	Seed *uint64 `protobuf:"varint,7,opt,name=seed,proto3,oneof" json:"seed,omitempty"`
 	// Generation stops before the first occurrence of any of these strings (non-empty, at most 16).
 	Stop []string `protobuf:"bytes,8,rep,name=stop,proto3" json:"stop,omitempty"`
 	// K, the number of draft tokens per round. 0 runs plain target-only decoding through the same
-	// services (the baseline of every speedup); unset means the server's default.
-	// Must be in [0, the server's limit].
+	// services (the baseline of every speedup). Unset means the server's default: adaptive K (chosen
+	// per round from acceptance, batch size and the target's cost curve, at most the server's
+	// default K), or that default K fixed when the server runs without adaptive K or the request
+	// samples with a seed. Must be in [0, the server's limit].
 	NumSpeculativeTokens *int32 `protobuf:"varint,9,opt,name=num_speculative_tokens,json=numSpeculativeTokens,proto3,oneof" json:"num_speculative_tokens,omitempty"`
 	unknownFields        protoimpl.UnknownFields
 	sizeCache            protoimpl.SizeCache
@@ -275,7 +277,8 @@ type GenerationStats struct {
 	DraftSeconds float64 `protobuf:"fixed64,9,opt,name=draft_seconds,json=draftSeconds,proto3" json:"draft_seconds,omitempty"`
 	// Seconds the target service spent computing (prefill included).
 	TargetSeconds float64 `protobuf:"fixed64,10,opt,name=target_seconds,json=targetSeconds,proto3" json:"target_seconds,omitempty"`
-	// Seconds of calls to the model services not spent computing: network, serialization, queues.
+	// Seconds of calls to the model services spent neither computing nor waiting in their batching
+	// queues: network and serialization.
 	NetworkSeconds float64 `protobuf:"fixed64,11,opt,name=network_seconds,json=networkSeconds,proto3" json:"network_seconds,omitempty"`
 	// Seconds from the request's arrival to its end.
 	TotalSeconds float64 `protobuf:"fixed64,12,opt,name=total_seconds,json=totalSeconds,proto3" json:"total_seconds,omitempty"`
@@ -283,12 +286,17 @@ type GenerationStats struct {
 	TimeToFirstTokenSeconds float64 `protobuf:"fixed64,13,opt,name=time_to_first_token_seconds,json=timeToFirstTokenSeconds,proto3" json:"time_to_first_token_seconds,omitempty"`
 	// Bytes of request and response messages exchanged with the model services per round.
 	BytesPerRound float64 `protobuf:"fixed64,14,opt,name=bytes_per_round,json=bytesPerRound,proto3" json:"bytes_per_round,omitempty"`
-	// K used for this request.
+	// K used for this request; with adaptive K (num_speculative_tokens unset), the most any round used.
 	NumSpeculativeTokens uint32 `protobuf:"varint,15,opt,name=num_speculative_tokens,json=numSpeculativeTokens,proto3" json:"num_speculative_tokens,omitempty"`
 	// Number of accepted draft tokens at each draft position (index 0 = first draft token).
 	AcceptedPerPosition []uint32 `protobuf:"varint,16,rep,packed,name=accepted_per_position,json=acceptedPerPosition,proto3" json:"accepted_per_position,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// Seconds the request's calls waited in the model services' batching queues (behind other
+	// requests' work): under load, the part of its latency that batching trades for throughput.
+	QueueSeconds float64 `protobuf:"fixed64,17,opt,name=queue_seconds,json=queueSeconds,proto3" json:"queue_seconds,omitempty"`
+	// True when K was chosen per round (adaptive K); then draft_tokens / rounds is the mean K.
+	AdaptiveK     bool `protobuf:"varint,18,opt,name=adaptive_k,json=adaptiveK,proto3" json:"adaptive_k,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GenerationStats) Reset() {
@@ -433,6 +441,20 @@ func (x *GenerationStats) GetAcceptedPerPosition() []uint32 {
 	return nil
 }
 
+func (x *GenerationStats) GetQueueSeconds() float64 {
+	if x != nil {
+		return x.QueueSeconds
+	}
+	return 0
+}
+
+func (x *GenerationStats) GetAdaptiveK() bool {
+	if x != nil {
+		return x.AdaptiveK
+	}
+	return false
+}
+
 type GenerateResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Generate: the whole output. GenerateStream: the new text since the previous message; the
@@ -527,7 +549,7 @@ const file_specdec_v1_orchestrator_proto_rawDesc = "" +
 	"\x16num_speculative_tokens\x18\t \x01(\x05H\x02R\x14numSpeculativeTokens\x88\x01\x01B\b\n" +
 	"\x06_top_pB\a\n" +
 	"\x05_seedB\x19\n" +
-	"\x17_num_speculative_tokens\"\xd4\x05\n" +
+	"\x17_num_speculative_tokens\"\x98\x06\n" +
 	"\x0fGenerationStats\x12)\n" +
 	"\x10generated_tokens\x18\x01 \x01(\rR\x0fgeneratedTokens\x12\x16\n" +
 	"\x06rounds\x18\x02 \x01(\rR\x06rounds\x12!\n" +
@@ -545,7 +567,10 @@ const file_specdec_v1_orchestrator_proto_rawDesc = "" +
 	"\x1btime_to_first_token_seconds\x18\r \x01(\x01R\x17timeToFirstTokenSeconds\x12&\n" +
 	"\x0fbytes_per_round\x18\x0e \x01(\x01R\rbytesPerRound\x124\n" +
 	"\x16num_speculative_tokens\x18\x0f \x01(\rR\x14numSpeculativeTokens\x122\n" +
-	"\x15accepted_per_position\x18\x10 \x03(\rR\x13acceptedPerPosition\"\xb5\x01\n" +
+	"\x15accepted_per_position\x18\x10 \x03(\rR\x13acceptedPerPosition\x12#\n" +
+	"\rqueue_seconds\x18\x11 \x01(\x01R\fqueueSeconds\x12\x1d\n" +
+	"\n" +
+	"adaptive_k\x18\x12 \x01(\bR\tadaptiveK\"\xb5\x01\n" +
 	"\x10GenerateResponse\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\x12\x1b\n" +
 	"\ttoken_ids\x18\x02 \x03(\x05R\btokenIds\x12=\n" +

@@ -1,0 +1,150 @@
+"""How many draft tokens each round verifies: a fixed K, or K chosen per round from what the
+orchestrator measures. Pure arithmetic over running estimates; no gRPC, no tensors.
+
+A round with K drafts costs the draft K token steps and the target one forward pass over the
+tokens of every sequence in its batch. It yields E(K) = (1 - a^(K+1)) / (1 - a) tokens when each
+draft token is accepted with probability a (the independence model of Leviathan et al., 2023).
+When the target's batch holds B sequences and the others draft like this one, the batch's
+throughput at K is
+
+    B * E(K) / (draft(K) + T(B * (K + 1)))
+
+where T(n) is the target's forward time for n tokens (its cost curve, measured by the target at
+warm-up and reported in ModelInfo, rescaled by the times the rounds observe) and draft(K) the
+draft's time. The adaptive policy picks the K in [0, K_max] that maximizes it. Where T is nearly
+flat (a GPU), K grows with acceptance; where T grows with n (a CPU, or any device once batches
+are large), K falls to 0 as batches grow and acceptance drops: speculation switches itself off
+where it would cost throughput. A request at K = 0 still drafts one token every few rounds, so
+that its acceptance estimate can tell when speculation pays again.
+
+Exactness never depends on K: each round emits tokens distributed as the target's given the
+sequence so far, for any K, and K is chosen from past rounds only.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+PROBE_EVERY = 8  # rounds at K = 0 between two single-token drafts
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens a round with k drafts yields when each is accepted with probability `acceptance`."""
+    if acceptance >= 1.0:
+        return k + 1.0
+    return (1.0 - acceptance ** (k + 1)) / (1.0 - acceptance)
+
+
+class CostCurve:
+    """T(n): seconds of one forward pass scoring n tokens, interpolated linearly between measured
+    points and extended past the last one along the last segment's slope."""
+
+    def __init__(self, points: tuple[tuple[int, float], ...]):
+        ordered = sorted(points)
+        self.tokens = [n for n, _ in ordered]
+        self.seconds = [s for _, s in ordered]
+
+    def __bool__(self) -> bool:
+        return len(self.tokens) >= 2
+
+    def __call__(self, n: float) -> float:
+        i = min(max(bisect.bisect_left(self.tokens, n), 1), len(self.tokens) - 1)
+        (n0, n1), (s0, s1) = self.tokens[i - 1 : i + 1], self.seconds[i - 1 : i + 1]
+        return max(s0 + (s1 - s0) * (n - n0) / (n1 - n0), 0.0)
+
+
+def _ewma(old: float | None, new: float, weight: float = 0.1) -> float:
+    return new if old is None else old + weight * (new - old)
+
+
+@dataclass
+class LoadEstimates:
+    """What all requests of one orchestrator learn together: the target's cost curve and how far
+    the observed forward times are from it, the target's batch size, the draft's time per token,
+    and acceptance (the prior of new requests)."""
+
+    curve: CostCurve
+    curve_scale: float = 1.0
+    batch_size: float = 1.0
+    draft_s_per_token: float | None = None
+    accepted: float = 1.0  # decayed counts of accepted and rejected draft tokens: a Beta(1, 1) prior
+    rejected: float = 1.0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def observe_verify(self, compute_s: float, batch_size: int, batch_tokens: int) -> None:
+        if batch_size:
+            self.batch_size = _ewma(self.batch_size, batch_size)
+        predicted = self.curve(batch_tokens) if self.curve and batch_tokens else 0.0
+        if predicted > 0 and compute_s > 0:
+            self.curve_scale = min(max(_ewma(self.curve_scale, compute_s / predicted), 0.25), 4.0)
+
+    def observe_draft(self, wall_s: float, k: int) -> None:
+        self.draft_s_per_token = _ewma(self.draft_s_per_token, wall_s / k)
+
+    def observe_acceptance(self, k: int, accepted: int, decay: float = 0.995) -> None:
+        self.accepted = self.accepted * decay + accepted
+        self.rejected = self.rejected * decay + (accepted < k)
+
+
+class FixedK:
+    """The K the request asked for, every round."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def next_k(self) -> int:
+        return self.k
+
+    def observe(self, k: int, accepted: int) -> None:
+        pass
+
+
+@dataclass
+class AdaptiveK:
+    """Per request: its own acceptance (with the orchestrator's as a prior worth `prior_weight`
+    rounds' evidence) and the shared load estimates decide each round's K."""
+
+    load: LoadEstimates
+    k_max: int
+    prior_weight: float = 4.0
+    accepted: int = 0
+    rejected: int = 0
+    rounds_at_zero: int = field(default=0, init=False)
+
+    @property
+    def k(self) -> int:
+        """The ceiling, for statistics."""
+        return self.k_max
+
+    @property
+    def acceptance(self) -> float:
+        prior = self.load.acceptance
+        return (self.accepted + self.prior_weight * prior) / (self.accepted + self.rejected + self.prior_weight)
+
+    def throughput(self, k: int) -> float:
+        """Tokens per second of the target's batch if every sequence in it drafted k tokens."""
+        batch = max(self.load.batch_size, 1.0)
+        target_s = self.load.curve_scale * self.load.curve(batch * (k + 1))
+        draft_s = k * (self.load.draft_s_per_token or 0.0)
+        return batch * expected_tokens(self.acceptance, k) / max(target_s + draft_s, 1e-9)
+
+    def next_k(self) -> int:
+        if not self.load.curve or self.k_max == 0:
+            return self.k_max
+        best = max(range(self.k_max + 1), key=self.throughput)
+        if best > 0:
+            self.rounds_at_zero = 0
+            return best
+        self.rounds_at_zero += 1
+        return 1 if self.rounds_at_zero % PROBE_EVERY == 0 else 0
+
+    def observe(self, k: int, accepted: int) -> None:
+        if k == 0:
+            return
+        self.accepted += accepted
+        self.rejected += accepted < k
+        self.load.observe_acceptance(k, accepted)

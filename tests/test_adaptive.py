@@ -1,0 +1,110 @@
+"""Adaptive K: the policy's arithmetic and choices, and proof that letting it choose K per round
+never changes the output (greedy: identical tokens; sampling: the target's distribution)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from draft_service.drafters.model import ModelDrafter
+from orchestrator.adaptive import PROBE_EVERY, AdaptiveK, CostCurve, LoadEstimates, expected_tokens
+from orchestrator.generation import GenerationRequest
+from specdec import sampling
+from tests.helpers import in_process_generator, joined, run_generation, tiny_lm, with_eos
+from tests.test_speculation import chisquare_pvalue, exact_target_marginals, sample_many
+
+# Forward seconds by tokens scored: a CPU-like curve (cost grows with tokens) and a GPU-like one
+# (flat until large batches).
+CPU_CURVE = CostCurve(((1, 0.080), (5, 0.200), (10, 0.300), (40, 1.000), (80, 2.000)))
+GPU_CURVE = CostCurve(((1, 0.010), (5, 0.0105), (40, 0.012), (80, 0.015)))
+
+
+def test_expected_tokens_per_round():
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def test_cost_curve_interpolates_and_extends():
+    assert CPU_CURVE(1) == pytest.approx(0.080)
+    assert CPU_CURVE(3) == pytest.approx(0.140)
+    assert CPU_CURVE(160) == pytest.approx(4.000)  # past the last point along the last slope
+    assert not CostCurve(())
+
+
+def policy(curve, batch=1.0, acceptance=0.8, k_max=8):
+    """A policy whose orchestrator-wide acceptance is `acceptance` (from plenty of evidence)."""
+    load = LoadEstimates(curve, batch_size=batch, accepted=1000 * acceptance, rejected=1000 * (1 - acceptance))
+    return AdaptiveK(load, k_max)
+
+
+def test_k_grows_with_acceptance_where_verification_is_flat():
+    ks = [policy(GPU_CURVE, acceptance=a).next_k() for a in (0.3, 0.6, 0.9)]
+    assert ks == sorted(ks) and ks[-1] >= 6 and ks[0] >= 1
+
+
+def test_k_falls_to_zero_as_batches_grow_on_a_cpu_curve():
+    ks = [policy(CPU_CURVE, batch=b, acceptance=0.7).next_k() for b in (1, 4, 16)]
+    assert ks[0] >= 2 and ks == sorted(ks, reverse=True) and ks[-1] == 0
+
+
+def test_k_is_zero_for_a_weak_draft_but_probes_now_and_then():
+    weak = policy(CPU_CURVE, acceptance=0.1)
+    ks = [weak.next_k() for _ in range(2 * PROBE_EVERY)]
+    assert ks.count(1) == 2 and set(ks) == {0, 1}
+
+
+def test_a_request_learns_its_own_acceptance():
+    request = policy(CPU_CURVE, acceptance=0.3, k_max=4)
+    before = request.next_k()
+    for _ in range(20):
+        request.observe(4, 4)  # everything accepted: a predictable continuation
+    assert request.acceptance > 0.8 and request.next_k() > before
+
+
+def test_observed_forward_times_rescale_the_curve():
+    load = LoadEstimates(CPU_CURVE)
+    for _ in range(50):
+        load.observe_verify(compute_s=2 * CPU_CURVE(10), batch_size=2, batch_tokens=10)
+    assert load.curve_scale == pytest.approx(2.0, rel=0.01) and load.batch_size == pytest.approx(2.0, rel=0.01)
+
+
+def test_greedy_output_with_adaptive_k_equals_target_only(tiny_target):
+    """Adaptive K (a draft identical to the target on a flat curve drafts long, a random one on a
+    steep curve drafts little) never changes greedy output."""
+    target = with_eos(tiny_target, ())
+    baseline = joined(run_generation(in_process_generator(target), GenerationRequest(prompt="Adaptive", max_new_tokens=30, num_speculative_tokens=0)))
+    for curve in (GPU_CURVE, CPU_CURVE):
+        generator = in_process_generator(target, ModelDrafter(target), default_k=6)
+        generator.load = LoadEstimates(curve)
+        events = run_generation(generator, GenerationRequest(prompt="Adaptive", max_new_tokens=30))
+        assert joined(events) == baseline
+        assert events[-1].stats.adaptive_k and events[-1].stats.draft_tokens > 0
+
+
+def test_sampled_distribution_stays_exact_while_k_changes_every_few_rounds():
+    """The chi-square test of test_speculation with adaptive K: K varies from round to round with
+    the acceptance just observed, and the output is still the target's distribution."""
+    target = tiny_lm(seed=21, vocab_size=16, eos=(), init=0.1)
+    draft = tiny_lm(seed=22, vocab_size=16, eos=(), init=0.1)
+    prompt, steps, params = [3, 1, 4, 1, 5], 3, sampling.SamplingParams(1.0)
+    curve = CostCurve(((1, 1.0), (2, 1.3), (3, 1.6), (4, 1.9)))  # K follows the acceptance estimate
+    load = LoadEstimates(curve)
+    chosen: list[int] = []
+
+    class Recorded(AdaptiveK):
+        def next_k(self) -> int:
+            chosen.append(super().next_k())
+            return chosen[-1]
+
+    counts, stats = asyncio.run(
+        sample_many(target, ModelDrafter(draft), prompt, params, 0, steps, trials=2000, make_policy=lambda: Recorded(load, 3))
+    )
+    assert len(set(chosen)) >= 2, set(chosen)
+    assert stats.accepted_tokens > 50 and stats.draft_tokens - stats.accepted_tokens > 50
+    for step, exact in enumerate(exact_target_marginals(target, prompt, params, steps)):
+        support = exact > 1e-9
+        assert counts[step][~support].sum() == 0
+        assert chisquare_pvalue(counts[step][support], exact[support]) > 1e-3, f"step {step}"
