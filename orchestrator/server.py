@@ -15,7 +15,9 @@ from orchestrator.servicer import METRICS_SERVICE, OrchestratorServicer
 from specdec import metrics
 from specdec.config import ServerConfig, option
 from specdec.models import vocab_fingerprint
-from specdec.serving import Server, channel_options, create_server, read_tokens, server_options, wait_until_serving
+from specdec.serving import (
+    Server, channel_credentials, channel_options, create_server, read_tokens, server_options, wait_until_serving,
+)
 from specdec.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,14 @@ class OrchestratorConfig(ServerConfig):
     auth_token_file: str = option(
         "", "file of accepted bearer tokens, one per line: calls must send 'authorization: Bearer <token>' (health and reflection exempt); empty = no authentication"
     )
+    upstream_tls_ca_file: str = option(
+        "", "PEM CA certificates that signed the target's and draft's certificates: connect to them over TLS; empty = plaintext"
+    )
+    upstream_tls_cert_file: str = option("", "PEM client certificate presented to the target and draft (their --tls-client-ca-file: mutual TLS)")
+    upstream_tls_key_file: str = option("", "PEM private key of --upstream-tls-cert-file")
+    upstream_tls_server_name: str = option(
+        "", "name the target's and draft's certificates must carry, instead of the host in --target/--draft (e.g. behind an IP address)"
+    )
 
 
 @dataclass
@@ -57,12 +67,25 @@ class RunningOrchestrator:
         return self.server.port
 
     async def stop(self, grace_s: float = 0.0) -> None:
-        await self.server.stop(grace_s)
+        """Drain (new generations refused, running ones finish within `grace_s`), then stop."""
+        await self.server.drain(grace_s, lambda: self.servicer.running)
         for channel in self.channels:
             await channel.close()
         self.untrack_sessions()
         if self.metrics is not None:
             await self.metrics.close()
+
+
+def upstream_channel(config: OrchestratorConfig, address: str) -> grpc.aio.Channel:
+    """A channel to a model service: TLS when any --upstream-tls-* file is set (verified against
+    the CA file, else the system's roots; with a client certificate: mutual TLS), else plaintext."""
+    options = channel_options(config.max_message_mb << 20, config.keepalive_s)
+    if not (config.upstream_tls_ca_file or config.upstream_tls_cert_file or config.upstream_tls_key_file):
+        return grpc.aio.insecure_channel(address, options=options)
+    if config.upstream_tls_server_name:
+        options.append(("grpc.ssl_target_name_override", config.upstream_tls_server_name))
+    credentials = channel_credentials(config.upstream_tls_ca_file, config.upstream_tls_cert_file, config.upstream_tls_key_file)
+    return grpc.aio.secure_channel(address, credentials, options=options)
 
 
 def load_tokenizer(name: str):
@@ -82,10 +105,10 @@ async def start(config: OrchestratorConfig, tokenizer=None) -> RunningOrchestrat
         lambda s: orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, s),
         (SERVICE_NAME,),
         replace(server_options(config), bearer_tokens=read_tokens(config.auth_token_file)),
+        opening=tuple(f"/{SERVICE_NAME}/{method}" for method in ("Generate", "GenerateStream")),
     )
     await server.start()
-    options = channel_options(config.max_message_mb << 20, config.keepalive_s)
-    channels = [grpc.aio.insecure_channel(config.target, options=options)]
+    channels = [upstream_channel(config, config.target)]
     running = RunningOrchestrator(
         server, servicer, channels, metrics.serve(config.host, config.metrics_port),
         metrics.track_sessions(METRICS_SERVICE, lambda: servicer.running),
@@ -96,7 +119,7 @@ async def start(config: OrchestratorConfig, tokenizer=None) -> RunningOrchestrat
         target_info = await target.info(timeout=config.connect_timeout_s)
         draft, draft_info = None, None
         if config.draft:
-            channels.append(grpc.aio.insecure_channel(config.draft, options=options))
+            channels.append(upstream_channel(config, config.draft))
             await wait_until_serving(channels[1], config.connect_timeout_s, f"draft service at {config.draft}")
             draft = GrpcDraft(channels[1])
             draft_info = await draft.info(timeout=config.connect_timeout_s)

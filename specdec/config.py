@@ -27,9 +27,20 @@ class ServerConfig:
     host: str = option("127.0.0.1", "address to listen on; 0.0.0.0 for every interface")
     port: int = option(0, "port to listen on; 0 picks a free one")
     reflection: bool = option(True, "serve gRPC server reflection (grpcurl, Postman)")
-    grace_s: float = option(10.0, "on SIGTERM, seconds in-flight calls get to finish before the server stops")
+    grace_s: float = option(
+        10.0, "on SIGTERM: NOT_SERVING and new work refused at once; seconds the work in flight gets to finish before the server stops"
+    )
     max_message_mb: int = option(16, "largest gRPC message sent or received, in MiB")
-    max_concurrent_rpcs: int = option(0, "calls served at once before new ones get RESOURCE_EXHAUSTED; 0 = no limit")
+    max_concurrent_rpcs: int = option(
+        0, "calls served at once before new ones get RESOURCE_EXHAUSTED (health checks count too: leave room for probes); "
+        "0 = no limit",
+    )
+    tls_cert_file: str = option("", "PEM certificate (chain) of this server: serve TLS; empty = plaintext")
+    tls_key_file: str = option("", "PEM private key of --tls-cert-file")
+    tls_client_ca_file: str = option(
+        "", "PEM CA certificates: clients must present a certificate one of them signed (mutual TLS); "
+        "empty = no client certificate asked",
+    )
     keepalive_s: float = option(30.0, "seconds between HTTP/2 keepalive pings")
     log_level: str = option("INFO", "logging level", ("DEBUG", "INFO", "WARNING", "ERROR"))
     metrics_port: int = option(0, "port of the Prometheus metrics endpoint (HTTP, on --host); 0 = no metrics endpoint")

@@ -1,6 +1,6 @@
 """gRPC server plumbing shared by the three services: server creation (port 0 for tests), health
-checking, reflection, graceful shutdown on SIGTERM, a single model worker thread, and the
-translation of domain errors into gRPC statuses with rich details.
+checking, reflection, TLS and mutual TLS, graceful shutdown on SIGTERM (drain, then stop), a single
+model worker thread, and the translation of domain errors into gRPC statuses with rich details.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Callable
 
 import grpc
 from google.protobuf import duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -42,6 +43,7 @@ class ServerOptions:
     keepalive_time_s: float = 30.0
     reflection: bool = True
     bearer_tokens: tuple[str, ...] = ()  # accepted `authorization: Bearer` tokens; empty: no authentication
+    credentials: grpc.ServerCredentials | None = None  # TLS (server_credentials()); None: plaintext
 
 
 def channel_options(max_message_bytes: int = 16 << 20, keepalive_time_s: float = 30.0) -> list[tuple[str, int]]:
@@ -62,6 +64,7 @@ class Server:
     port: int
     health: health.aio.HealthServicer
     service_names: tuple[str, ...]
+    gate: DrainGate
 
     async def set_serving(self, serving: bool) -> None:
         status = SERVING if serving else NOT_SERVING
@@ -76,6 +79,22 @@ class Server:
     async def stop(self, grace_s: float) -> None:
         await self.set_serving(False)
         await self.server.stop(grace_s)
+
+    async def drain(self, grace_s: float, busy: Callable[[], int]) -> None:
+        """Graceful shutdown (SIGTERM): report NOT_SERVING at once and refuse new work (the gate's
+        methods: UNAVAILABLE), while health checks and the calls of work already running go on;
+        wait until `busy()` (work running) is 0 or `grace_s` has passed, then stop, cancelling
+        whatever is still running. The port stays open while draining so that probes and load
+        balancers read NOT_SERVING instead of a refused connection, and a model service keeps
+        answering the rounds of sessions an orchestrator has already started."""
+        deadline = time.monotonic() + grace_s
+        self.gate.close()
+        await self.set_serving(False)
+        while busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if busy():
+            log.warning("grace period of %.1f s over: cancelling %d unfinished", grace_s, busy())
+        await self.server.stop(max(deadline - time.monotonic(), 0.0))
 
 
 class BearerTokenAuth(grpc.aio.ServerInterceptor):
@@ -100,17 +119,77 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(self.EXEMPT) or self._authorized(details.invocation_metadata):
             return handler
+        message = "missing or invalid bearer token (metadata 'authorization: Bearer <token>')"
+        return refusal(handler, grpc.StatusCode.UNAUTHENTICATED, message)
 
-        async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (metadata 'authorization: Bearer <token>')")
 
-        async def deny_stream(request, context):
-            await deny(request, context)
-            yield  # never reached: makes this an async generator, as streaming handlers are
+class DrainGate(grpc.aio.ServerInterceptor):
+    """Once closed (the server drains on SIGTERM), calls of the `opening` methods, those that start
+    new work (a generation, a session), end at once with UNAVAILABLE, which clients may retry on
+    another replica; every other call (health, the rounds of running sessions) passes."""
+
+    def __init__(self, opening: tuple[str, ...]):
+        self._opening = frozenset(opening)
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not self.closed or details.method not in self._opening:
+            return handler
+        return refusal(handler, grpc.StatusCode.UNAVAILABLE, "the server is shutting down: retry on another replica")
+
+
+def refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` (unary or server-streaming) that ends the call
+    with `code` without running the servicer."""
+
+    async def deny(request, context):
+        await context.abort(code, message)
+
+    async def deny_stream(request, context):
+        await deny(request, context)
+        yield  # never reached: makes this an async generator, as streaming handlers are
+
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(deny_stream, handler.request_deserializer, handler.response_serializer)
+    return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):
+    """A request that does not parse as its message (corrupt wire format, invalid UTF-8 in a
+    string field) ends with INVALID_ARGUMENT. grpc.aio would answer UNKNOWN and log a traceback
+    per call, which lets any client fill the logs. Only our own specdec.* methods, whose streaming
+    handlers are async generators; health and reflection keep grpc's handling."""
+
+    PREFIX = "/specdec."
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or not details.method.startswith(self.PREFIX):
+            return handler
+        decode = handler.request_deserializer
+
+        async def parsed(raw: bytes, context):
+            try:
+                return decode(raw)
+            except DecodeError as error:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message: {error}")
 
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(deny_stream, handler.request_deserializer, handler.response_serializer)
-        return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
+
+            async def stream(raw, context):
+                async for response in handler.unary_stream(await parsed(raw, context), context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(stream, None, handler.response_serializer)
+
+        async def unary(raw, context):
+            return await handler.unary_unary(await parsed(raw, context), context)
+
+        return grpc.unary_unary_rpc_method_handler(unary, None, handler.response_serializer)
 
 
 def read_tokens(path: str) -> tuple[str, ...]:
@@ -129,13 +208,19 @@ def create_server(
     register: Callable[[grpc.aio.Server], None],
     service_names: tuple[str, ...],
     options: ServerOptions = ServerOptions(),
+    opening: tuple[str, ...] = (),
 ) -> Server:
-    """A grpc.aio server bound to `address` (port 0 picks a free port) with health checking, which
-    reports NOT_SERVING until `set_serving(True)`, and reflection when enabled. Not started yet."""
+    """A grpc.aio server bound to `address` (port 0 picks a free port; TLS when `options` has
+    credentials) with health checking, which reports NOT_SERVING until `set_serving(True)`, and
+    reflection when enabled. `opening`: the full names (/package.Service/Method) of the methods
+    that start new work, refused while draining. Not started yet."""
+    gate = DrainGate(opening)
+    # Authentication first: an unauthenticated caller learns nothing, not even that we drain.
+    interceptors = [BearerTokenAuth(options.bearer_tokens)] if options.bearer_tokens else []
     server = grpc.aio.server(
         options=channel_options(options.max_message_bytes, options.keepalive_time_s),
         maximum_concurrent_rpcs=options.max_concurrent_rpcs,
-        interceptors=[BearerTokenAuth(options.bearer_tokens)] if options.bearer_tokens else None,
+        interceptors=[*interceptors, gate, MalformedRequests()],
     )
     register(server)
     health_servicer = health.aio.HealthServicer()
@@ -144,10 +229,46 @@ def create_server(
         reflection.enable_server_reflection(
             (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
         )
-    port = server.add_insecure_port(address)
+    if options.credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, options.credentials)
     if port == 0:
         raise OSError(f"cannot bind {address}")
-    return Server(server, port, health_servicer, service_names)
+    return Server(server, port, health_servicer, service_names, gate)
+
+
+def read_pem(path: str) -> bytes | None:
+    """The bytes of a PEM file; None for an empty path (the option is not used)."""
+    if not path:
+        return None
+    with open(path, "rb") as pem:
+        return pem.read()
+
+
+def server_credentials(cert_file: str, key_file: str, client_ca_file: str = "") -> grpc.ServerCredentials | None:
+    """TLS for a listening port from PEM files, or None (plaintext) when no certificate is given.
+    With `client_ca_file`, clients must present a certificate that CA signed (mutual TLS); a
+    client without one fails the handshake and its calls end UNAVAILABLE."""
+    if not cert_file and not key_file:
+        if client_ca_file:
+            raise ValueError("a client CA (--tls-client-ca-file) needs the server's own --tls-cert-file and --tls-key-file")
+        return None
+    if not (cert_file and key_file):
+        raise ValueError("--tls-cert-file and --tls-key-file go together")
+    return grpc.ssl_server_credentials(
+        [(read_pem(key_file), read_pem(cert_file))],
+        root_certificates=read_pem(client_ca_file),
+        require_client_auth=bool(client_ca_file),
+    )
+
+
+def channel_credentials(ca_file: str, cert_file: str = "", key_file: str = "") -> grpc.ChannelCredentials:
+    """TLS for a client channel from PEM files: the CA that signed the server's certificate (empty:
+    the system's roots), and the client's own certificate and key for mutual TLS."""
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("a client certificate and its key go together")
+    return grpc.ssl_channel_credentials(read_pem(ca_file), read_pem(key_file), read_pem(cert_file))
 
 
 async def wait_for_signal() -> None:
@@ -166,6 +287,7 @@ def server_options(config) -> ServerOptions:
         max_concurrent_rpcs=config.max_concurrent_rpcs or None,
         keepalive_time_s=config.keepalive_s,
         reflection=config.reflection,
+        credentials=server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file),
     )
 
 
@@ -195,8 +317,10 @@ class RunningModelService:
         return self.server.port
 
     async def stop(self, grace_s: float = 0.0) -> None:
+        """Drain (new sessions refused, open ones served until their orchestrators end them or
+        `grace_s` passes), then stop."""
         self.expiry.cancel()
-        await self.server.stop(grace_s)
+        await self.server.drain(grace_s, lambda: len(self.servicer.engine.sessions))
         await self.servicer.scheduler.close()
         self.worker.shutdown()
         self.untrack_sessions()
@@ -215,7 +339,11 @@ async def start_model_service(
     endpoint when configured, load and warm up the engine on the model worker, then report
     SERVING."""
     server = create_server(
-        f"{config.host}:{config.port}", lambda s: add_to_server(servicer, s), (service_name,), server_options(config)
+        f"{config.host}:{config.port}",
+        lambda s: add_to_server(servicer, s),
+        (service_name,),
+        server_options(config),
+        opening=(f"/{service_name}/StartSession",),
     )
     await server.start()
     endpoint = metrics.serve(config.host, config.metrics_port)

@@ -8,8 +8,10 @@ ties (which would make equality tests flaky) do not happen.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import threading
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import grpc
 import torch
@@ -97,20 +99,30 @@ class Stack:
         self.loop.close()
 
 
-def start_stack(target: LoadedModel, drafter=None, draft_context: int | None = None, **orchestrator_options) -> Stack:
+def start_stack(
+    target: LoadedModel,
+    drafter=None,
+    draft_context: int | None = None,
+    model_service_options: dict | None = None,
+    **orchestrator_options,
+) -> Stack:
     """Serve `target` and `drafter` (a Drafter, or None for target-only) on port 0, plus an
-    orchestrator using the target's tokenizer."""
+    orchestrator using the target's tokenizer. `model_service_options`: settings (ServerConfig
+    fields) of both model services."""
+    model_service_options = model_service_options or {}
     loop = LoopThread()
 
     async def start_all():
         started = []
         try:
-            target_running = await target_server.start(target_server.TargetConfig(port=0), loaded=target)
+            target_running = await target_server.start(target_server.TargetConfig(port=0, **model_service_options), loaded=target)
             started.append(target_running)
             draft_running = None
             if drafter is not None:
                 draft_running = await draft_server.start(
-                    draft_server.DraftConfig(port=0), drafter=drafter, max_context=draft_context or target.max_context
+                    draft_server.DraftConfig(port=0, **model_service_options),
+                    drafter=drafter,
+                    max_context=draft_context or target.max_context,
                 )
                 started.append(draft_running)
             config = orchestrator_server.OrchestratorConfig(
@@ -165,3 +177,53 @@ def run_generation(generator, request, deadline=None):
 
 def joined(events) -> tuple[list[int], str]:
     return [t for e in events for t in e.token_ids], "".join(e.text for e in events)
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """PEM files: a CA; a server certificate (127.0.0.1 and localhost) and a client certificate,
+    both signed by it; and another CA that signed neither."""
+
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+    other_ca: str
+
+
+def openssl(*arguments: str) -> None:
+    subprocess.run(["openssl", *arguments], check=True, capture_output=True, timeout=60)
+
+
+# P-256 keys: made in milliseconds, where RSA keys take a noticeable part of a second each.
+NEW_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+
+
+def make_ca(directory: Path, name: str) -> tuple[str, str]:
+    """A self-signed CA valid for a day: (certificate, key) paths."""
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    openssl("req", "-x509", *NEW_KEY, "-days", "1", "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(cert))
+    return str(cert), str(key)
+
+
+def make_leaf(directory: Path, name: str, ca: tuple[str, str], extensions: str) -> tuple[str, str]:
+    """A certificate signed by `ca` with the given X.509v3 `extensions` (openssl extfile lines):
+    (certificate, key) paths."""
+    cert, key, request, extfile = (directory / f"{name}.{suffix}" for suffix in ("pem", "key", "csr", "ext"))
+    extfile.write_text(extensions)
+    openssl("req", "-new", *NEW_KEY, "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(request))
+    openssl("x509", "-req", "-in", str(request), "-CA", ca[0], "-CAkey", ca[1], "-days", "1", "-extfile", str(extfile),
+            "-out", str(cert))
+    return str(cert), str(key)
+
+
+def make_certificates(directory: Path) -> Certificates:
+    """Certificates for TLS and mutual-TLS tests, made with the openssl command."""
+    ca = make_ca(directory, "ca")
+    # The server's certificate allows client authentication too, as the deployment's single one
+    # does (docker/healthcheck.sh presents it to its own service under mutual TLS).
+    server_extensions = "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n"
+    server = make_leaf(directory, "server", ca, server_extensions)
+    client = make_leaf(directory, "client", ca, "extendedKeyUsage=clientAuth\n")
+    return Certificates(ca[0], *server, *client, make_ca(directory, "other-ca")[0])

@@ -8,14 +8,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import shutil
-import subprocess
 
 import grpc
 import pytest
 
+from specdec.serving import server_credentials
 from specdec.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from specdec_client import AsyncClient, Client, Completion, Request, RequestError, Stats
-from tests.helpers import model_drafter, start_stack, with_eos
+from tests.helpers import make_certificates, model_drafter, start_stack, with_eos
 from tests.test_services import wait_for_no_sessions
 
 TOKEN = "client-test-token"
@@ -119,24 +119,20 @@ def test_async_client_matches_the_sync_client_with_concurrent_requests(stack, cl
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
 def test_tls_with_custom_root_certificates(stack, tmp_path):
-    """The orchestrator's servicer behind a TLS port, with a self-signed certificate for 127.0.0.1."""
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )
+    """The orchestrator's servicer behind a TLS port, with a certificate for 127.0.0.1 from a test CA."""
+    certificates = make_certificates(tmp_path)
+    credentials = server_credentials(certificates.server_cert, certificates.server_key)
 
     async def serve_tls():
         server = grpc.aio.server()
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(stack.orchestrator.servicer, server)
-        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())]))
+        port = server.add_secure_port("127.0.0.1:0", credentials)
         await server.start()
         return server, port
 
     server, port = stack.loop.run(serve_tls())
     try:
-        with Client(f"127.0.0.1:{port}", root_certificates=str(cert), timeout=60) as secure:
+        with Client(f"127.0.0.1:{port}", root_certificates=certificates.ca, timeout=60) as secure:
             assert secure.generate(Request(prompt=PROMPT, max_new_tokens=3)).finish_reason == "length"
         with Client(f"127.0.0.1:{port}", timeout=5) as plaintext, pytest.raises(RequestError) as raised:
             plaintext.generate(PROMPT)

@@ -169,7 +169,10 @@ def test_healthcheck_script_probes_every_service_port_with_the_services_own_vari
     script = (ROOT / "docker" / "healthcheck.sh").read_text()
     assert os.access(ROOT / "docker" / "healthcheck.sh", os.X_OK), "COPY keeps the mode: the script must be executable"
     probed = {name: default for name, default in INTERPOLATION.findall(script) if name.startswith("SPECDEC_")}
-    assert probed == {f"{prefix}_PORT": str(cls().port) for cls, prefix in SERVICES.values()}
+    assert {name: default for name, default in probed.items() if name.endswith("_PORT")} == {
+        f"{prefix}_PORT": str(cls().port) for cls, prefix in SERVICES.values()
+    }
+    assert {f"{prefix}_{suffix}" for _, prefix in SERVICES.values() for suffix in TLS_SUFFIXES} <= set(probed) <= CLI_VARIABLES
 
 
 def free_port() -> int:
@@ -178,36 +181,51 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_healthcheck_script_passes_only_when_the_service_is_serving(tmp_path):
+TLS_SUFFIXES = ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE")
+
+
+@pytest.mark.parametrize("mutual_tls", [False, True], ids=["plaintext", "mutual-tls"])
+def test_healthcheck_script_passes_only_when_the_service_is_serving(tmp_path, mutual_tls):
     """docker/healthcheck.sh with the pinned grpc_health_probe against a server made by the
     services' own plumbing: NOT_SERVING (a model loading) fails, SERVING passes, and the ports of
-    the two services that do not run in the container are harmless."""
+    the two services that do not run in the container are harmless. Under mutual TLS it probes
+    with the service's own TLS variables, and a plaintext probe fails."""
     probe = tool("grpc-health-probe", "SPECDEC_GRPC_HEALTH_PROBE")
-    from specdec.serving import create_server
-    from tests.helpers import LoopThread
+    if mutual_tls and shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make certificates")
+    from specdec.serving import ServerOptions, create_server, server_credentials
+    from tests.helpers import LoopThread, make_certificates
 
     (tmp_path / "grpc_health_probe").symlink_to(probe)
+    tls = {}
+    if mutual_tls:
+        certificates = make_certificates(tmp_path)
+        tls = dict(zip(TLS_SUFFIXES, (certificates.server_cert, certificates.server_key, certificates.ca)))
     loop = LoopThread()
 
     async def create():  # a grpc.aio server belongs to the loop it is made in
-        return create_server("127.0.0.1:0", lambda _: None, ("specdec.v1.TargetService",))
+        options = ServerOptions(credentials=server_credentials(*tls.values()) if tls else None)
+        return create_server("127.0.0.1:0", lambda _: None, ("specdec.v1.TargetService",), options)
 
     server = loop.run(create())
-    environment = {
+    plaintext = {
         "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
         "SPECDEC_TARGET_PORT": str(server.port),
         "SPECDEC_DRAFT_PORT": str(free_port()),
         "SPECDEC_ORCHESTRATOR_PORT": str(free_port()),
     }
 
-    def healthcheck() -> int:
-        return subprocess.run([str(ROOT / "docker" / "healthcheck.sh")], env=environment, capture_output=True, timeout=60).returncode
+    def healthcheck(environment=plaintext | {f"SPECDEC_TARGET_{suffix}": path for suffix, path in tls.items()}) -> int:
+        script = str(ROOT / "docker" / "healthcheck.sh")
+        return subprocess.run([script], env=environment, capture_output=True, timeout=60).returncode
 
     try:
         loop.run(server.start())
         assert healthcheck() != 0
         loop.run(server.set_serving(True))
         assert healthcheck() == 0
+        if mutual_tls:
+            assert healthcheck(plaintext) != 0
         loop.run(server.stop(0))
         assert healthcheck() != 0
     finally:
@@ -358,7 +376,10 @@ def test_pod_ports_probes_and_service_agree_with_the_cli(module):
     assert ports["grpc"] == pod.config.port
     assert ports.get("metrics", 0) == pod.config.metrics_port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert pod.container[probe]["grpc"] == {"port": pod.config.port}, probe
+        if pod.config.tls_cert_file:  # Kubernetes' gRPC probes cannot speak TLS: the image's health check can
+            assert pod.container[probe]["exec"] == {"command": IMAGES["Dockerfile.cuda"].healthcheck}, probe
+        else:
+            assert pod.container[probe]["grpc"] == {"port": pod.config.port}, probe
     service_ports = {port["name"]: port for port in pod.service["spec"]["ports"]}
     assert service_ports["grpc"]["targetPort"] in ("grpc", pod.config.port)
     assert pod.container["securityContext"]["allowPrivilegeEscalation"] is False
@@ -378,6 +399,21 @@ def test_model_services_have_a_gpu_and_session_affinity(module):
     assert spec["sessionAffinity"] == "ClientIP", "every call of a session must reach the pod holding its KV cache"
     assert spec["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"] > pod.config.session_ttl_s
     assert spec.get("clusterIP") != "None", "affinity needs kube-proxy: not a headless Service"
+
+
+def test_orchestrator_and_model_services_speak_mutual_tls_from_the_mounted_secret():
+    found = pods()
+    mounted = "/etc/specdec/tls/"
+    for module in ("target_service", "draft_service"):
+        config = found[module].config
+        files = (config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+        assert all(path.startswith(mounted) for path in files), module
+    orchestrator = found["orchestrator"].config
+    upstream = (orchestrator.upstream_tls_ca_file, orchestrator.upstream_tls_cert_file, orchestrator.upstream_tls_key_file)
+    assert all(path.startswith(mounted) for path in upstream)
+    for pod in found.values():
+        (volume,) = [v for v in pod.deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
+        assert not volume["secret"].get("optional"), "TLS is on: a pod without its certificates must not start"
 
 
 def test_orchestrator_reaches_the_model_services_and_outwaits_them():

@@ -242,7 +242,7 @@ def test_health_is_not_serving_until_the_model_is_loaded():
     loaded = threading.Event()
 
     class Engine:
-        sessions = None
+        sessions = {}  # none held: stop() drains at once
 
     def load_engine():
         loaded.wait(30)

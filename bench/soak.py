@@ -1,0 +1,182 @@
+"""`python -m bench.soak`: the three services under a steady mix of normal, cancelled and invalid
+requests for a long time, to show that nothing leaks or wedges: not a unit test, a command.
+
+    python -m bench.soak --minutes 20 --concurrency 8     # embedded target, smollm2-draft-l6
+    python -m bench.soak --minutes 1 --quick              # tiny random model: checks the tool works
+
+The services run as subprocesses (bench/stack.py). `--concurrency` clients loop until the time is
+up, each request drawn at random: a normal generation (unary or streamed, greedy or sampled, K in
+0..6), a stream the client cancels after a few messages, or an invalid request (which must be
+INVALID_ARGUMENT). Reported, to stdout and --out/soak.json: requests by kind and outcome, errors
+by status code, sessions still held by the model services at the end (must be 0), and each
+service's resident memory (RSS) at start and end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+
+from bench.stack import ServiceStack
+from specdec.v1 import common_pb2, draft_pb2_grpc, orchestrator_pb2, orchestrator_pb2_grpc, target_pb2_grpc
+
+RESULTS = Path(__file__).resolve().parent / "results" / "soak"
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain why the sky is blue in two sentences.",
+    "List three prime numbers and add them up.",
+    "def fibonacci(n):",
+]
+INVALID = [
+    dict(prompt="", max_new_tokens=8),
+    dict(prompt="hi", max_new_tokens=0),
+    dict(prompt="hi", max_new_tokens=8, temperature=float("nan")),
+    dict(prompt="hi", max_new_tokens=8, top_p=1.5),
+    dict(prompt="hi", max_new_tokens=8, num_speculative_tokens=1000),
+    dict(prompt="hi", max_new_tokens=8, stop=[""]),
+    dict(prompt="x " * 100_000, max_new_tokens=8),
+]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=20)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--target", default="embedded", help="target model")
+    parser.add_argument("--draft", default="smollm2-draft-l6", help="draft model, or 'ngram'")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="largest max_new_tokens of a normal request")
+    parser.add_argument("--mix", default="0.6,0.2,0.2", help="shares of normal, cancelled and invalid requests")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--quick", action="store_true", help="tiny random model for target and draft (outputs are gibberish)")
+    return parser.parse_args(argv)
+
+
+def normal_request(rng: random.Random, max_new_tokens: int) -> orchestrator_pb2.GenerateRequest:
+    request = orchestrator_pb2.GenerateRequest(
+        prompt=rng.choice(PROMPTS), max_new_tokens=rng.randint(1, max_new_tokens), num_speculative_tokens=rng.randint(0, 6)
+    )
+    if rng.random() < 0.5:
+        request.temperature, request.top_p, request.seed = 0.8, 0.95, rng.getrandbits(32)
+    return request
+
+
+async def one_request(stub, rng: random.Random, kind: str, max_new_tokens: int) -> str:
+    """Run one request of `kind`; its outcome: OK, CANCELLED, or a status code name."""
+    try:
+        if kind == "invalid":
+            await stub.Generate(orchestrator_pb2.GenerateRequest(**rng.choice(INVALID)), timeout=60)
+        elif kind == "cancelled":
+            call = stub.GenerateStream(normal_request(rng, max_new_tokens), timeout=600)
+            for _ in range(rng.randint(1, 3)):
+                if await call.read() == grpc.aio.EOF:
+                    return "OK"  # finished before we could cancel it
+            call.cancel()
+            return "CANCELLED"
+        elif rng.random() < 0.5:
+            await stub.Generate(normal_request(rng, max_new_tokens), timeout=600)
+        else:
+            async for _ in stub.GenerateStream(normal_request(rng, max_new_tokens), timeout=600):
+                pass
+        return "OK"
+    except grpc.aio.AioRpcError as error:
+        return error.code().name
+
+
+async def client(address: str, deadline: float, rng: random.Random, args, outcomes: collections.Counter) -> None:
+    kinds, weights = ["normal", "cancelled", "invalid"], [float(w) for w in args.mix.split(",")]
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
+        while time.monotonic() < deadline:
+            kind = rng.choices(kinds, weights)[0]
+            outcomes[(kind, await one_request(stub, rng, kind, args.max_new_tokens))] += 1
+
+
+def resident_mb(stack: ServiceStack) -> dict[str, float]:
+    return {name: psutil.Process(process.pid).memory_info().rss / 2**20 for name, process in stack.processes.items()}
+
+
+def sessions_held(stack: ServiceStack, settle_s: float = 15.0) -> dict[str, int]:
+    """Sessions the model services still hold once in-flight cleanup had `settle_s` to finish."""
+    stubs = {"target": target_pb2_grpc.TargetServiceStub, "draft": draft_pb2_grpc.DraftServiceStub}
+    deadline = time.monotonic() + settle_s
+    while True:
+        held = {}
+        for name, stub_class in stubs.items():
+            with grpc.insecure_channel(stack.address(name)) as channel:
+                held[name] = stub_class(channel).GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=30).active_sessions
+        if not any(held.values()) or time.monotonic() > deadline:
+            return held
+        time.sleep(0.5)
+
+
+def report(args, outcomes: collections.Counter, memory: dict, held: dict, seconds: float) -> dict:
+    by_kind: dict[str, dict[str, int]] = collections.defaultdict(dict)
+    errors: collections.Counter = collections.Counter()
+    for (kind, outcome), count in sorted(outcomes.items()):
+        by_kind[kind][outcome] = count
+        if outcome not in ("OK", "CANCELLED"):
+            errors[outcome] += count
+    unexpected = {k: n for (kind, k), n in outcomes.items() if (kind, k) not in EXPECTED}
+    return {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "seconds": round(seconds, 1),
+        "requests": sum(outcomes.values()),
+        "completed": sum(n for (kind, k), n in outcomes.items() if kind == "normal" and k == "OK"),
+        "by_kind": by_kind,
+        "errors_by_status": dict(errors),
+        "unexpected_outcomes": unexpected,
+        "sessions_held_at_end": held,
+        "resident_memory_mb": memory,
+    }
+
+
+# A normal request ends OK, a cancelled one CANCELLED (or OK when it finished first), an invalid
+# one INVALID_ARGUMENT; anything else is a finding.
+EXPECTED = {("normal", "OK"), ("cancelled", "CANCELLED"), ("cancelled", "OK"), ("invalid", "INVALID_ARGUMENT")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as cleanup:
+        if args.quick:
+            from bench.tiny import save_tiny_model
+
+            tiny = str(save_tiny_model(Path(cleanup.enter_context(tempfile.TemporaryDirectory())) / "tiny"))
+            args.target = args.draft = tiny
+        stack = cleanup.enter_context(ServiceStack(target_model=args.target, draft_model=args.draft, log_dir=args.out / "logs"))
+        start_memory = resident_mb(stack)
+        started = time.monotonic()
+        outcomes: collections.Counter = collections.Counter()
+        deadline = started + args.minutes * 60
+
+        async def clients():
+            await asyncio.gather(*(
+                client(stack.address("orchestrator"), deadline, random.Random(args.seed + i), args, outcomes)
+                for i in range(args.concurrency)
+            ))
+
+        asyncio.run(clients())
+        seconds = time.monotonic() - started
+        held = sessions_held(stack)
+        end_memory = resident_mb(stack)
+    memory = {name: {"start": round(start_memory[name], 1), "end": round(end_memory[name], 1)} for name in start_memory}
+    summary = report(args, outcomes, memory, held, seconds)
+    (args.out / "soak.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    print(f"written to {args.out / 'soak.json'}")
+
+
+if __name__ == "__main__":
+    main()
