@@ -64,6 +64,13 @@ class ServiceStack:
             raise
         return self
 
+    def route_orchestrator(self, target: str, draft: str) -> None:
+        """Have the orchestrator reach the model services at these addresses (a delay proxy's,
+        bench/netem.py) instead of directly; before entering."""
+        command = self.commands["orchestrator"]
+        command[command.index("--target") + 1] = target
+        command[command.index("--draft") + 1] = draft
+
     def _wait_serving(self, name: str) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         with grpc.insecure_channel(self.address(name)) as channel:
