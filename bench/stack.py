@@ -31,7 +31,8 @@ def free_port() -> int:
 
 class ServiceStack:
     def __init__(self, target_model: str = "embedded", draft_model: str = "ngram", log_dir: Path | None = None,
-                 extra_target_args: tuple[str, ...] = (), extra_draft_args: tuple[str, ...] = (), startup_timeout_s: float = 900):
+                 extra_target_args: tuple[str, ...] = (), extra_draft_args: tuple[str, ...] = (), startup_timeout_s: float = 900,
+                 extra_orchestrator_args: tuple[str, ...] = ()):
         self.ports = {"target": free_port(), "draft": free_port(), "orchestrator": free_port()}
         self.log_dir = log_dir or ROOT / ".logs"
         self.startup_timeout_s = startup_timeout_s
@@ -40,6 +41,7 @@ class ServiceStack:
             "draft": ["draft_service", "--model", draft_model, *extra_draft_args],
             "orchestrator": [
                 "orchestrator", "--target", self.address("target"), "--draft", self.address("draft"), "--tokenizer", target_model,
+                *extra_orchestrator_args,
             ],
         }
         self.processes: dict[str, subprocess.Popen] = {}
@@ -49,14 +51,9 @@ class ServiceStack:
 
     def __enter__(self) -> "ServiceStack":
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
         try:
-            for name, (module, *args) in self.commands.items():
-                log = open(self.log_dir / f"{name}.log", "w")
-                self.processes[name] = subprocess.Popen(
-                    [sys.executable, "-m", module, "--port", str(self.ports[name]), *args],
-                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                )
+            for name in self.commands:
+                self.spawn(name)
             for name in self.processes:
                 self._wait_serving(name)
         except BaseException:
@@ -71,9 +68,28 @@ class ServiceStack:
         command[command.index("--target") + 1] = target
         command[command.index("--draft") + 1] = draft
 
+    def spawn(self, name: str) -> subprocess.Popen:
+        """Start one service's process on its port (again, after a crash: its log is appended to)."""
+        module, *args = self.commands[name]
+        log = open(self.log_dir / f"{name}.log", "a" if name in self.processes else "w")
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", module, "--port", str(self.ports[name]), *args],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()  # the child holds its own descriptor
+        return self.processes[name]
+
+    def restart(self, name: str) -> None:
+        """Start a service that died (or was killed) on the same port, and wait until it serves."""
+        self.spawn(name)
+        self._wait_serving(name)
+
     def _wait_serving(self, name: str) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
-        with grpc.insecure_channel(self.address(name)) as channel:
+        # While the process starts, connections are refused; gRPC's reconnect backoff would grow
+        # to many seconds between attempts (1, 1.6, 2.6, 4.1 s, ...) and notice SERVING late.
+        quick_reconnect = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 300)]
+        with grpc.insecure_channel(self.address(name), options=quick_reconnect) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.processes[name].poll() is not None:

@@ -56,6 +56,8 @@ class _GrpcSessions:
         try:
             return await method(request, timeout=timeout, wait_for_ready=wait_for_ready)
         except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNAVAILABLE:  # down, restarting or unreachable: say so plainly
+                raise Upstream("UNAVAILABLE", f"the {self.role} service is unavailable: {error.details()}") from error
             raise Upstream(error.code().name, f"{self.role} service: {error.details()}") from error
 
     async def info(self, timeout: float | None = None) -> ModelInfo:

@@ -3,6 +3,7 @@ tokenizer, target and draft share one vocabulary, then serve."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -10,7 +11,9 @@ from typing import Callable
 import grpc
 
 from orchestrator.backends import GrpcDraft, GrpcTarget
+from orchestrator.breaker import CircuitBreaker, GuardedDraft
 from orchestrator.generation import GenerationLimits, Generator, check_compatible
+from orchestrator.health import RECONNECT_OPTIONS, follow_target_health
 from orchestrator.servicer import METRICS_SERVICE, OrchestratorServicer
 from specdec import metrics
 from specdec.config import ServerConfig, option
@@ -41,6 +44,18 @@ class OrchestratorConfig(ServerConfig):
     max_new_tokens: int = option(4096, "largest max_new_tokens a request may ask for")
     request_timeout_s: float = option(600.0, "deadline of a request whose client set none")
     connect_timeout_s: float = option(900.0, "at start-up, how long to wait for the model services to load")
+    draft_timeout_ms: float = option(
+        2000.0, "longest wait for one draft call (session start, proposal); past it the request goes on target-only. 0 = no limit"
+    )
+    draft_breaker_failures: int = option(
+        3, "consecutive draft failures that open the circuit breaker: new requests skip the draft"
+    )
+    draft_breaker_cooldown_s: float = option(
+        10.0, "while the breaker is open, one request per this many seconds probes the draft"
+    )
+    target_health_period_s: float = option(
+        1.0, "seconds between health checks of the target; while it is unreachable the orchestrator reports NOT_SERVING"
+    )
     auth_token_file: str = option(
         "", "file of accepted bearer tokens, one per line: calls must send 'authorization: Bearer <token>' (health and reflection exempt); empty = no authentication"
     )
@@ -61,6 +76,7 @@ class RunningOrchestrator:
     channels: list[grpc.aio.Channel]
     metrics: metrics.MetricsEndpoint | None = None
     untrack_sessions: Callable[[], None] = lambda: None
+    target_watch: asyncio.Task | None = None  # follows the target's health (orchestrator/health.py)
 
     @property
     def port(self) -> int:
@@ -68,6 +84,8 @@ class RunningOrchestrator:
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Drain (new generations refused, running ones finish within `grace_s`), then stop."""
+        if self.target_watch is not None:
+            self.target_watch.cancel()  # before draining: it would report SERVING again
         await self.server.drain(grace_s, lambda: self.servicer.running)
         for channel in self.channels:
             await channel.close()
@@ -79,7 +97,7 @@ class RunningOrchestrator:
 def upstream_channel(config: OrchestratorConfig, address: str) -> grpc.aio.Channel:
     """A channel to a model service: TLS when any --upstream-tls-* file is set (verified against
     the CA file, else the system's roots; with a client certificate: mutual TLS), else plaintext."""
-    options = channel_options(config.max_message_mb << 20, config.keepalive_s)
+    options = channel_options(config.max_message_mb << 20, config.keepalive_s) + RECONNECT_OPTIONS
     if not (config.upstream_tls_ca_file or config.upstream_tls_cert_file or config.upstream_tls_key_file):
         return grpc.aio.insecure_channel(address, options=options)
     if config.upstream_tls_server_name:
@@ -121,7 +139,8 @@ async def start(config: OrchestratorConfig, tokenizer=None) -> RunningOrchestrat
         if config.draft:
             channels.append(upstream_channel(config, config.draft))
             await wait_until_serving(channels[1], config.connect_timeout_s, f"draft service at {config.draft}")
-            draft = GrpcDraft(channels[1])
+            breaker = CircuitBreaker(config.draft_breaker_failures, config.draft_breaker_cooldown_s)
+            draft = GuardedDraft(GrpcDraft(channels[1]), breaker, config.draft_timeout_ms / 1000)
             draft_info = await draft.info(timeout=config.connect_timeout_s)
         tokenizer = tokenizer or load_tokenizer(config.tokenizer)
         check_compatible(target_info, draft_info, vocab_fingerprint(tokenizer))
@@ -131,6 +150,9 @@ async def start(config: OrchestratorConfig, tokenizer=None) -> RunningOrchestrat
     limits = GenerationLimits(config.default_k, config.adaptive_k, config.max_k, config.max_new_tokens)
     servicer.generator = Generator(tokenizer, target, target_info, draft, limits)
     await server.set_serving(True)
+    running.target_watch = asyncio.create_task(
+        follow_target_health(channels[0], server, config.target_health_period_s, f"target service at {config.target}")
+    )
     log.info(
         "orchestrator SERVING on %s:%d: target %s (%s), draft %s (%s)",
         config.host, server.port, config.target, target_info.model, config.draft or "none", draft_info.model if draft_info else "-",
