@@ -148,15 +148,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draft", default="smollm2-draft-l6", help="draft model or 'ngram'")
     parser.add_argument("--device", default="cpu", help="device of both model services")
     parser.add_argument("--prompts", type=Path, default=None, help="Spec-Bench JSONL (default: the dev split, else the shipped sample)")
+    parser.add_argument(
+        "--max-prompt-chars", type=int, default=1000, help="skip longer prompts: under load, long prefills would dominate what is measured"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load")
     args = parser.parse_args(argv)
 
     levels = [int(level) for level in args.levels.split(",")]
-    prompts = [p.text for p in load_prompts(args.prompts or default_prompts(), per_category=2)]
+    prompts = [p.text for p in load_prompts(args.prompts or default_prompts()) if len(p.text) <= args.max_prompt_chars]
     args.out.mkdir(parents=True, exist_ok=True)
     description = (
         f"target {args.target}, draft {args.draft}, {args.device}; {args.max_new_tokens} new tokens, greedy, "
-        f"{args.requests_per_client} requests per client per level and mode, {len(prompts)} prompts"
+        f"{args.requests_per_client} requests per client per level and mode, {len(prompts)} prompts of at most "
+        f"{args.max_prompt_chars} characters"
     )
     device = ("--device", args.device)
     summary = {"description": description, "levels": {}}

@@ -14,8 +14,9 @@ warm-up and reported in ModelInfo, rescaled by the times the rounds observe) and
 draft's time. The adaptive policy picks the K in [0, K_max] that maximizes it. Where T is nearly
 flat (a GPU), K grows with acceptance; where T grows with n (a CPU, or any device once batches
 are large), K falls to 0 as batches grow and acceptance drops: speculation switches itself off
-where it would cost throughput. A request at K = 0 still drafts one token every few rounds, so
-that its acceptance estimate can tell when speculation pays again.
+where it would cost throughput. A request at K = 0 still drafts one token now and then (every 8
+rounds, then 16, ... 64 while nothing changes), so that acceptance can tell when speculation pays
+again.
 
 Exactness never depends on K: each round emits tokens distributed as the target's given the
 sequence so far, for any K, and K is chosen from past rounds only.
@@ -26,7 +27,11 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-PROBE_EVERY = 8  # rounds at K = 0 between two single-token drafts
+# Rounds at K = 0 before a single-token draft probes the acceptance again; the interval doubles
+# while probes do not change the decision, up to MAX_PROBE_EVERY, since each probe costs a draft
+# call and a wider verify.
+PROBE_EVERY = 8
+MAX_PROBE_EVERY = 64
 
 
 def expected_tokens(acceptance: float, k: int) -> float:
@@ -114,6 +119,7 @@ class AdaptiveK:
     accepted: int = 0
     rejected: int = 0
     rounds_at_zero: int = field(default=0, init=False)
+    probe_every: int = field(default=PROBE_EVERY, init=False)
 
     @property
     def k(self) -> int:
@@ -137,10 +143,13 @@ class AdaptiveK:
             return self.k_max
         best = max(range(self.k_max + 1), key=self.throughput)
         if best > 0:
-            self.rounds_at_zero = 0
+            self.rounds_at_zero, self.probe_every = 0, PROBE_EVERY
             return best
         self.rounds_at_zero += 1
-        return 1 if self.rounds_at_zero % PROBE_EVERY == 0 else 0
+        if self.rounds_at_zero < self.probe_every:
+            return 0
+        self.rounds_at_zero, self.probe_every = 0, min(2 * self.probe_every, MAX_PROBE_EVERY)
+        return 1
 
     def observe(self, k: int, accepted: int) -> None:
         if k == 0:

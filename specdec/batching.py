@@ -9,7 +9,8 @@ The policy is dynamic batching as in Triton's dynamic batcher and TGI's router:
   session never share a batch (the second waits for the next one).
 - When the worker is free and calls are waiting, the batch starts at once if the waiting calls
   cover every session that was active recently (no one else is about to arrive) or the batch is
-  full; otherwise it waits up to `max_wait_s` for the others. A lone request therefore never waits.
+  full; otherwise it waits for the others, at most `max_wait_s` and half a forward pass. A lone
+  request therefore never waits.
 - Other model work (session prefill chunks, session start and end) runs as jobs between batches,
   one job after each batch: a long prompt's prefill, cut into chunks, delays the others' rounds by
   one chunk at a time instead of stalling them for the whole prompt.
@@ -31,10 +32,15 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
+# A batch waits for missing sessions at most this fraction of a forward pass: waiting half a pass
+# to add a sequence to it costs less than running that sequence in a pass of its own.
+WAIT_FRACTION = 0.5
+
+
 @dataclass(frozen=True)
 class BatchingConfig:
     max_batch_items: int = 32
-    max_wait_s: float = 0.005
+    max_wait_s: float = 0.05
     max_queued_items: int = 1024
     active_window_s: float = 1.0  # a session that submitted within this window is expected back
 
@@ -98,6 +104,8 @@ class BatchScheduler(Generic[Item, Result]):
         self._jobs: collections.deque[_Job] = collections.deque()
         self._last_seen: dict[str, float] = {}
         self._arrived = asyncio.Event()
+        self._last_compute_s = 0.0
+        self._idle_since = clock()  # when the worker last finished a batch
         self._task: asyncio.Task | None = None
         self.stats = BatchStats()
         # metrics hook, once per batch: its items and each call's seconds in the queue
@@ -151,7 +159,6 @@ class BatchScheduler(Generic[Item, Result]):
             return 1.0
         return self._last_compute_s * (1 + self.queued_items / max(1, self.config.max_batch_items))
 
-    _last_compute_s: float = 0.0
 
     async def _serve(self) -> None:
         while self._calls or self._jobs:
@@ -178,12 +185,19 @@ class BatchScheduler(Generic[Item, Result]):
 
     async def _wait_for_company(self) -> None:
         """Wait until the queued calls cover the recently active sessions, fill a batch, or the
-        oldest call has waited `max_wait_s`."""
+        wait has lasted its bound: `max_wait_s`, and at most WAIT_FRACTION of the last batch's
+        compute time, counted from the later of the oldest call's arrival and the end of the last
+        batch. Counting from the end of the last batch matters: calls that arrived during a
+        forward pass must still wait for the sessions whose results that pass just returned,
+        or the sessions split into two groups that alternate in half-full batches."""
+        bound = self.config.max_wait_s
+        if self._last_compute_s:
+            bound = min(bound, WAIT_FRACTION * self._last_compute_s)
         while True:
             queued = sum(len(c.sessions) for c in self._calls if not c.future.done())
             if queued >= min(self._expected_sessions(), self.config.max_batch_items):
                 return
-            left = self._calls[0].submitted + self.config.max_wait_s - self._clock()
+            left = max(self._calls[0].submitted, self._idle_since) + bound - self._clock()
             if left <= 0:
                 return
             self._arrived.clear()
@@ -216,6 +230,7 @@ class BatchScheduler(Generic[Item, Result]):
         except Exception as error:  # noqa: BLE001 - every call of the batch gets the error
             outcomes, compute_s = [error] * len(batch), self._clock() - started
         self._last_compute_s = compute_s
+        self._idle_since = self._clock()
         items = sum(len(call.items) for call in batch)
         tokens = sum(self._tokens_of(item) for call in batch for item in call.items)
         self.stats.batches += 1

@@ -57,7 +57,7 @@ class ModelServiceConfig(ServerConfig):
     max_speculative_tokens: int = option(16, "largest K accepted per round")
     max_batch_items: int = option(32, "most sequences fused from concurrent calls into one forward pass")
     batch_wait_ms: float = option(
-        5.0, "how long a batch may wait for the other recently active sessions' calls before it runs without them"
+        50.0, "how long a batch may wait for the other recently active sessions' calls before it runs without them (at most half a forward pass)"
     )
     max_queued_items: int = option(1024, "sequences waiting for a forward pass before new calls get RESOURCE_EXHAUSTED")
 

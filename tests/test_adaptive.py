@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from draft_service.drafters.model import ModelDrafter
-from orchestrator.adaptive import PROBE_EVERY, AdaptiveK, CostCurve, LoadEstimates, expected_tokens
+from orchestrator.adaptive import MAX_PROBE_EVERY, PROBE_EVERY, AdaptiveK, CostCurve, LoadEstimates, expected_tokens
 from orchestrator.generation import GenerationRequest
 from specdec import sampling
 from tests.helpers import in_process_generator, joined, run_generation, tiny_lm, with_eos
@@ -50,10 +50,13 @@ def test_k_falls_to_zero_as_batches_grow_on_a_cpu_curve():
     assert ks[0] >= 2 and ks == sorted(ks, reverse=True) and ks[-1] == 0
 
 
-def test_k_is_zero_for_a_weak_draft_but_probes_now_and_then():
+def test_k_is_zero_for_a_weak_draft_but_probes_ever_less_often():
     weak = policy(CPU_CURVE, acceptance=0.1)
-    ks = [weak.next_k() for _ in range(2 * PROBE_EVERY)]
-    assert ks.count(1) == 2 and set(ks) == {0, 1}
+    ks = [weak.next_k() for _ in range(PROBE_EVERY * (1 + 2 + 4 + 8 + 8))]
+    probes = [round_ + 1 for round_, k in enumerate(ks) if k]
+    assert set(ks) == {0, 1}
+    assert probes == [PROBE_EVERY * n for n in (1, 3, 7, 15, 23)]  # intervals 8, 16, 32, 64, 64
+    assert probes[-1] - probes[-2] == MAX_PROBE_EVERY
 
 
 def test_a_request_learns_its_own_acceptance():
