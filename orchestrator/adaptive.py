@@ -104,6 +104,9 @@ class FixedK:
     def next_k(self) -> int:
         return self.k
 
+    def first_k(self) -> int:
+        return self.k
+
     def observe(self, k: int, accepted: int) -> None:
         pass
 
@@ -138,11 +141,16 @@ class AdaptiveK:
         draft_s = k * (self.load.draft_s_per_token or 0.0)
         return batch * expected_tokens(self.acceptance, k) / max(target_s + draft_s, 1e-9)
 
-    def next_k(self) -> int:
+    def first_k(self) -> int:
+        """The K the request would start with (no probe counted): at 0 the orchestrator does not
+        even start the draft's session until a round drafts."""
         if not self.load.curve or self.k_max == 0:
             return self.k_max
-        best = max(range(self.k_max + 1), key=self.throughput)
-        if best > 0:
+        return max(range(self.k_max + 1), key=self.throughput)
+
+    def next_k(self) -> int:
+        best = self.first_k()
+        if best > 0 or not self.load.curve:
             self.rounds_at_zero, self.probe_every = 0, PROBE_EVERY
             return best
         self.rounds_at_zero += 1

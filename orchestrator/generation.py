@@ -175,14 +175,15 @@ class Generator:
             log.info("generation %s", json.dumps(stats.summary(spec.session_id, len(prompt), finish)))
             yield GenerationEvent(text.release(final=True), last_ids, finish, stats)
         finally:
-            await _shielded(self._end_sessions(spec.session_id, draft))
+            await _shielded(self._end_sessions(spec.session_id, draft if spec.draft_started else None))
 
     async def _start_sessions(self, spec: Speculation, draft: DraftBackend | None, stats: GenerationStats) -> DraftBackend | None:
-        """Prefill both sessions concurrently; returns the draft, or None when it failed to start
-        (the request then runs target-only)."""
+        """Prefill both sessions concurrently (the draft's only if the first round drafts);
+        returns the draft, or None when it failed to start (the request then runs target-only)."""
         timeout = remaining(spec.deadline)
         calls = [self.target.start_session(spec.session_id, spec.prompt, timeout)]
-        if draft is not None:
+        if draft is not None and spec.policy.first_k() > 0:
+            spec.draft_started = True
             calls.append(draft.start_session(spec.session_id, spec.prompt, timeout))
         results = await asyncio.gather(*calls, return_exceptions=True)
         if isinstance(results[0], BaseException):
@@ -190,8 +191,8 @@ class Generator:
                 await _shielded(self._end_draft(spec.session_id, draft))
             raise results[0]
         stats.add_target_call(results[0])
-        if draft is None:
-            return None
+        if len(results) == 1:
+            return draft
         if isinstance(results[1], SpecdecError) and is_draft_failure(results[1]):
             log.warning("session %s: draft did not start (%s); running target-only", spec.session_id, results[1].message)
             return None

@@ -44,6 +44,9 @@ class Speculation:
     generator: torch.Generator
     deadline: float | None = None  # time.monotonic() by which the request must end
     load: LoadEstimates | None = None  # the orchestrator's shared estimates, updated by every round
+    # Whether the draft's session was started (or its start was sent): a request whose policy
+    # starts at K = 0 starts it at its first round that drafts, with the sequence so far.
+    draft_started: bool = False
 
 
 def remaining(deadline: float | None) -> float | None:
@@ -75,8 +78,12 @@ async def speculate(
         k = min(spec.policy.next_k(), left - 1) if draft is not None else 0
         proposal_tokens, distributions, drafted = [], None, False
         if k > 0:
-            work = ProposeWork(spec.session_id, drafted_to, sequence[drafted_to:], k, spec.sampling, _uniforms(spec, k))
             try:
+                if not spec.draft_started:
+                    spec.draft_started = True
+                    stats.add_draft_call(await draft.start_session(spec.session_id, sequence, remaining(spec.deadline)))
+                    drafted_to = committed
+                work = ProposeWork(spec.session_id, drafted_to, sequence[drafted_to:], k, spec.sampling, _uniforms(spec, k))
                 proposal, cost = await draft.propose(work, remaining(spec.deadline))
                 stats.add_draft_call(cost)
                 if spec.load is not None:

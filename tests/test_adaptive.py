@@ -111,3 +111,21 @@ def test_sampled_distribution_stays_exact_while_k_changes_every_few_rounds():
         support = exact > 1e-9
         assert counts[step][~support].sum() == 0
         assert chisquare_pvalue(counts[step][support], exact[support]) > 1e-3, f"step {step}"
+
+
+def test_a_request_starting_at_k_zero_starts_the_draft_session_at_its_first_probe(tiny_target, tiny_draft):
+    """Where speculation does not pay, the draft's session is not even started (no prefill on the
+    draft) until a probe drafts; the probe's session holds the sequence so far, output stays exact."""
+    target = with_eos(tiny_target, ())
+    baseline = joined(run_generation(in_process_generator(target), GenerationRequest(prompt="Lazy", max_new_tokens=30, num_speculative_tokens=0)))
+    generator = in_process_generator(target, ModelDrafter(tiny_draft))
+    generator.load = LoadEstimates(CPU_CURVE, accepted=1.0, rejected=99.0)
+    draft_engine = generator.draft.engine
+    started = []
+    original_start = draft_engine.start_session
+    draft_engine.start_session = lambda session_id, prompt: started.append(len(prompt)) or original_start(session_id, prompt)
+    events = run_generation(generator, GenerationRequest(prompt="Lazy", max_new_tokens=30))
+    assert joined(events) == baseline
+    prompt_length = len(target.tokenizer("Lazy").input_ids)
+    assert started == [prompt_length + PROBE_EVERY - 1]  # started at the first probe, with what was generated
+    assert events[-1].stats.draft_tokens == 2 and len(draft_engine.sessions) == 0  # two probes (rounds 8 and 24); ended

@@ -183,7 +183,7 @@ async def sample_many(target, drafter, prompt, params, k, steps, trials, make_po
         target_engine.start_session(sid, prompt)
         draft_engine.start_session(sid, prompt)
         policy = make_policy() if make_policy else FixedK(k)
-        spec = Speculation(sid, prompt, params, policy, steps, torch.Generator().manual_seed(trial))
+        spec = Speculation(sid, prompt, params, policy, steps, torch.Generator().manual_seed(trial), draft_started=True)
         tokens = [t async for round_tokens in speculate(spec, target_backend, draft_backend, stats) for t in round_tokens]
         for step, token in enumerate(tokens):
             counts[step, token] += 1
