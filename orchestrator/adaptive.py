@@ -14,9 +14,9 @@ warm-up and reported in ModelInfo, rescaled by the times the rounds observe) and
 draft's time. The adaptive policy picks the K in [0, K_max] that maximizes it. Where T is nearly
 flat (a GPU), K grows with acceptance; where T grows with n (a CPU, or any device once batches
 are large), K falls to 0 as batches grow and acceptance drops: speculation switches itself off
-where it would cost throughput. A request at K = 0 still drafts one token now and then (every 8
-rounds, then 16, ... 64 while nothing changes), so that acceptance can tell when speculation pays
-again.
+where it would cost throughput. A request at K = 0 still drafts one token now and then (after 16
+rounds, then 32, ... 128 while nothing changes), so that acceptance can tell when speculation
+pays again.
 
 Exactness never depends on K: each round emits tokens distributed as the target's given the
 sequence so far, for any K, and K is chosen from past rounds only.
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 # Rounds at K = 0 before a single-token draft probes the acceptance again; the interval doubles
 # while probes do not change the decision, up to MAX_PROBE_EVERY, since each probe costs a draft
 # call and a wider verify.
-PROBE_EVERY = 8
-MAX_PROBE_EVERY = 64
+PROBE_EVERY = 16
+MAX_PROBE_EVERY = 128
 
 
 def expected_tokens(acceptance: float, k: int) -> float:

@@ -55,7 +55,7 @@ def test_k_is_zero_for_a_weak_draft_but_probes_ever_less_often():
     ks = [weak.next_k() for _ in range(PROBE_EVERY * (1 + 2 + 4 + 8 + 8))]
     probes = [round_ + 1 for round_, k in enumerate(ks) if k]
     assert set(ks) == {0, 1}
-    assert probes == [PROBE_EVERY * n for n in (1, 3, 7, 15, 23)]  # intervals 8, 16, 32, 64, 64
+    assert probes == [PROBE_EVERY * n for n in (1, 3, 7, 15, 23)]  # intervals doubling up to the largest
     assert probes[-1] - probes[-2] == MAX_PROBE_EVERY
 
 
@@ -117,15 +117,15 @@ def test_a_request_starting_at_k_zero_starts_the_draft_session_at_its_first_prob
     """Where speculation does not pay, the draft's session is not even started (no prefill on the
     draft) until a probe drafts; the probe's session holds the sequence so far, output stays exact."""
     target = with_eos(tiny_target, ())
-    baseline = joined(run_generation(in_process_generator(target), GenerationRequest(prompt="Lazy", max_new_tokens=30, num_speculative_tokens=0)))
+    baseline = joined(run_generation(in_process_generator(target), GenerationRequest(prompt="Lazy", max_new_tokens=60, num_speculative_tokens=0)))
     generator = in_process_generator(target, ModelDrafter(tiny_draft))
     generator.load = LoadEstimates(CPU_CURVE, accepted=1.0, rejected=99.0)
     draft_engine = generator.draft.engine
     started = []
     original_start = draft_engine.start_session
     draft_engine.start_session = lambda session_id, prompt: started.append(len(prompt)) or original_start(session_id, prompt)
-    events = run_generation(generator, GenerationRequest(prompt="Lazy", max_new_tokens=30))
+    events = run_generation(generator, GenerationRequest(prompt="Lazy", max_new_tokens=60))
     assert joined(events) == baseline
     prompt_length = len(target.tokenizer("Lazy").input_ids)
     assert started == [prompt_length + PROBE_EVERY - 1]  # started at the first probe, with what was generated
-    assert events[-1].stats.draft_tokens == 2 and len(draft_engine.sessions) == 0  # two probes (rounds 8 and 24); ended
+    assert events[-1].stats.draft_tokens == 2 and len(draft_engine.sessions) == 0  # two probes (rounds 16 and 48); ended
