@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -90,9 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as cleanup:
         if args.quick:
-            from bench.tiny import save_tiny_model
+            from bench.tiny import tiny_model_for
 
-            tiny = str(save_tiny_model(Path(cleanup.enter_context(tempfile.TemporaryDirectory())) / "tiny"))
+            tiny = tiny_model_for(cleanup)
             args.target, args.draft, args.limit, args.max_new_tokens = tiny, tiny, 2, 16
         stack = ServiceStack(target_model=args.target, draft_model=args.draft, log_dir=args.out / "logs")
         proxies = cleanup.enter_context(contextlib.closing(ProxyThread()))

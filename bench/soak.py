@@ -20,7 +20,6 @@ import collections
 import contextlib
 import json
 import random
-import tempfile
 import time
 from pathlib import Path
 
@@ -151,10 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as cleanup:
         if args.quick:
-            from bench.tiny import save_tiny_model
+            from bench.tiny import tiny_model_for
 
-            tiny = str(save_tiny_model(Path(cleanup.enter_context(tempfile.TemporaryDirectory())) / "tiny"))
-            args.target = args.draft = tiny
+            args.target = args.draft = tiny_model_for(cleanup)
         stack = cleanup.enter_context(ServiceStack(target_model=args.target, draft_model=args.draft, log_dir=args.out / "logs"))
         start_memory = resident_mb(stack)
         started = time.monotonic()

@@ -29,6 +29,26 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def wait_serving(address: str, process: subprocess.Popen, timeout_s: float, log: Path | None = None) -> None:
+    """Poll the service at `address` until it reports SERVING; fail early if `process` exits."""
+    deadline = time.monotonic() + timeout_s
+    # While the process starts, connections are refused; gRPC's reconnect backoff would grow
+    # to many seconds between attempts (1, 1.6, 2.6, 4.1 s, ...) and notice SERVING late.
+    quick_reconnect = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 300)]
+    with grpc.insecure_channel(address, options=quick_reconnect) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"the service at {address} exited with {process.returncode}; see {log or 'its log'}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.3)
+    raise TimeoutError(f"the service at {address} did not report SERVING within {timeout_s} s")
+
+
 class ServiceStack:
     def __init__(self, target_model: str = "embedded", draft_model: str = "ngram", log_dir: Path | None = None,
                  extra_target_args: tuple[str, ...] = (), extra_draft_args: tuple[str, ...] = (), startup_timeout_s: float = 900,
@@ -85,22 +105,7 @@ class ServiceStack:
         self._wait_serving(name)
 
     def _wait_serving(self, name: str) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
-        # While the process starts, connections are refused; gRPC's reconnect backoff would grow
-        # to many seconds between attempts (1, 1.6, 2.6, 4.1 s, ...) and notice SERVING late.
-        quick_reconnect = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 300)]
-        with grpc.insecure_channel(self.address(name), options=quick_reconnect) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.processes[name].poll() is not None:
-                    raise RuntimeError(f"{name} exited with {self.processes[name].returncode}; see {self.log_dir / (name + '.log')}")
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.3)
-        raise TimeoutError(f"{name} did not report SERVING within {self.startup_timeout_s} s")
+        wait_serving(self.address(name), self.processes[name], self.startup_timeout_s, self.log_dir / f"{name}.log")
 
     def orchestrator_stub(self, channel: grpc.Channel | None = None) -> orchestrator_pb2_grpc.OrchestratorStub:
         return orchestrator_pb2_grpc.OrchestratorStub(channel or grpc.insecure_channel(self.address("orchestrator")))

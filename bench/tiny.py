@@ -4,6 +4,8 @@ work (`--quick`), where the embedded models would take minutes. Its outputs are 
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from pathlib import Path
 
 
@@ -18,3 +20,8 @@ def save_tiny_model(directory: Path) -> Path:
         loaded.model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
     return directory
+
+
+def tiny_model_for(cleanup: contextlib.ExitStack) -> str:
+    """A tiny model saved in a temporary directory that `cleanup` removes; its path (--quick)."""
+    return str(save_tiny_model(Path(cleanup.enter_context(tempfile.TemporaryDirectory())) / "tiny"))

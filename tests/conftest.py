@@ -29,3 +29,12 @@ def tiny_target(tokenizer):
 def tiny_draft(tokenizer):
     """A random draft: it agrees with tiny_target almost never."""
     return tiny_lm(seed=2, vocab_size=len(tokenizer), tokenizer=tokenizer, name="tiny-draft")
+
+
+@pytest.fixture(scope="module")
+def orchestrator(stack):
+    """A stub of the orchestrator of the module's own `stack` fixture."""
+    from specdec.v1 import orchestrator_pb2_grpc
+
+    with stack.channel("orchestrator") as channel:
+        yield orchestrator_pb2_grpc.OrchestratorStub(channel)

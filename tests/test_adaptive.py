@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 from draft_service.drafters.model import ModelDrafter
 from orchestrator.adaptive import MAX_PROBE_EVERY, PROBE_EVERY, AdaptiveK, CostCurve, LoadEstimates, expected_tokens

@@ -9,7 +9,6 @@ import pytest
 import torch
 from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 
-from draft_service.drafters.base import DraftSession
 from draft_service.drafters.model import ModelDrafter, restrict_head
 from draft_service.drafters.ngram import lookup
 from draft_service.engine import DraftEngine

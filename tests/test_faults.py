@@ -9,7 +9,6 @@ import asyncio
 import random
 import signal
 import time
-from contextlib import suppress
 
 import grpc
 import psutil

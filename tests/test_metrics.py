@@ -19,7 +19,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from specdec.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, target_pb2_grpc
+from specdec.v1 import common_pb2, orchestrator_pb2, target_pb2_grpc
 from target_service import server as target_server
 from tests.helpers import model_drafter, start_stack, with_eos
 
@@ -60,12 +60,6 @@ def stack(tiny_target):
     running = start_stack(target, model_drafter(target), metrics_port=free_port())
     yield running
     running.stop()
-
-
-@pytest.fixture(scope="module")
-def orchestrator(stack):
-    with stack.channel("orchestrator") as channel:
-        yield orchestrator_pb2_grpc.OrchestratorStub(channel)
 
 
 def request(**fields) -> orchestrator_pb2.GenerateRequest:

@@ -31,12 +31,6 @@ def stack(tiny_target):
     running.stop()
 
 
-@pytest.fixture(scope="module")
-def orchestrator(stack):
-    with stack.channel("orchestrator") as channel:
-        yield orchestrator_pb2_grpc.OrchestratorStub(channel)
-
-
 def request(**fields) -> orchestrator_pb2.GenerateRequest:
     fields.setdefault("max_new_tokens", 20)
     if "messages" not in fields:

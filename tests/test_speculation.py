@@ -5,7 +5,6 @@ of a round (EOS inside a draft, max_new_tokens mid-round, stops across rounds, t
 from __future__ import annotations
 
 import asyncio
-import itertools
 
 import pytest
 import torch
