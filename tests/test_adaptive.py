@@ -92,7 +92,7 @@ def test_sampled_distribution_stays_exact_while_k_changes_every_few_rounds():
     target = tiny_lm(seed=21, vocab_size=16, eos=(), init=0.1)
     draft = tiny_lm(seed=22, vocab_size=16, eos=(), init=0.1)
     prompt, steps, params = [3, 1, 4, 1, 5], 3, sampling.SamplingParams(1.0)
-    curve = CostCurve(((1, 1.0), (2, 1.3), (3, 1.6), (4, 1.9)))  # K follows the acceptance estimate
+    curve = CostCurve(((1, 1.0), (2, 1.15), (3, 1.3), (4, 1.45)))  # K follows the acceptance estimate
     load = LoadEstimates(curve)
     chosen: list[int] = []
 
