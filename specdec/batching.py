@@ -102,6 +102,7 @@ class BatchScheduler(Generic[Item, Result]):
         self._clock = clock
         self._calls: collections.deque[_Call] = collections.deque()
         self._jobs: collections.deque[_Job] = collections.deque()
+        self._urgent: collections.deque[_Job] = collections.deque()
         self._last_seen: dict[str, float] = {}
         self._arrived = asyncio.Event()
         self._last_compute_s = 0.0
@@ -132,10 +133,12 @@ class BatchScheduler(Generic[Item, Result]):
         self._wake()
         return await call.future
 
-    async def job(self, fn: Callable, *args):
-        """fn(*args) on the worker, between two batches."""
+    async def job(self, fn: Callable, *args, urgent: bool = False):
+        """fn(*args) on the worker, between two batches. Urgent jobs (cheap bookkeeping: ending
+        a session, model info) run before the next batch and before the other jobs, which may be
+        queued prefill chunks of many sessions."""
         job = _Job(fn, args, asyncio.get_running_loop().create_future())
-        self._jobs.append(job)
+        (self._urgent if urgent else self._jobs).append(job)
         self._wake()
         return await job.future
 
@@ -159,23 +162,27 @@ class BatchScheduler(Generic[Item, Result]):
             return 1.0
         return self._last_compute_s * (1 + self.queued_items / max(1, self.config.max_batch_items))
 
-
     async def _serve(self) -> None:
-        while self._calls or self._jobs:
+        while self._calls or self._jobs or self._urgent:
             self._arrived.clear()
+            while self._urgent:
+                await self._run_job(self._urgent.popleft())
             if self._calls:
                 await self._wait_for_company()
                 batch = self._take()
                 if batch:
                     await self._execute(batch)
             if self._jobs:
-                job = self._jobs.popleft()
-                if not job.future.done():
-                    try:
-                        job.future.set_result(await self.worker.run(job.fn, *job.args))
-                    except Exception as error:  # noqa: BLE001 - the job's caller gets its own error
-                        if not job.future.done():
-                            job.future.set_exception(error)
+                await self._run_job(self._jobs.popleft())
+
+    async def _run_job(self, job: _Job) -> None:
+        if job.future.done():  # its caller gave up before it ran
+            return
+        try:
+            job.future.set_result(await self.worker.run(job.fn, *job.args))
+        except Exception as error:  # noqa: BLE001 - the job's caller gets its own error
+            if not job.future.done():
+                job.future.set_exception(error)
 
     def _expected_sessions(self) -> int:
         horizon = self._clock() - self.config.active_window_s

@@ -512,7 +512,7 @@ class SessionServicerBase:
 
     @grpc_errors
     async def GetModelInfo(self, request, context):
-        return wire.model_info_to_proto(await self.scheduler.job(self.engine.info))
+        return wire.model_info_to_proto(await self.scheduler.job(self.engine.info, urgent=True))
 
     @grpc_errors
     async def StartSession(self, request, context):
@@ -526,7 +526,7 @@ class SessionServicerBase:
     @grpc_errors
     async def EndSession(self, request, context):
         self.scheduler.forget(request.session_id)
-        existed = await self.scheduler.job(self.engine.end_session, request.session_id)
+        existed = await self.scheduler.job(self.engine.end_session, request.session_id, urgent=True)
         return common_pb2.EndSessionResponse(existed=existed)
 
 

@@ -38,7 +38,7 @@ class TargetServicer(SessionServicerBase, target_pb2_grpc.TargetServiceServicer)
                 left, chunk_seconds = await self.scheduler.job(timed(engine.prefill), session_id)
                 seconds += chunk_seconds
         except BaseException:
-            await asyncio.shield(self.scheduler.job(engine.end_session, session_id))
+            await asyncio.shield(self.scheduler.job(engine.end_session, session_id, urgent=True))
             raise
         return seconds
 

@@ -248,3 +248,24 @@ def test_concurrent_generations_through_the_services_are_batched_and_exact(tiny_
         assert target.GetModelInfo(common_pb2.GetModelInfoRequest()).active_sessions == 0
     finally:
         stack.stop()
+
+
+def test_urgent_jobs_overtake_queued_jobs():
+    """Ending a session must not wait behind other sessions' queued prefill chunks."""
+    order = []
+
+    async def scenario():
+        scheduler = BatchScheduler(ModelWorker("test"), lambda calls: [], BatchingConfig())
+
+        def chunk(name):
+            order.append(name)
+            time.sleep(0.02)
+
+        slow = [asyncio.ensure_future(scheduler.job(chunk, f"prefill {i}")) for i in range(3)]
+        await asyncio.sleep(0)  # the first chunk is running
+        await scheduler.job(chunk, "end session", urgent=True)
+        await asyncio.gather(*slow)
+        await scheduler.close()
+
+    asyncio.run(scenario())
+    assert order.index("end session") < order.index("prefill 2")

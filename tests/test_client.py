@@ -28,7 +28,8 @@ def stack(tiny_target, tmp_path_factory):
     tokens = tmp_path_factory.mktemp("auth") / "tokens"
     tokens.write_text(f"{TOKEN}\n")
     target = with_eos(tiny_target, ())
-    running = start_stack(target, model_drafter(target), auth_token_file=str(tokens))
+    # a fixed default K, so that a request without K reports it (adaptive K would report the K it used)
+    running = start_stack(target, model_drafter(target), auth_token_file=str(tokens), adaptive_k=False)
     yield running
     running.stop()
 

@@ -51,7 +51,8 @@ def binary(tmp_path_factory):
 def stack(tiny_target, tmp_path_factory):
     tokens = tmp_path_factory.mktemp("auth") / "tokens"
     tokens.write_text(f"{TOKEN}\n")
-    running = start_stack(with_eos(tiny_target, ()), ngram_drafter(), auth_token_file=str(tokens))
+    # a fixed default K, so that a request without K reports it (adaptive K would report the K it used)
+    running = start_stack(with_eos(tiny_target, ()), ngram_drafter(), auth_token_file=str(tokens), adaptive_k=False)
     yield running
     running.stop()
 
