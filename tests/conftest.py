@@ -32,6 +32,19 @@ def tiny_draft(tokenizer):
 
 
 @pytest.fixture(scope="module")
+def stack(tiny_target):
+    """The default stack of a test module: the tiny target served with itself as the draft (every
+    draft accepted). Modules that need another stack define their own `stack`."""
+    from draft_service.drafters.model import ModelDrafter
+    from tests.helpers import start_stack, with_eos
+
+    target = with_eos(tiny_target, ())
+    running = start_stack(target, ModelDrafter(target))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
 def orchestrator(stack):
     """A stub of the orchestrator of the module's own `stack` fixture."""
     from specdec.v1 import orchestrator_pb2_grpc

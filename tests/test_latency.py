@@ -14,10 +14,8 @@ import grpc
 import pytest
 
 from bench.netem import DelayProxy
-from draft_service.drafters.model import ModelDrafter
 from orchestrator import server as orchestrator_server
 from specdec.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-from tests.helpers import start_stack, with_eos
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Then"
 NEW_TOKENS = 24
@@ -27,15 +25,6 @@ RTTS_MS = (0, 2, 10)
 def generate(stub, k: int) -> orchestrator_pb2.GenerateResponse:
     request = orchestrator_pb2.GenerateRequest(prompt=PROMPT, max_new_tokens=NEW_TOKENS, num_speculative_tokens=k)
     return stub.Generate(request, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def stack(tiny_target):
-    """Tiny target, and a draft on the same model: every draft is accepted."""
-    target = with_eos(tiny_target, ())
-    running = start_stack(target, ModelDrafter(target))
-    yield running
-    running.stop()
 
 
 @pytest.fixture(scope="module")

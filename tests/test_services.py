@@ -22,15 +22,6 @@ from tests.helpers import start_stack, tiny_lm, with_eos
 PROMPT = "Once upon a time, in a land far away,"
 
 
-@pytest.fixture(scope="module")
-def stack(tiny_target):
-    """Target = tiny_target, draft = the same model (every draft accepted)."""
-    target = with_eos(tiny_target, ())
-    running = start_stack(target, ModelDrafter(target))
-    yield running
-    running.stop()
-
-
 def request(**fields) -> orchestrator_pb2.GenerateRequest:
     fields.setdefault("max_new_tokens", 20)
     if "messages" not in fields:
