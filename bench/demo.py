@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 
-from bench.stack import ServiceStack
+from harness.processes import ServiceStack
 from orchestrator.client import format_stats, stream
 from specdec.v1 import orchestrator_pb2
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from bench.specbench import default_prompts, load_prompts
-from bench.stack import ServiceStack
+from harness.processes import ServiceStack
 from orchestrator.generation import encode_prompt
 from specdec.models import load_causal_lm
 from specdec.v1 import orchestrator_pb2
@@ -48,7 +48,7 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=Path, default=default_prompts())
+    parser.add_argument("--prompts", type=Path, default=default_prompts(), help="Spec-Bench-format JSONL (default: $SPECDEC_PROMPTS, else bench/prompts/)")
     parser.add_argument("--limit", type=int, default=None, help="first N prompts only")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("-k", type=int, default=4)

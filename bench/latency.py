@@ -20,9 +20,9 @@ import json
 import time
 from pathlib import Path
 
-from bench.netem import ProxyThread
 from bench.specbench import default_prompts, load_prompts
-from bench.stack import ServiceStack
+from harness.netem import ProxyThread
+from harness.processes import ServiceStack
 from specdec.v1 import orchestrator_pb2
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latency"
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--target", default="embedded", help="target model")
     parser.add_argument("--draft", default="smollm2-draft-l6", help="draft model, or 'ngram'")
     parser.add_argument("--k", type=int, default=4, help="draft tokens per round")
-    parser.add_argument("--prompts", type=Path, default=default_prompts(), help="Spec-Bench-format JSONL")
+    parser.add_argument("--prompts", type=Path, default=default_prompts(), help="Spec-Bench-format JSONL (default: $SPECDEC_PROMPTS, else bench/prompts/)")
     parser.add_argument("--limit", type=int, default=6, help="first N prompts")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as cleanup:
         if args.quick:
-            from bench.tiny import tiny_model_for
+            from harness.tiny import tiny_model_for
 
             tiny = tiny_model_for(cleanup)
             args.target, args.draft, args.limit, args.max_new_tokens = tiny, tiny, 2, 16

@@ -23,7 +23,7 @@ import grpc
 
 from bench.report import spread
 from bench.specbench import default_prompts, load_prompts
-from bench.stack import ServiceStack
+from harness.processes import ServiceStack
 from specdec.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="embedded", help="target model")
     parser.add_argument("--draft", default="smollm2-draft-l6", help="draft model or 'ngram'")
     parser.add_argument("--device", default="cpu", help="device of both model services")
-    parser.add_argument("--prompts", type=Path, default=None, help="Spec-Bench JSONL (default: the dev split, else the shipped sample)")
+    parser.add_argument("--prompts", type=Path, default=None, help="Spec-Bench-format JSONL (default: $SPECDEC_PROMPTS, else bench/prompts/)")
     parser.add_argument(
         "--max-prompt-chars", type=int, default=1000, help="skip longer prompts: under load, long prefills would dominate what is measured"
     )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.specbench import BenchPrompt
-from bench.stack import ServiceStack
+from harness.processes import ServiceStack
 from specdec.v1 import orchestrator_pb2
 
 TARGET_ONLY = "target-only"

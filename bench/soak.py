@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 import psutil
 
-from bench.stack import ServiceStack
+from harness.processes import ServiceStack
 from specdec.v1 import common_pb2, draft_pb2_grpc, orchestrator_pb2, orchestrator_pb2_grpc, target_pb2_grpc
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soak"
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as cleanup:
         if args.quick:
-            from bench.tiny import tiny_model_for
+            from harness.tiny import tiny_model_for
 
             args.target = args.draft = tiny_model_for(cleanup)
         stack = cleanup.enter_context(ServiceStack(target_model=args.target, draft_model=args.draft, log_dir=args.out / "logs"))

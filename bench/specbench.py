@@ -4,10 +4,13 @@ sent as one user chat message."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-DEV_SPLIT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "specbench_dev.jsonl"
+# Where the benchmarks read prompts unless --prompts says otherwise (e.g. Spec-Bench's dev split:
+# SPECDEC_PROMPTS=../shared/data/specbench_dev.jsonl); never a path outside the repository by itself.
+PROMPTS_VARIABLE = "SPECDEC_PROMPTS"
 SHIPPED = Path(__file__).resolve().parent / "prompts" / "specbench_sample.jsonl"
 
 
@@ -19,8 +22,8 @@ class BenchPrompt:
 
 
 def default_prompts() -> Path:
-    """The dev split beside the checkout when it is there, else the small set shipped here."""
-    return DEV_SPLIT if DEV_SPLIT.exists() else SHIPPED
+    """$SPECDEC_PROMPTS when set, else the 13 prompts shipped in bench/prompts/."""
+    return Path(os.environ[PROMPTS_VARIABLE]) if os.environ.get(PROMPTS_VARIABLE) else SHIPPED
 
 
 def load_prompts(path: Path, limit: int | None = None, per_category: int | None = None) -> list[BenchPrompt]:

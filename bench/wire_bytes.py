@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench.stack import ServiceStack
+from harness.processes import ServiceStack
 from specdec.v1 import orchestrator_pb2
 
 QUESTION = "Explain in two sentences why the sky is blue."

@@ -4,7 +4,7 @@ import asyncio
 
 from draft_service.server import DraftConfig, start
 from specdec.config import parse
-from specdec.serving import run_model_service
+from specdec.model_service.runtime import run_model_service
 
 DESCRIPTION = (
     "The draft service of specdec: proposes K draft tokens per round for each session, with a small "

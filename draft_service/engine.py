@@ -8,11 +8,12 @@ rollback) and `tokens` extends it (the recovered or bonus token); then the draft
 from __future__ import annotations
 
 import time
-from draft_service.drafters.base import DraftSession, Drafter
+
+from draft_service.drafters.base import Drafter, DraftSession
 from specdec import validation
-from specdec.batching import admit_calls, per_call
 from specdec.errors import FailedPrecondition, InvalidArgument, SpecdecError
 from specdec.messages import ModelInfo, Proposal, ProposeWork
+from specdec.model_service.batching import admit_calls, per_call
 from specdec.sessions import SessionLimits, SessionStore
 
 
@@ -77,21 +78,20 @@ class DraftEngine:
             raise InvalidArgument("a Propose call needs at least one item", "items")
         validation.distinct_sessions([item.session_id for item in batch], "items")
         sessions = [self._checked(index, item) for index, item in enumerate(batch)]
-        self.sessions.check_budget(sum(len(i.tokens) + i.num_tokens for i in batch) * self.drafter.bytes_per_token())
+        self.sessions.check_budget(sum(len(i.tokens) + i.num_speculative_tokens for i in batch) * self.drafter.bytes_per_token())
         return sessions
 
     def _checked(self, index: int, item: ProposeWork) -> DraftSession:
         prefix = f"items[{index}]."
         session = self.sessions.get(item.session_id, prefix + "session_id")
         validation.token_ids(item.tokens, self.drafter.vocab_size, prefix + "tokens")
-        if not 1 <= item.num_tokens <= self.max_speculative_tokens:
-            raise InvalidArgument(f"num_tokens must be in [1, {self.max_speculative_tokens}], got {item.num_tokens}", prefix + "num_tokens")
+        validation.num_speculative_tokens(item.num_speculative_tokens, self.max_speculative_tokens, prefix + "num_speculative_tokens", 1)
         if item.prefix_len > len(session.ids):
             raise FailedPrecondition(
                 f"session {item.session_id!r} holds {len(session.ids)} tokens, cannot keep {item.prefix_len}", prefix + "prefix_len"
             )
-        if item.prefix_len + len(item.tokens) + item.num_tokens > self.max_context:
-            raise InvalidArgument(f"the sequence would exceed the context of {self.max_context}", prefix + "num_tokens")
+        if item.prefix_len + len(item.tokens) + item.num_speculative_tokens > self.max_context:
+            raise InvalidArgument(f"the sequence would exceed the context of {self.max_context}", prefix + "num_speculative_tokens")
         if self.drafter.samples and not item.sampling.greedy:
-            validation.uniforms(item.uniforms, item.num_tokens, prefix + "uniforms")
+            validation.uniforms(item.uniforms, item.num_speculative_tokens, prefix + "uniforms")
         return session

@@ -10,8 +10,8 @@ from draft_service.drafters.ngram import NGramDrafter
 from draft_service.engine import DraftEngine
 from draft_service.servicer import DraftServicer
 from specdec.config import ModelServiceConfig, option
+from specdec.model_service.runtime import ModelWorker, RunningModelService, batching_config, session_limits, start_model_service
 from specdec.models import load_causal_lm
-from specdec.serving import ModelWorker, RunningModelService, batching_config, session_limits, start_model_service
 from specdec.v1 import draft_pb2, draft_pb2_grpc
 
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
@@ -22,10 +22,10 @@ NGRAM = "ngram"
 class DraftConfig(ModelServiceConfig):
     port: int = option(50052, "port to listen on; 0 picks a free one")
     model: str = option(
-        NGRAM, "'ngram' for prompt-lookup drafting (no model), or a draft model: a Hugging Face directory, a hub id, a .gguf file, 'embedded'"
+        NGRAM, "'ngram' (prompt lookup, no model) or a draft model: a Hugging Face directory, a hub id, a .gguf file, 'embedded'"
     )
     ngram_max: int = option(3, "n-gram drafting: longest n-gram to match")
-    ngram_min: int = option(2, "n-gram drafting: shortest n-gram to match (2 beat 1 in bench/tune_ngram.py: single-token matches mostly propose wrong drafts)")
+    ngram_min: int = option(2, "n-gram drafting: shortest n-gram to match (2 beat 1 in bench/tune_ngram.py: single-token matches mostly miss)")
     max_support: int = option(64, "model drafting when sampling: tokens of the draft distribution sent per position (it stays exact)")
     max_context: int = option(8192, "n-gram drafting: longest sequence a session may hold (model drafters use the model's)")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from specdec import wire
 from specdec.messages import ProposeWork
-from specdec.serving import SessionServicerBase, grpc_errors
+from specdec.model_service.runtime import SessionServicerBase
 from specdec.v1 import draft_pb2, draft_pb2_grpc
 
 
@@ -16,7 +16,6 @@ class DraftServicer(SessionServicerBase, draft_pb2_grpc.DraftServiceServicer):
     def run_batch(self, calls: list[list[ProposeWork]]) -> list:
         return self.engine.propose_calls(calls)
 
-    @grpc_errors
     async def Propose(self, request: draft_pb2.ProposeRequest, context) -> draft_pb2.ProposeResponse:
         batch = [wire.propose_item_from_proto(item, index) for index, item in enumerate(request.items)]
         (proposals, passes), info = await self.scheduler.submit(batch)

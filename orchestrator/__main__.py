@@ -7,7 +7,7 @@ import sys
 from orchestrator.server import OrchestratorConfig, start
 from specdec.config import parse
 from specdec.errors import SpecdecError
-from specdec.serving import wait_for_signal
+from specdec.rpc.server import wait_for_signal
 
 DESCRIPTION = (
     "The orchestrator of specdec, the only service applications call: tokenizes, runs speculative "

@@ -17,8 +17,8 @@ from typing import AsyncIterator
 
 import torch
 
-from orchestrator.adaptive import AdaptiveK, CostCurve, FixedK, LoadEstimates
 from orchestrator.backends import DraftBackend, TargetBackend, is_draft_failure
+from orchestrator.policy import AdaptiveK, CostCurve, KResolver, KSettings, LoadEstimates, Policy
 from orchestrator.speculation import Speculation, remaining, speculate
 from orchestrator.stats import GenerationStats
 from orchestrator.text import TextStream
@@ -72,36 +72,21 @@ class GenerationEvent:
     stats: GenerationStats | None = None
 
 
-@dataclass(frozen=True)
-class GenerationLimits:
-    default_k: int = 4
-    adaptive_k: bool = True  # requests without num_speculative_tokens get K per round, up to default_k
-    max_k: int = 16
-    max_new_tokens: int = 4096
-
-
 @dataclass
-class Generator:
-    """Runs requests against one target and, optionally, one draft."""
+class GenerationEngine:
+    """Runs requests against one target and, optionally, one draft (`draft_info` its ModelInfo)."""
 
     tokenizer: object
     target: TargetBackend
     target_info: ModelInfo
     draft: DraftBackend | None = None
-    limits: GenerationLimits = field(default_factory=GenerationLimits)
+    draft_info: ModelInfo | None = None
+    k_settings: KSettings = field(default_factory=KSettings)
+    max_new_tokens: int = 4096  # the most a request may ask for
 
     def __post_init__(self):
-        self.max_k = min(self.limits.max_k, self.target_info.max_speculative_tokens)
         self.load = LoadEstimates(CostCurve(self.target_info.forward_cost))
-
-    def _policy(self, request: GenerationRequest, k: int) -> FixedK | AdaptiveK:
-        """The request's K, or with adaptive K and K unset, K chosen per round up to `k`. Seeded
-        sampling keeps a fixed K: which tokens a seed produces depends on the K of every round,
-        and adaptive K depends on the load, so the same seed would not give the same text."""
-        seeded_sampling = request.seed is not None and request.temperature > 0
-        if request.num_speculative_tokens is None and self.limits.adaptive_k and not seeded_sampling:
-            return AdaptiveK(self.load, k)
-        return FixedK(k)
+        self.k_resolver = KResolver(self.k_settings, self.target_info, self.draft_info)
 
     def tokenize(self, request: GenerationRequest) -> list[int]:
         ids, field_name = encode_prompt(self.tokenizer, request.prompt, request.messages)
@@ -117,37 +102,36 @@ class Generator:
             )
         return ids
 
-    def validate(self, request: GenerationRequest) -> tuple[SamplingParams, int]:
-        if not 1 <= request.max_new_tokens <= self.limits.max_new_tokens:
+    def validate(self, request: GenerationRequest) -> tuple[SamplingParams, Policy]:
+        if not 1 <= request.max_new_tokens <= self.max_new_tokens:
             raise InvalidArgument(
-                f"max_new_tokens must be in [1, {self.limits.max_new_tokens}], got {request.max_new_tokens}", "max_new_tokens"
+                f"max_new_tokens must be in [1, {self.max_new_tokens}], got {request.max_new_tokens}", "max_new_tokens"
             )
         sampling = validation.sampling_params(request.temperature, request.top_k, request.top_p)
-        k = self.limits.default_k if request.num_speculative_tokens is None else request.num_speculative_tokens
-        if not 0 <= k <= self.max_k:
-            raise InvalidArgument(f"num_speculative_tokens must be in [0, {self.max_k}], got {k}", "num_speculative_tokens")
+        policy = self.k_resolver.policy(request.num_speculative_tokens, request.seed is not None and not sampling.greedy, self.load)
         if len(request.stop) > MAX_STOPS or any(not s for s in request.stop):
             raise InvalidArgument(f"at most {MAX_STOPS} stop strings, none of them empty", "stop")
-        return sampling, k
+        return sampling, policy
 
     async def stream(self, request: GenerationRequest, deadline: float | None = None) -> AsyncIterator[GenerationEvent]:
         started = time.monotonic()
-        sampling, k = self.validate(request)
+        sampling, policy = self.validate(request)
         prompt = self.tokenize(request)
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little")
         spec = Speculation(
             session_id=uuid.uuid4().hex,
             prompt=prompt,
             sampling=sampling,
-            policy=self._policy(request, k),
+            policy=policy,
             max_new_tokens=request.max_new_tokens,
-            generator=torch.Generator().manual_seed(seed),
+            rng=torch.Generator().manual_seed(seed),
             deadline=deadline,
             load=self.load,
         )
-        adaptive = isinstance(spec.policy, AdaptiveK)
-        stats = GenerationStats(num_speculative_tokens=0 if adaptive else k, adaptive_k=adaptive)
-        draft = self.draft if k > 0 else None
+        adaptive = isinstance(policy, AdaptiveK)
+        stats = GenerationStats(num_speculative_tokens=0 if adaptive else policy.num_speculative_tokens, adaptive_k=adaptive)
+        ceiling = policy.max_speculative_tokens if adaptive else policy.num_speculative_tokens
+        draft = self.draft if ceiling > 0 else None
         text = TextStream(self.tokenizer, list(request.stop))
         eos = set(self.target_info.eos_token_ids)
         try:

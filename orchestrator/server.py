@@ -12,15 +12,16 @@ import grpc
 
 from orchestrator.backends import GrpcDraft, GrpcTarget
 from orchestrator.breaker import CircuitBreaker, GuardedDraft
-from orchestrator.generation import GenerationLimits, Generator, check_compatible
-from orchestrator.health import RECONNECT_OPTIONS, follow_target_health
+from orchestrator.generation import GenerationEngine, check_compatible
+from orchestrator.health import RECONNECT_OPTIONS, follow_target_health, wait_until_serving
+from orchestrator.policy import KSettings
 from orchestrator.servicer import METRICS_SERVICE, OrchestratorServicer
 from specdec import metrics
 from specdec.config import ServerConfig, option
 from specdec.models import vocab_fingerprint
-from specdec.serving import (
-    Server, channel_credentials, channel_options, create_server, read_tokens, server_options, wait_until_serving,
-)
+from specdec.rpc.interceptors import read_tokens
+from specdec.rpc.server import Server, channel_options, create_server, server_options
+from specdec.rpc.tls import channel_credentials
 from specdec.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -34,13 +35,15 @@ class OrchestratorConfig(ServerConfig):
     target: str = option("127.0.0.1:50051", "address of the target service (host:port)")
     draft: str = option("127.0.0.1:50052", "address of the draft service (host:port); empty: target-only decoding")
     tokenizer: str = option("embedded", "the target's tokenizer: a Hugging Face directory, a hub id, a .gguf file, or 'embedded'")
-    default_k: int = option(
-        4, "draft tokens per round when a request leaves num_speculative_tokens unset (with --adaptive-k, the most per round)"
+    num_speculative_tokens: int = option(
+        4, "K of requests that leave num_speculative_tokens unset: drafted every round, or with --adaptive-k the most per round"
     )
     adaptive_k: bool = option(
-        True, "choose K per round for requests that leave it unset, from acceptance, batch size and the target's cost curve (0 when speculation would cost throughput)"
+        True, "for requests that leave K unset, choose K per round from acceptance, batch size and the target's cost curve"
     )
-    max_k: int = option(16, "largest num_speculative_tokens a request may ask for")
+    max_speculative_tokens: int = option(
+        16, "largest num_speculative_tokens a request may ask for; rounds are capped further at what target and draft accept"
+    )
     max_new_tokens: int = option(4096, "largest max_new_tokens a request may ask for")
     request_timeout_s: float = option(600.0, "deadline of a request whose client set none")
     connect_timeout_s: float = option(900.0, "at start-up, how long to wait for the model services to load")
@@ -57,7 +60,7 @@ class OrchestratorConfig(ServerConfig):
         1.0, "seconds between health checks of the target; while it is unreachable the orchestrator reports NOT_SERVING"
     )
     auth_token_file: str = option(
-        "", "file of accepted bearer tokens, one per line: calls must send 'authorization: Bearer <token>' (health and reflection exempt); empty = no authentication"
+        "", "file of bearer tokens, one per line: calls must send 'authorization: Bearer <token>' (health exempt); empty = none"
     )
     upstream_tls_ca_file: str = option(
         "", "PEM CA certificates that signed the target's and draft's certificates: connect to them over TLS; empty = plaintext"
@@ -65,7 +68,7 @@ class OrchestratorConfig(ServerConfig):
     upstream_tls_cert_file: str = option("", "PEM client certificate presented to the target and draft (their --tls-client-ca-file: mutual TLS)")
     upstream_tls_key_file: str = option("", "PEM private key of --upstream-tls-cert-file")
     upstream_tls_server_name: str = option(
-        "", "name the target's and draft's certificates must carry, instead of the host in --target/--draft (e.g. behind an IP address)"
+        "", "name the target's and draft's certificates must carry instead of the host in --target/--draft (e.g. for an IP address)"
     )
 
 
@@ -147,8 +150,8 @@ async def start(config: OrchestratorConfig, tokenizer=None) -> RunningOrchestrat
     except BaseException:
         await running.stop()
         raise
-    limits = GenerationLimits(config.default_k, config.adaptive_k, config.max_k, config.max_new_tokens)
-    servicer.generator = Generator(tokenizer, target, target_info, draft, limits)
+    k_settings = KSettings(config.num_speculative_tokens, config.adaptive_k, config.max_speculative_tokens)
+    servicer.engine = GenerationEngine(tokenizer, target, target_info, draft, draft_info, k_settings, config.max_new_tokens)
     await server.set_serving(True)
     running.target_watch = asyncio.create_task(
         follow_target_health(channels[0], server, config.target_health_period_s, f"target service at {config.target}")

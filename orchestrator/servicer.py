@@ -1,16 +1,15 @@
 """The public Orchestrator API over gRPC: converts protobuf to a GenerationRequest, passes the
-client's deadline on, delegates to the Generator, and records each request's metrics at its end."""
+client's deadline on, delegates to the GenerationEngine, and records each request's metrics at its end."""
 
 from __future__ import annotations
 
 import time
 from typing import AsyncIterator
 
-from orchestrator.generation import GenerationEvent, GenerationRequest, Generator
+from orchestrator.generation import GenerationEngine, GenerationEvent, GenerationRequest
 from orchestrator.stats import GenerationStats
 from specdec import metrics
 from specdec.errors import Unavailable
-from specdec.serving import grpc_errors
 from specdec.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 FINISH_REASONS = {
@@ -31,29 +30,6 @@ def request_from_proto(message: orchestrator_pb2.GenerateRequest) -> GenerationR
         seed=message.seed if message.HasField("seed") else None,
         stop=tuple(message.stop),
         num_speculative_tokens=message.num_speculative_tokens if message.HasField("num_speculative_tokens") else None,
-    )
-
-
-def stats_to_proto(stats: GenerationStats) -> orchestrator_pb2.GenerationStats:
-    return orchestrator_pb2.GenerationStats(
-        generated_tokens=stats.generated_tokens,
-        rounds=stats.rounds,
-        draft_tokens=stats.draft_tokens,
-        accepted_tokens=stats.accepted_tokens,
-        acceptance_rate=stats.acceptance_rate,
-        tokens_per_target_forward=stats.tokens_per_target_forward,
-        target_forward_passes=stats.target_forward_passes,
-        draft_forward_passes=stats.draft_forward_passes,
-        draft_seconds=stats.draft_seconds,
-        target_seconds=stats.target_seconds,
-        network_seconds=stats.network_seconds,
-        queue_seconds=stats.queue_seconds,
-        adaptive_k=stats.adaptive_k,
-        total_seconds=stats.total_seconds,
-        time_to_first_token_seconds=stats.time_to_first_token_seconds,
-        bytes_per_round=stats.bytes_per_round,
-        num_speculative_tokens=stats.num_speculative_tokens,
-        accepted_per_position=stats.accepted_per_position,
     )
 
 
@@ -84,20 +60,20 @@ def event_to_proto(event: GenerationEvent) -> orchestrator_pb2.GenerateResponse:
     response = orchestrator_pb2.GenerateResponse(text=event.text, token_ids=event.token_ids)
     if event.finish_reason is not None:
         response.finish_reason = FINISH_REASONS[event.finish_reason]
-        response.stats.CopyFrom(stats_to_proto(event.stats))
+        response.stats.CopyFrom(event.stats.to_proto())
     return response
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def __init__(self, default_timeout_s: float | None = None):
-        self.generator: Generator | None = None
+        self.engine: GenerationEngine | None = None
         self.default_timeout_s = default_timeout_s
         self.running = 0  # requests in progress (specdec:num_sessions_running)
 
-    def _ready(self) -> Generator:
-        if self.generator is None:
+    def _ready(self) -> GenerationEngine:
+        if self.engine is None:
             raise Unavailable("the orchestrator is still connecting to the model services")
-        return self.generator
+        return self.engine
 
     def _deadline(self, context) -> float | None:
         """The client's deadline, else the server's default, as a time.monotonic() instant."""
@@ -118,7 +94,6 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         finally:
             self.running -= 1
 
-    @grpc_errors
     async def Generate(self, request, context):
         text, token_ids, last = [], [], None
         async for event in self._events(request, context):
@@ -127,7 +102,6 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             last = event
         return event_to_proto(GenerationEvent("".join(text), token_ids, last.finish_reason, last.stats))
 
-    @grpc_errors
     async def GenerateStream(self, request, context):
         async for event in self._events(request, context):
             yield event_to_proto(event)

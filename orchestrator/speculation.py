@@ -6,7 +6,7 @@ Every round has one shape. The target holds `committed` tokens in its cache; `pe
 token it has not seen (the prompt's last token, then each round's recovered or bonus token). The
 draft proposes from committed + pending; the target scores pending + drafts in one forward pass.
 K = 0 is the same loop with no draft call: plain target-only decoding through the same services.
-K is the request's policy's choice per round (orchestrator/adaptive.py); after rounds at K = 0 the
+K is the request's policy's choice per round (orchestrator/policy.py); after rounds at K = 0 the
 draft lags behind, and the next Propose sends every token it has not seen.
 
 A round never drafts past `max_new_tokens`: with r tokens left it drafts at most r - 1, so the
@@ -22,8 +22,8 @@ from typing import AsyncIterator
 
 import torch
 
-from orchestrator.adaptive import AdaptiveK, FixedK, LoadEstimates
 from orchestrator.backends import DraftBackend, TargetBackend, is_draft_failure
+from orchestrator.policy import LoadEstimates, Policy
 from orchestrator.stats import GenerationStats
 from specdec.errors import DeadlineExceeded, SpecdecError
 from specdec.messages import ProposeWork, VerifyWork
@@ -34,14 +34,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Speculation:
-    """One generation's fixed inputs."""
+    """One generation: its inputs, fixed for its life, and whether the draft's session exists."""
 
     session_id: str
     prompt: list[int]
     sampling: SamplingParams
-    policy: FixedK | AdaptiveK  # the number of draft tokens of each round
+    policy: Policy  # the number of draft tokens of each round
     max_new_tokens: int
-    generator: torch.Generator
+    rng: torch.Generator  # the request's randomness: every uniform number the services use
     deadline: float | None = None  # time.monotonic() by which the request must end
     load: LoadEstimates | None = None  # the orchestrator's shared estimates, updated by every round
     # Whether the draft's session was started (or its start was sent): a request whose policy
@@ -62,7 +62,7 @@ def remaining(deadline: float | None) -> float | None:
 def _uniforms(spec: Speculation, count: int) -> list[float]:
     if spec.sampling.greedy:
         return []
-    return torch.rand(count, generator=spec.generator, dtype=torch.float32).tolist()
+    return torch.rand(count, generator=spec.rng, dtype=torch.float32).tolist()
 
 
 async def speculate(
@@ -75,20 +75,23 @@ async def speculate(
     drafted_to = committed  # tokens in the draft's cache: rounds at K = 0 leave the draft behind
     left = spec.max_new_tokens
     while left > 0:
-        k = min(spec.policy.next_k(), left - 1) if draft is not None else 0
+        num_speculative_tokens = min(spec.policy.next_k(), left - 1) if draft is not None else 0
         proposal_tokens, distributions, drafted = [], None, False
-        if k > 0:
+        if num_speculative_tokens > 0:
             try:
                 if not spec.draft_started:
                     spec.draft_started = True
                     stats.add_draft_call(await draft.start_session(spec.session_id, sequence, remaining(spec.deadline)))
                     drafted_to = committed
-                work = ProposeWork(spec.session_id, drafted_to, sequence[drafted_to:], k, spec.sampling, _uniforms(spec, k))
+                work = ProposeWork(
+                    spec.session_id, drafted_to, sequence[drafted_to:], num_speculative_tokens, spec.sampling,
+                    _uniforms(spec, num_speculative_tokens),
+                )
                 proposal, cost = await draft.propose(work, remaining(spec.deadline))
                 stats.add_draft_call(cost)
                 if spec.load is not None:
-                    spec.load.observe_draft(cost.wall_s, k)
-                proposal_tokens, distributions, drafted = proposal.tokens[:k], proposal.distributions, True
+                    spec.load.observe_draft(cost.wall_s, num_speculative_tokens)
+                proposal_tokens, distributions, drafted = proposal.tokens[:num_speculative_tokens], proposal.distributions, True
             except SpecdecError as error:
                 if not is_draft_failure(error):
                     raise

@@ -1,10 +1,13 @@
-"""Per-request statistics of a generation (GenerationStats in orchestrator.proto)."""
+"""Per-request statistics of a generation, and their protobuf form: every field of GenerationStats
+in orchestrator.proto is an attribute (or property) of the same name here, from which `to_proto`
+copies it; the remaining attributes are internal counters (logged, and used for the metrics)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
 from orchestrator.backends import CallCost
+from specdec.v1 import orchestrator_pb2
 
 
 @dataclass
@@ -67,6 +70,10 @@ class GenerationStats:
             self.accepted_per_position.extend([0] * (drafted - len(self.accepted_per_position)))
         for position in range(accepted):
             self.accepted_per_position[position] += 1
+
+    def to_proto(self) -> orchestrator_pb2.GenerationStats:
+        fields = orchestrator_pb2.GenerationStats.DESCRIPTOR.fields
+        return orchestrator_pb2.GenerationStats(**{f.name: getattr(self, f.name) for f in fields})
 
     def summary(self, session_id: str, prompt_tokens: int, finish_reason: str) -> dict:
         """One structured log record per request."""

@@ -32,14 +32,12 @@ class ServerConfig:
     )
     max_message_mb: int = option(16, "largest gRPC message sent or received, in MiB")
     max_concurrent_rpcs: int = option(
-        0, "calls served at once before new ones get RESOURCE_EXHAUSTED (health checks count too: leave room for probes); "
-        "0 = no limit",
+        0, "calls served at once; beyond, RESOURCE_EXHAUSTED (health checks count: leave room for probes); 0 = no limit",
     )
     tls_cert_file: str = option("", "PEM certificate (chain) of this server: serve TLS; empty = plaintext")
     tls_key_file: str = option("", "PEM private key of --tls-cert-file")
     tls_client_ca_file: str = option(
-        "", "PEM CA certificates: clients must present a certificate one of them signed (mutual TLS); "
-        "empty = no client certificate asked",
+        "", "PEM CA certificates: clients must present a certificate one of them signed (mutual TLS); empty = none asked",
     )
     keepalive_s: float = option(30.0, "seconds between HTTP/2 keepalive pings")
     log_level: str = option("INFO", "logging level", ("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -57,7 +55,7 @@ class ModelServiceConfig(ServerConfig):
     max_speculative_tokens: int = option(16, "largest K accepted per round")
     max_batch_items: int = option(32, "most sequences fused from concurrent calls into one forward pass")
     batch_wait_ms: float = option(
-        50.0, "how long a batch may wait for the other recently active sessions' calls before it runs without them (at most half a forward pass)"
+        50.0, "how long a batch waits for the other recently active sessions' calls before running without them (at most half a pass)"
     )
     max_queued_items: int = option(1024, "sequences waiting for a forward pass before new calls get RESOURCE_EXHAUSTED")
 

@@ -38,7 +38,7 @@ class ProposeWork:
     session_id: str
     prefix_len: int
     tokens: list[int]
-    num_tokens: int
+    num_speculative_tokens: int
     sampling: SamplingParams
     uniforms: list[float]
 

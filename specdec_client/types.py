@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
 
+from google.protobuf.descriptor import FieldDescriptor
+
 from specdec.v1 import orchestrator_pb2
 
 FinishReason = Literal["length", "stop", "eos"]
@@ -65,33 +67,35 @@ def as_request(request: Request | str) -> Request:
     return Request(prompt=request) if isinstance(request, str) else request
 
 
-@dataclass(frozen=True)
-class Stats:
-    """Per-request statistics (`GenerationStats`): where tokens and time went."""
+def _repeated(descriptor) -> bool:
+    if hasattr(descriptor, "is_repeated"):  # protobuf >= 6
+        return descriptor.is_repeated
+    return descriptor.label == descriptor.LABEL_REPEATED
 
-    generated_tokens: int
-    rounds: int
-    draft_tokens: int
-    accepted_tokens: int
-    acceptance_rate: float
-    tokens_per_target_forward: float
-    target_forward_passes: int
-    draft_forward_passes: int
-    draft_seconds: float
-    target_seconds: float
-    network_seconds: float
-    total_seconds: float
-    time_to_first_token_seconds: float
-    bytes_per_round: float
-    num_speculative_tokens: int
-    accepted_per_position: tuple[int, ...]
-    queue_seconds: float
-    adaptive_k: bool
 
-    @classmethod
-    def from_proto(cls, message: orchestrator_pb2.GenerationStats) -> Stats:
-        values = {f.name: getattr(message, f.name) for f in dataclasses.fields(cls)}
-        return cls(**{**values, "accepted_per_position": tuple(message.accepted_per_position)})
+_SCALARS = {FieldDescriptor.CPPTYPE_BOOL: bool, FieldDescriptor.CPPTYPE_FLOAT: float, FieldDescriptor.CPPTYPE_DOUBLE: float}
+
+
+def _python_type(descriptor: FieldDescriptor) -> type:
+    scalar = _SCALARS.get(descriptor.cpp_type, int)
+    return tuple[scalar, ...] if _repeated(descriptor) else scalar
+
+
+def _stats_from_proto(cls, message: orchestrator_pb2.GenerationStats) -> Stats:
+    return cls(**{f.name: (tuple if _repeated(f) else type(getattr(message, f.name)))(getattr(message, f.name))
+                  for f in message.DESCRIPTOR.fields})
+
+
+# Per-request statistics (`GenerationStats`): where tokens and time went. Its fields are the proto
+# message's, in its order and with its names (documented in protos/specdec/v1/orchestrator.proto),
+# so that a field added there reaches clients without a second list to keep in step.
+Stats = dataclasses.make_dataclass(
+    "Stats",
+    [(f.name, _python_type(f)) for f in orchestrator_pb2.GenerationStats.DESCRIPTOR.fields],
+    frozen=True,
+    namespace={"from_proto": classmethod(_stats_from_proto), "__module__": __name__},
+)
+Stats.__doc__ = "Per-request statistics: the fields of GenerationStats in protos/specdec/v1/orchestrator.proto."
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 import asyncio
 
 from specdec.config import parse
-from specdec.serving import run_model_service
+from specdec.model_service.runtime import run_model_service
 from target_service.server import TargetConfig, start
 
 DESCRIPTION = (

@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 import torch
 
 from specdec import lm, sampling, validation
-from specdec.batching import admit_calls, per_call
 from specdec.errors import FailedPrecondition, InvalidArgument, SpecdecError
 from specdec.messages import ModelInfo, VerifyWork
+from specdec.model_service.batching import admit_calls, per_call
 from specdec.models import LoadedModel
 from specdec.sampling import Verdict
 from specdec.sessions import SessionLimits, SessionStore
-
 
 # Tokens per forward pass at which warm-up measures the cost curve: one K=4 verify up to 16 of them.
 COST_CURVE_TOKENS = (1, 2, 3, 5, 10, 20, 40, 80)
@@ -181,9 +180,7 @@ class TargetEngine:
         session = self.sessions.get(work.session_id, prefix + "session_id")
         validation.token_ids(work.tokens, self.vocab_size, prefix + "tokens")
         validation.token_ids(work.draft_tokens, self.vocab_size, prefix + "draft_tokens", allow_empty=True)
-        k = len(work.draft_tokens)
-        if k > self.max_speculative_tokens:
-            raise InvalidArgument(f"{k} draft tokens, the limit is {self.max_speculative_tokens}", prefix + "draft_tokens")
+        k = validation.num_speculative_tokens(len(work.draft_tokens), self.max_speculative_tokens, prefix + "draft_tokens")
         if session.cache.length < len(session.ids):
             raise FailedPrecondition(f"session {work.session_id!r} is still prefilling its prompt", prefix + "session_id")
         if work.prefix_len != len(session.ids):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from specdec.config import ModelServiceConfig, option
+from specdec.model_service.runtime import ModelWorker, RunningModelService, batching_config, session_limits, start_model_service
 from specdec.models import LoadedModel, load_causal_lm
-from specdec.serving import ModelWorker, RunningModelService, batching_config, session_limits, start_model_service
 from specdec.v1 import target_pb2, target_pb2_grpc
 from target_service.engine import TargetEngine
 from target_service.servicer import TargetServicer

@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 
 from specdec import wire
-from specdec.batching import BatchingConfig
 from specdec.messages import VerifyWork
-from specdec.serving import ModelWorker, SessionServicerBase, grpc_errors, timed
+from specdec.model_service.batching import BatchingConfig
+from specdec.model_service.runtime import ModelWorker, SessionServicerBase, timed
 from specdec.v1 import target_pb2, target_pb2_grpc
 
 
@@ -42,7 +42,6 @@ class TargetServicer(SessionServicerBase, target_pb2_grpc.TargetServiceServicer)
             raise
         return seconds
 
-    @grpc_errors
     async def Verify(self, request: target_pb2.VerifyRequest, context) -> target_pb2.VerifyResponse:
         batch = [wire.verify_item_from_proto(item, index) for index, item in enumerate(request.items)]
         verdicts, info = await self.scheduler.submit(batch)

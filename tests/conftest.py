@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import tiny_lm
+from harness.tiny import tiny_lm
 
 # Tiny models gain nothing from intra-op threads, and on a 2-core machine shared with the services
 # of the slow tests, thread oversubscription makes every forward several times slower.
@@ -36,7 +36,8 @@ def stack(tiny_target):
     """The default stack of a test module: the tiny target served with itself as the draft (every
     draft accepted). Modules that need another stack define their own `stack`."""
     from draft_service.drafters.model import ModelDrafter
-    from tests.helpers import start_stack, with_eos
+    from harness.inprocess import start_stack
+    from harness.tiny import with_eos
 
     target = with_eos(tiny_target, ())
     running = start_stack(target, ModelDrafter(target))

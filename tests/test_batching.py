@@ -11,15 +11,17 @@ import time
 import pytest
 import torch
 
+from draft_service.drafters.model import ModelDrafter
 from draft_service.engine import DraftEngine
+from harness.inprocess import start_stack
+from harness.tiny import tiny_lm
 from specdec import sampling
-from specdec.batching import BatchingConfig, BatchScheduler
 from specdec.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from specdec.messages import ProposeWork, VerifyWork
-from specdec.serving import ModelWorker
+from specdec.model_service.batching import BatchingConfig, BatchScheduler
+from specdec.model_service.runtime import ModelWorker
 from specdec.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, target_pb2_grpc
 from target_service.engine import TargetEngine
-from tests.helpers import model_drafter, start_stack, tiny_lm
 
 
 class Item:
@@ -195,7 +197,7 @@ def test_fused_verify_isolates_an_invalid_call(small):
 
 def test_fused_propose_equals_proposing_each_call_alone(small):
     prompts = ragged_prompts(3)
-    engines = {"alone": DraftEngine(model_drafter(small), max_context=512), "fused": DraftEngine(model_drafter(small), max_context=512)}
+    engines = {"alone": DraftEngine(ModelDrafter(small), max_context=512), "fused": DraftEngine(ModelDrafter(small), max_context=512)}
     for engine in engines.values():
         for index, prompt in enumerate(prompts):
             engine.start_session(f"s{index}", prompt)
@@ -231,7 +233,7 @@ def test_verify_before_the_prefill_finished_is_failed_precondition(small):
 def test_concurrent_generations_through_the_services_are_batched_and_exact(tiny_target, tiny_draft):
     """Eight concurrent greedy requests: each output equals the same request run alone, and the
     target fused calls of different requests into shared forward passes."""
-    stack = start_stack(tiny_target, model_drafter(tiny_draft))
+    stack = start_stack(tiny_target, ModelDrafter(tiny_draft))
     try:
         stub = orchestrator_pb2_grpc.OrchestratorStub(stack.channel("orchestrator"))
         requests = [

@@ -12,11 +12,14 @@ import shutil
 import grpc
 import pytest
 
-from specdec.serving import server_credentials
+from draft_service.drafters.model import ModelDrafter
+from harness.inprocess import start_stack
+from harness.probes import wait_for_sessions
+from harness.tiny import with_eos
+from specdec.rpc.tls import server_credentials
 from specdec.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from specdec_client import AsyncClient, Client, Completion, Request, RequestError, Stats
-from tests.helpers import make_certificates, model_drafter, start_stack, with_eos
-from tests.test_services import wait_for_no_sessions
+from tests.helpers import make_certificates
 
 TOKEN = "client-test-token"
 PROMPT = "Once upon a time, in a land far away,"
@@ -29,7 +32,7 @@ def stack(tiny_target, tmp_path_factory):
     tokens.write_text(f"{TOKEN}\n")
     target = with_eos(tiny_target, ())
     # a fixed default K, so that a request without K reports it (adaptive K would report the K it used)
-    running = start_stack(target, model_drafter(target), auth_token_file=str(tokens), adaptive_k=False)
+    running = start_stack(target, ModelDrafter(target), auth_token_file=str(tokens), adaptive_k=False)
     yield running
     running.stop()
 
@@ -94,7 +97,7 @@ def test_leaving_a_stream_early_frees_the_sessions(stack, client):
     for delta in client.generate_stream(Request(prompt=PROMPT, max_new_tokens=400)):
         if delta.token_ids:
             break
-    assert wait_for_no_sessions(stack) == (0, 0)
+    assert wait_for_sessions(stack) == (0, 0)
 
 
 def test_async_client_matches_the_sync_client_with_concurrent_requests(stack, client):
@@ -118,6 +121,7 @@ def test_async_client_matches_the_sync_client_with_concurrent_requests(stack, cl
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.field_violations[0].field == "max_new_tokens"
 
 
+@pytest.mark.slow  # openssl makes the certificate
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
 def test_tls_with_custom_root_certificates(stack, tmp_path):
     """The orchestrator's servicer behind a TLS port, with a certificate for 127.0.0.1 from a test CA."""

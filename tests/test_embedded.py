@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.stack import ServiceStack
+from harness.processes import ServiceStack
 from specdec.v1 import orchestrator_pb2
 
 pytestmark = pytest.mark.slow

@@ -12,12 +12,12 @@ from transformers.generation.candidate_generator import PromptLookupCandidateGen
 from draft_service.drafters.model import ModelDrafter, restrict_head
 from draft_service.drafters.ngram import lookup
 from draft_service.engine import DraftEngine
+from harness.tiny import tiny_lm
 from specdec import lean_llama, lm, sampling
 from specdec.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from specdec.messages import ProposeWork, VerifyWork
 from specdec.sessions import SessionLimits, SessionStore
 from target_service.engine import TargetEngine
-from tests.helpers import tiny_lm
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +163,6 @@ def test_session_store_expires_idle_sessions_and_enforces_limits():
     store.get("a")  # refreshes a's TTL
     now[0] = 12.0
     assert store.expire() == ["b"]
-    assert "a" in store and len(store) == 1
+    assert store.get("a") == 40 and len(store) == 1
     with pytest.raises(InvalidArgument):
         store.add("a", 1)

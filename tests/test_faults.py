@@ -1,4 +1,4 @@
-"""Faults, with each service its own process started from its command line (bench/stack.py):
+"""Faults, with each service its own process started from its command line (harness/processes.py):
 a draft killed (kill -9) in the middle of a stream or hung (SIGSTOP), a target killed and
 restarted, 200 streams cancelled or timed out at random points, an orchestrator killed with
 sessions open. The target is a tiny random model saved to a directory; the draft is n-grams."""
@@ -15,11 +15,12 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.stack import ServiceStack
-from orchestrator.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitOpen, GuardedDraft
-from specdec.errors import Upstream
-from specdec.v1 import common_pb2, draft_pb2_grpc, orchestrator_pb2, orchestrator_pb2_grpc, target_pb2_grpc
-from tests.helpers import tiny_lm
+from harness.probes import sessions_held
+from harness.processes import ServiceStack
+from harness.tiny import tiny_lm
+from specdec.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+pytestmark = pytest.mark.slow  # real service processes (kill -9, SIGSTOP, restarts)
 
 # Repeats give the n-gram draft something to match, so speculation has drafts to show.
 PROMPT = "one two three four, one two three four, one two three four, one two"
@@ -87,14 +88,6 @@ def orchestrator(stack):
         yield orchestrator_pb2_grpc.OrchestratorStub(channel)
 
 
-def sessions_held(stack) -> tuple[int, int]:
-    """active_sessions of the target and the draft."""
-    with grpc.insecure_channel(stack.address("target")) as t, grpc.insecure_channel(stack.address("draft")) as d:
-        target = target_pb2_grpc.TargetServiceStub(t).GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=10)
-        draft = draft_pb2_grpc.DraftServiceStub(d).GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=10)
-    return target.active_sessions, draft.active_sessions
-
-
 def eventually(condition, timeout_s: float, what: str):
     """Poll `condition()` until it returns something truthy; fail naming `what` after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
@@ -135,62 +128,6 @@ def kill_in_the_middle(stack, orchestrator, victim: str, max_new_tokens: int = L
 
 
 # -- 1. Draft failure ------------------------------------------------------------------------------
-
-class Clock:
-    now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_breaker_opens_after_n_failures_probes_after_the_cooldown_and_closes_on_success():
-    clock = Clock()
-    breaker = CircuitBreaker(failure_threshold=3, cooldown_s=10, clock=clock)
-    for _ in range(2):
-        breaker.record_failure()
-    breaker.record_success()  # consecutive failures only
-    for _ in range(3):
-        assert breaker.allow()
-        breaker.record_failure()
-    assert breaker.state == OPEN and not breaker.allow()
-    clock.now = 10
-    assert breaker.allow() and breaker.state == HALF_OPEN  # the probe
-    assert not breaker.allow()  # one probe per cool-down
-    breaker.record_failure()
-    assert breaker.state == OPEN and not breaker.allow()
-    clock.now = 20
-    assert breaker.allow()  # the probe's client left without an outcome:
-    clock.now = 30
-    assert breaker.allow()  # the next probe goes a cool-down later
-    breaker.record_success()
-    assert breaker.state == CLOSED and breaker.allow() and breaker.allow()
-
-
-class FailingDraft:
-    """A draft whose every call fails with `code`."""
-
-    def __init__(self, code: str):
-        self.code, self.timeouts = code, []
-
-    async def start_session(self, session_id, prompt, timeout):
-        self.timeouts.append(timeout)
-        raise Upstream(self.code, "draft service: failed")
-
-
-def test_guarded_draft_bounds_each_call_and_blames_only_the_draft():
-    breaker = CircuitBreaker(failure_threshold=1, cooldown_s=10, clock=Clock())
-    slow = FailingDraft("DEADLINE_EXCEEDED")
-    guarded = GuardedDraft(slow, breaker, call_timeout_s=0.5)
-    with pytest.raises(Upstream):  # the request's own deadline (0.2 s) ran out: not the draft's fault
-        asyncio.run(guarded.start_session("s", [1], timeout=0.2))
-    assert breaker.state == CLOSED
-    with pytest.raises(Upstream):  # the draft's timeout (0.5 s) ran out
-        asyncio.run(guarded.start_session("s", [1], timeout=30))
-    assert slow.timeouts == [0.2, 0.5] and breaker.state == OPEN
-    with pytest.raises(CircuitOpen):  # refused without a call
-        asyncio.run(guarded.start_session("s", [1], timeout=30))
-    assert len(slow.timeouts) == 2
-
 
 def test_draft_killed_mid_stream_falls_back_exactly_and_speculation_resumes_after_a_restart(stack, orchestrator, target_only):
     eventually(lambda: speculating(orchestrator), 30, "speculation (breaker closed)")

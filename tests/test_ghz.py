@@ -7,13 +7,17 @@ import os
 
 import pytest
 
-from bench.loadtest import CONFIGS, run_ghz, summary_line
-from tests.helpers import ngram_drafter, start_stack, with_eos
+from draft_service.drafters.ngram import NGramDrafter
+from harness.ghz import CONFIGS, run_ghz, summary_line
+from harness.inprocess import start_stack
+from harness.tiny import with_eos
+
+pytestmark = pytest.mark.slow  # ghz processes
 
 
 @pytest.fixture(scope="module")
 def stack(tiny_target):
-    running = start_stack(with_eos(tiny_target, ()), ngram_drafter())
+    running = start_stack(with_eos(tiny_target, ()), NGramDrafter())
     yield running
     running.stop()
 

@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from draft_service.drafters.ngram import NGramDrafter
+from harness.inprocess import start_stack
+from harness.tiny import with_eos
 from specdec_client import Client, Request
-from tests.helpers import ngram_drafter, start_stack, with_eos
+
+pytestmark = pytest.mark.slow  # go build and the Go client
 
 ROOT = Path(__file__).resolve().parent.parent
 GO_CLIENT = ROOT / "clients" / "go"
@@ -52,7 +56,7 @@ def stack(tiny_target, tmp_path_factory):
     tokens = tmp_path_factory.mktemp("auth") / "tokens"
     tokens.write_text(f"{TOKEN}\n")
     # a fixed default K, so that a request without K reports it (adaptive K would report the K it used)
-    running = start_stack(with_eos(tiny_target, ()), ngram_drafter(), auth_token_file=str(tokens), adaptive_k=False)
+    running = start_stack(with_eos(tiny_target, ()), NGramDrafter(), auth_token_file=str(tokens), adaptive_k=False)
     yield running
     running.stop()
 

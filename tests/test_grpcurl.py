@@ -12,20 +12,22 @@ from pathlib import Path
 
 import pytest
 
+from draft_service.drafters.ngram import NGramDrafter
+from harness.inprocess import start_stack
+from harness.tiny import with_eos
 from specdec_client import Client, Request
-from tests.helpers import ngram_drafter, start_stack, with_eos
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "grpcurl.md"
 DOC_ADDRESS = "127.0.0.1:50050"
 GRPCURL = os.environ.get("SPECDEC_GRPCURL", "")
 
-pytestmark = pytest.mark.skipif(not GRPCURL, reason="grpcurl is installed by `make tools`; `make test` sets SPECDEC_GRPCURL")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not GRPCURL, reason="grpcurl is installed by `make tools`; `make test` sets SPECDEC_GRPCURL")]  # grpcurl processes
 
 
 @pytest.fixture(scope="module")
 def stack(tiny_target):
-    running = start_stack(with_eos(tiny_target, ()), ngram_drafter())
+    running = start_stack(with_eos(tiny_target, ()), NGramDrafter())
     yield running
     running.stop()
 

@@ -16,20 +16,22 @@ runs in well under 90 s on two cores.
 from __future__ import annotations
 
 import re
-import time
 
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
+from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from draft_service.drafters.model import ModelDrafter
+from harness.inprocess import start_stack
+from harness.probes import wait_for_sessions
+from harness.tiny import with_eos
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc, orchestrator_pb2, orchestrator_pb2_grpc, target_pb2, target_pb2_grpc
-from tests.helpers import start_stack, with_eos
+from tests.helpers import bad_request_fields
 
 CLEAR = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED}
 EXAMPLES = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -65,10 +67,10 @@ def vocab(stubs) -> int:
 
 
 @pytest.fixture(autouse=True)
-def services_survive(stubs):
+def services_survive(stack, stubs):
     """After every test: no session held, and a normal request still works."""
     yield
-    assert wait_for_sessions(stubs, 0) == (0, 0)
+    assert wait_for_sessions(stack) == (0, 0)
     reply = stubs["orchestrator"].Generate(orchestrator_pb2.GenerateRequest(prompt="Hello there", max_new_tokens=4), timeout=30)
     assert reply.stats.generated_tokens == 4
 
@@ -88,17 +90,6 @@ def field_exists(descriptor: Descriptor, path: str) -> bool:
             return False
         descriptor = field.message_type
     return True
-
-
-def bad_request_fields(error: grpc.RpcError) -> list[str]:
-    status = rpc_status.from_call(error)
-    fields = []
-    for detail in status.details if status else ():
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            fields += [violation.field for violation in bad_request.field_violations]
-    return fields
 
 
 def assert_clear(error: grpc.RpcError, request) -> None:
@@ -121,22 +112,6 @@ def call(method, request, timeout: float = 30):
         return None
     event("OK")
     return reply
-
-
-def sessions_held(stubs) -> tuple[int, int]:
-    request = common_pb2.GetModelInfoRequest()
-    return (
-        stubs["target"].GetModelInfo(request, timeout=10).active_sessions,
-        stubs["draft"].GetModelInfo(request, timeout=10).active_sessions,
-    )
-
-
-def wait_for_sessions(stubs, count: int, timeout_s: float = 10.0) -> tuple[int, int]:
-    """Sessions held once both services are back to `count` each (or the timeout passed)."""
-    deadline = time.monotonic() + timeout_s
-    while (held := sessions_held(stubs)) != (count, count) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return held
 
 
 # --- strategies -------------------------------------------------------------------------------------
@@ -238,14 +213,14 @@ def propose_items(draw, session: str, held: int) -> draft_pb2.ProposeItem:
     sampling = draw(valid_sampling)
     valid = dict(
         session_id=session, prefix_len=draw(st.integers(0, held)), tokens=draw(st.lists(small_ids, min_size=1, max_size=3)),
-        num_tokens=k, sampling=sampling,
+        num_speculative_tokens=k, sampling=sampling,
         uniforms=draw(st.lists(st.floats(0, 0.999), min_size=k, max_size=k)) if sampling.temperature > 0 else [],
     )
     wild = dict(
         session_id=wild_session_ids,
         prefix_len=st.one_of(st.integers(held + 1, held + 3), UINT32),
         tokens=st.lists(st.one_of(small_ids, wild_token_ids), max_size=600),
-        num_tokens=st.one_of(st.just(0), st.integers(17, 2**32 - 1)),
+        num_speculative_tokens=st.one_of(st.just(0), st.integers(17, 2**32 - 1)),
         sampling=wild_sampling,
         uniforms=st.lists(wild_floats, max_size=8),
     )
@@ -293,11 +268,11 @@ def generate_requests(draw) -> orchestrator_pb2.GenerateRequest:
 
 @EXAMPLES
 @given(request=generate_requests(), streamed=st.booleans())
-def test_generate_answers_any_request_clearly(stubs, request, streamed):
+def test_generate_answers_any_request_clearly(stack, stubs, request, streamed):
     orchestrator = stubs["orchestrator"]
     method = (lambda r, timeout: list(orchestrator.GenerateStream(r, timeout=timeout))) if streamed else orchestrator.Generate
     call(method, request)
-    assert wait_for_sessions(stubs, 0) == (0, 0)
+    assert wait_for_sessions(stack) == (0, 0)
 
 
 @pytest.mark.parametrize("size,code", [(MIB, grpc.StatusCode.INVALID_ARGUMENT), (17 * MIB, grpc.StatusCode.RESOURCE_EXHAUSTED)])
@@ -327,7 +302,7 @@ def test_megabyte_prompts(stubs, size, code):
     ),
     repeat=st.booleans(),
 )
-def test_start_session_answers_clearly_and_end_session_is_idempotent(stubs, which, session_id, prompt, repeat):
+def test_start_session_answers_clearly_and_end_session_is_idempotent(stack, stubs, which, session_id, prompt, repeat):
     stub = stubs[which]
     request = common_pb2.StartSessionRequest(session_id=session_id, prompt_token_ids=prompt)
     started = call(stub.StartSession, request) is not None
@@ -338,7 +313,7 @@ def test_start_session_answers_clearly_and_end_session_is_idempotent(stubs, whic
     ended = stub.EndSession(common_pb2.EndSessionRequest(session_id=session_id), timeout=30)
     assert ended.existed == started
     assert not stub.EndSession(common_pb2.EndSessionRequest(session_id=session_id), timeout=30).existed
-    assert wait_for_sessions(stubs, 0) == (0, 0)
+    assert wait_for_sessions(stack) == (0, 0)
 
 
 @pytest.mark.parametrize("which", ["target", "draft"])
@@ -379,22 +354,22 @@ class LiveSession:
 
 @EXAMPLES
 @given(data=st.data())
-def test_verify_answers_any_batch_clearly(stubs, data):
+def test_verify_answers_any_batch_clearly(stack, stubs, data):
     with LiveSession(stubs) as session:
         held = len(PROMPT) - 1
         items = data.draw(batches(verify_items(session, held), verify_items("someone-else", held)))
         call(stubs["target"].Verify, target_pb2.VerifyRequest(items=items))
-    assert wait_for_sessions(stubs, 0) == (0, 0)
+    assert wait_for_sessions(stack) == (0, 0)
 
 
 @EXAMPLES
 @given(data=st.data())
-def test_propose_answers_any_batch_clearly(stubs, data):
+def test_propose_answers_any_batch_clearly(stack, stubs, data):
     with LiveSession(stubs) as session:
         held = len(PROMPT)
         items = data.draw(batches(propose_items(session, held), propose_items("someone-else", held)))
         call(stubs["draft"].Propose, draft_pb2.ProposeRequest(items=items))
-    assert wait_for_sessions(stubs, 0) == (0, 0)
+    assert wait_for_sessions(stack) == (0, 0)
 
 
 def sampled_verify(session: str, distribution: common_pb2.SparseDistribution) -> target_pb2.VerifyRequest:
@@ -448,23 +423,41 @@ RPCS = [
 ]
 
 
+def method_types(method: str):
+    """The request and response message classes of a full method name."""
+    _, service, name = method.split("/")
+    files = (orchestrator_pb2, target_pb2, draft_pb2)
+    descriptor = next(f.DESCRIPTOR.services_by_name[service.rsplit(".", 1)[1]] for f in files if service.rsplit(".", 1)[1] in f.DESCRIPTOR.services_by_name)
+    rpc = descriptor.methods_by_name[name]
+    return message_factory.GetMessageClass(rpc.input_type), message_factory.GetMessageClass(rpc.output_type)
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rpc=st.sampled_from(RPCS), payload=st.one_of(st.binary(max_size=64), st.just(b"\x0a\x02\xff\xfe")))
 def test_undecodable_bytes_on_every_rpc(stack, rpc, payload):
-    """Random bytes (invalid UTF-8 in a string field, truncated varints, unknown wire types) either
-    decode to some message, which is then answered clearly, or are refused without INTERNAL."""
+    """Random bytes (invalid UTF-8 in a string field, truncated varints, unknown wire types): what
+    does not decode as the request message is INVALID_ARGUMENT; what decodes is answered clearly,
+    with a reply that parses as the response message."""
     method, streamed = rpc
-    service = method.split("/")[1].rsplit(".", 1)[1]
-    which = {"Orchestrator": "orchestrator", "TargetService": "target", "DraftService": "draft"}[service]
+    request_type, response_type = method_types(method)
+    try:
+        request_type.FromString(payload)
+        decodable = True
+    except DecodeError:
+        decodable = False
+    event("decodable" if decodable else "undecodable")
+    which = {"Orchestrator": "orchestrator", "TargetService": "target", "DraftService": "draft"}[method.split("/")[1].rsplit(".", 1)[1]]
     with stack.channel(which) as channel:
         raw = (channel.unary_stream if streamed else channel.unary_unary)(method)
         try:
             reply = raw(payload, timeout=30)
-            if streamed:
-                list(reply)
+            replies = list(reply) if streamed else [reply]
         except grpc.RpcError as error:
             assert error.code() in CLEAR, f"{method}: {error.code().name}: {error.details()}"
+            assert decodable or error.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{method}: {error.code().name}"
             return
+        assert decodable, f"{method} answered OK to bytes that are not a {request_type.DESCRIPTOR.name}"
+        assert replies and all(isinstance(response_type.FromString(r), response_type) for r in replies)
         if method.endswith("/StartSession"):  # the bytes parsed into a valid request: end its session
             end = channel.unary_unary(method.replace("StartSession", "EndSession"))
             started = common_pb2.StartSessionRequest.FromString(payload)

@@ -13,7 +13,7 @@ import time
 import grpc
 import pytest
 
-from bench.netem import DelayProxy
+from harness.netem import DelayProxy
 from orchestrator import server as orchestrator_server
 from specdec.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -19,18 +18,15 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from draft_service.drafters.model import ModelDrafter
+from harness.inprocess import start_stack
+from harness.probes import free_port
+from harness.tiny import with_eos
 from specdec.v1 import common_pb2, orchestrator_pb2, target_pb2_grpc
 from target_service import server as target_server
-from tests.helpers import model_drafter, start_stack, with_eos
 
 ORCHESTRATOR = {"service": "orchestrator"}
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "specdec-dashboard.json"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def exposition(port: int) -> str:
@@ -57,7 +53,7 @@ def stack(tiny_target):
     """The draft is the target's own model: acceptance is high but, at K = 4 with max_new_tokens
     not a multiple of K + 1, the last round drafts fewer tokens."""
     target = with_eos(tiny_target, ())
-    running = start_stack(target, model_drafter(target), metrics_port=free_port())
+    running = start_stack(target, ModelDrafter(target), metrics_port=free_port())
     yield running
     running.stop()
 

@@ -17,9 +17,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from bench.stack import ROOT, free_port, wait_serving
-from bench.tiny import save_tiny_model
+from harness.probes import free_port, wait_serving
+from harness.processes import ROOT
+from harness.tiny import save_tiny_model
 from specdec.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+pytestmark = pytest.mark.slow  # service processes in network namespaces
 
 HOSTS = {"target": "10.231.1", "draft": "10.231.2"}  # a /24 per link: .1 our side, .2 the service's
 PORTS = {"target": 50051, "draft": 50052}

@@ -13,9 +13,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from specdec.serving import channel_credentials, server_credentials
+from draft_service.drafters.model import ModelDrafter
+from harness.inprocess import start_stack
+from harness.tiny import with_eos
+from specdec.rpc.tls import channel_credentials, server_credentials
 from specdec.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, target_pb2_grpc
-from tests.helpers import make_certificates, model_drafter, start_stack, with_eos
+from tests.helpers import make_certificates
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
 
@@ -37,7 +40,7 @@ def mtls_stack(tiny_target, certificates):
     )
     running = start_stack(
         target,
-        model_drafter(target),
+        ModelDrafter(target),
         model_service_options=model_services,
         upstream_tls_ca_file=certificates.ca,
         upstream_tls_cert_file=certificates.client_cert,
@@ -56,6 +59,7 @@ def target_info(address: str, credentials: grpc.ChannelCredentials | None) -> co
         return target_pb2_grpc.TargetServiceStub(channel).GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=10)
 
 
+@pytest.mark.slow  # openssl makes the certificates
 def test_generation_over_mutual_tls_end_to_end(mtls_stack, certificates):
     credentials = channel_credentials(certificates.ca)
     with grpc.secure_channel(mtls_stack.address("orchestrator"), credentials) as channel:
@@ -66,6 +70,7 @@ def test_generation_over_mutual_tls_end_to_end(mtls_stack, certificates):
     assert reply.stats.accepted_tokens > 0  # the draft took part, over its own mutual-TLS channel
 
 
+@pytest.mark.slow  # openssl makes the certificates
 def test_model_service_accepts_only_clients_with_a_certificate_from_its_ca(mtls_stack, certificates):
     address = mtls_stack.address("target")
     client = channel_credentials(certificates.ca, certificates.client_cert, certificates.client_key)
@@ -83,10 +88,11 @@ def test_model_service_accepts_only_clients_with_a_certificate_from_its_ca(mtls_
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE, case
 
 
+@pytest.mark.slow  # openssl makes the certificates
 def test_client_certificate_from_another_ca_is_rejected(certificates):
     """A server whose client CA is `other_ca` refuses the client certificate `ca` signed."""
-    from specdec.serving import ServerOptions, create_server
-    from tests.helpers import LoopThread
+    from harness.loop import LoopThread
+    from specdec.rpc.server import ServerOptions, create_server
 
     credentials = server_credentials(certificates.server_cert, certificates.server_key, certificates.other_ca)
     options = ServerOptions(credentials=credentials)
@@ -108,6 +114,7 @@ def test_client_certificate_from_another_ca_is_rejected(certificates):
         loop.close()
 
 
+@pytest.mark.slow  # openssl makes the certificates
 def test_half_configured_tls_is_refused_at_start_up(certificates):
     with pytest.raises(ValueError, match="go together"):
         server_credentials(certificates.server_cert, "")

@@ -9,15 +9,16 @@ import time
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from grpc_status import rpc_status
 
 from draft_service.drafters.model import ModelDrafter
+from harness.inprocess import start_stack
+from harness.probes import sessions_held, wait_for_sessions
+from harness.tiny import tiny_lm, with_eos
 from specdec.errors import FailedPrecondition
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc, orchestrator_pb2, orchestrator_pb2_grpc, target_pb2, target_pb2_grpc
-from tests.helpers import start_stack, tiny_lm, with_eos
+from tests.helpers import bad_request_fields
 
 PROMPT = "Once upon a time, in a land far away,"
 
@@ -27,20 +28,6 @@ def request(**fields) -> orchestrator_pb2.GenerateRequest:
     if "messages" not in fields:
         fields.setdefault("prompt", PROMPT)
     return orchestrator_pb2.GenerateRequest(**fields)
-
-
-def sessions_held(stack) -> tuple[int, int]:
-    with stack.channel("target") as t, stack.channel("draft") as d:
-        target = target_pb2_grpc.TargetServiceStub(t).GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=10)
-        draft = draft_pb2_grpc.DraftServiceStub(d).GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=10)
-    return target.active_sessions, draft.active_sessions
-
-
-def wait_for_no_sessions(stack, timeout_s: float = 10.0) -> tuple[int, int]:
-    deadline = time.monotonic() + timeout_s
-    while (held := sessions_held(stack)) != (0, 0) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return held
 
 
 def test_every_service_reports_serving_and_serves_reflection(stack):
@@ -91,16 +78,6 @@ def test_chat_messages_and_sampling_with_seed(orchestrator):
     assert first.stats.bytes_per_round > 64 * 8
 
 
-def bad_request_field(error: grpc.RpcError) -> str:
-    status = rpc_status.from_call(error)
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            return bad_request.field_violations[0].field
-    raise AssertionError(f"no BadRequest detail in {status}")
-
-
 BAD_REQUESTS = {
     "empty prompt": (dict(prompt=""), "prompt"),
     "prompt and messages": (dict(messages=[orchestrator_pb2.ChatMessage(role="user", content="hi")], prompt="x"), "prompt"),
@@ -128,7 +105,7 @@ def test_bad_input_is_invalid_argument_naming_the_field(stack, orchestrator, cas
         with pytest.raises(grpc.RpcError) as error:
             call(request(**fields), timeout=30)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert bad_request_field(error.value) == field
+        assert bad_request_fields(error.value)[0] == field
     assert sessions_held(stack) == (0, 0)
 
 
@@ -138,11 +115,11 @@ def test_unknown_session_on_the_model_services(stack):
         item = target_pb2.VerifyItem(session_id="nobody", prefix_len=0, tokens=[1], sampling=common_pb2.SamplingParams(top_p=1))
         with pytest.raises(grpc.RpcError) as error:
             target.Verify(target_pb2.VerifyRequest(items=[item]), timeout=10)
-        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_request_field(error.value) == "items[0].session_id"
-        propose = draft_pb2.ProposeItem(session_id="nobody", tokens=[1], num_tokens=2, sampling=common_pb2.SamplingParams(top_p=1))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_request_fields(error.value)[0] == "items[0].session_id"
+        propose = draft_pb2.ProposeItem(session_id="nobody", tokens=[1], num_speculative_tokens=2, sampling=common_pb2.SamplingParams(top_p=1))
         with pytest.raises(grpc.RpcError) as error:
             draft.Propose(draft_pb2.ProposeRequest(items=[propose]), timeout=10)
-        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_request_field(error.value) == "items[0].session_id"
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_request_fields(error.value)[0] == "items[0].session_id"
         assert not target.EndSession(common_pb2.EndSessionRequest(session_id="nobody"), timeout=10).existed
 
 
@@ -159,7 +136,7 @@ def test_nan_draft_probabilities_are_rejected_by_the_target(stack):
             with pytest.raises(grpc.RpcError) as error:
                 target.Verify(target_pb2.VerifyRequest(items=[item]), timeout=10)
             assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert bad_request_field(error.value) == "items[0].draft_probs[0].probs"
+            assert bad_request_fields(error.value)[0] == "items[0].draft_probs[0].probs"
         finally:
             target.EndSession(common_pb2.EndSessionRequest(session_id="nan-test"), timeout=10)
 
@@ -169,14 +146,14 @@ def test_cancelled_streams_leave_no_session_on_either_model_service(stack, orche
         stream = orchestrator.GenerateStream(request(max_new_tokens=400, num_speculative_tokens=2), timeout=60)
         next(stream)
         stream.cancel()
-    assert wait_for_no_sessions(stack) == (0, 0)
+    assert wait_for_sessions(stack) == (0, 0)
 
 
 def test_deadline_exceeded_is_reported_and_frees_the_sessions(stack, orchestrator):
     with pytest.raises(grpc.RpcError) as error:
         orchestrator.Generate(request(max_new_tokens=450, num_speculative_tokens=0), timeout=0.3)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert wait_for_no_sessions(stack) == (0, 0)
+    assert wait_for_sessions(stack) == (0, 0)
 
 
 def test_orchestrator_refuses_a_draft_with_another_vocabulary(tiny_target):
@@ -218,11 +195,11 @@ def test_health_is_not_serving_until_the_model_is_loaded():
     import asyncio
     import threading
 
-    from bench.stack import free_port
-    from specdec.serving import ModelWorker, SessionServicerBase, start_model_service
-    from target_service.server import SERVICE_NAME, TargetConfig
+    from harness.loop import LoopThread
+    from harness.probes import free_port
+    from specdec.model_service.runtime import ModelWorker, SessionServicerBase, start_model_service
     from specdec.v1 import target_pb2_grpc as grpc_module
-    from tests.helpers import LoopThread
+    from target_service.server import SERVICE_NAME, TargetConfig
 
     loaded = threading.Event()
 

@@ -17,9 +17,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.stack import free_port
+from harness.inprocess import start_stack
+from harness.probes import free_port
+from harness.tiny import with_eos
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc, orchestrator_pb2, orchestrator_pb2_grpc
-from tests.helpers import start_stack, with_eos
+
+pytestmark = pytest.mark.slow  # a real draft_service process and SIGTERM
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -72,7 +75,7 @@ def start_session(stub, session_id: str) -> None:
 
 def propose(stub, session_id: str) -> draft_pb2.ProposeResponse:
     sampling = common_pb2.SamplingParams(top_p=1.0)  # greedy
-    item = draft_pb2.ProposeItem(session_id=session_id, prefix_len=5, tokens=[7], num_tokens=2, sampling=sampling)
+    item = draft_pb2.ProposeItem(session_id=session_id, prefix_len=5, tokens=[7], num_speculative_tokens=2, sampling=sampling)
     return stub.Propose(draft_pb2.ProposeRequest(items=[item]), timeout=10)
 
 

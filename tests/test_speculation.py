@@ -13,15 +13,17 @@ from scipy.stats import chisquare
 from draft_service.drafters.model import ModelDrafter
 from draft_service.drafters.ngram import NGramDrafter
 from draft_service.engine import DraftEngine
-from orchestrator.adaptive import FixedK
+from harness.inprocess import in_process_engine, run_generation
+from harness.tiny import tiny_lm, with_eos
 from orchestrator.backends import InProcessDraft, InProcessTarget
 from orchestrator.generation import GenerationRequest
+from orchestrator.policy import FixedK
 from orchestrator.speculation import Speculation, speculate
 from orchestrator.stats import GenerationStats
 from specdec import sampling
 from specdec.errors import InvalidArgument
 from target_service.engine import TargetEngine
-from tests.helpers import in_process_generator, joined, run_generation, tiny_lm, with_eos
+from tests.helpers import joined
 
 PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown"
 
@@ -38,13 +40,23 @@ def greedy(generator, k, max_new_tokens=24, prompt=PROMPT, **extra):
     return ids, text, events[-1]
 
 
+def all_accepted_per_position(max_new_tokens: int, k: int) -> list[int]:
+    """accepted_per_position when every draft is accepted: each round drafts min(K, left - 1)."""
+    counts, left = [0] * k, max_new_tokens
+    while left > 0:
+        drafted = min(k, left - 1)
+        counts[:drafted] = [c + 1 for c in counts[:drafted]]
+        left -= drafted + 1
+    return counts
+
+
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
 @pytest.mark.parametrize("draft", ["same_as_target", "random_model", "ngram"])
 def test_greedy_speculative_output_equals_target_only(tiny_target, tiny_draft, draft, k):
     target = with_eos(tiny_target, ())
     drafter = {"same_as_target": lambda: ModelDrafter(target), "random_model": lambda: ModelDrafter(tiny_draft), "ngram": NGramDrafter}[draft]()
-    baseline_ids, baseline_text, baseline_last = greedy(in_process_generator(target), k=0)
-    ids, text, last = greedy(in_process_generator(target, drafter), k=k)
+    baseline_ids, baseline_text, baseline_last = greedy(in_process_engine(target), k=0)
+    ids, text, last = greedy(in_process_engine(target, drafter), k=k)
     prompt_ids = target.tokenizer(PROMPT).input_ids
     assert baseline_ids == hf_greedy(target, prompt_ids, 24)
     assert ids == baseline_ids and text == baseline_text
@@ -52,15 +64,15 @@ def test_greedy_speculative_output_equals_target_only(tiny_target, tiny_draft, d
     if draft == "same_as_target":
         assert last.stats.acceptance_rate == 1.0
         assert last.stats.tokens_per_target_forward > 1.0
-        assert last.stats.accepted_per_position == [last.stats.rounds - (1 if 24 % (k + 1) else 0)] * k or k >= 4
+        assert last.stats.accepted_per_position == all_accepted_per_position(24, k)
     if draft == "random_model":
         assert last.stats.acceptance_rate < 0.2
 
 
 def test_max_new_tokens_reached_mid_round(tiny_target):
     target = with_eos(tiny_target, ())
-    baseline_ids, _, _ = greedy(in_process_generator(target), k=0, max_new_tokens=7)
-    ids, _, last = greedy(in_process_generator(target, ModelDrafter(target)), k=4, max_new_tokens=7)
+    baseline_ids, _, _ = greedy(in_process_engine(target), k=0, max_new_tokens=7)
+    ids, _, last = greedy(in_process_engine(target, ModelDrafter(target)), k=4, max_new_tokens=7)
     # Round 1 commits 4 drafts + bonus = 5 tokens; round 2 may draft only 1 to end at exactly 7.
     assert ids == baseline_ids and len(ids) == 7
     assert last.finish_reason == "length"
@@ -68,12 +80,12 @@ def test_max_new_tokens_reached_mid_round(tiny_target):
 
 
 def test_eos_inside_a_draft_ends_generation_there(tiny_target):
-    free_ids, _, _ = greedy(in_process_generator(with_eos(tiny_target, ())), k=0, max_new_tokens=12)
+    free_ids, _, _ = greedy(in_process_engine(with_eos(tiny_target, ())), k=0, max_new_tokens=12)
     # The first token (from position 2 on) that did not occur before becomes the EOS token; with a
     # perfect draft and K=4 it sits inside a round's accepted drafts.
     position = next(i for i in range(2, 12) if free_ids[i] not in free_ids[:i])
     target = with_eos(tiny_target, (free_ids[position],))
-    ids, text, last = greedy(in_process_generator(target, ModelDrafter(target)), k=4, max_new_tokens=12)
+    ids, text, last = greedy(in_process_engine(target, ModelDrafter(target)), k=4, max_new_tokens=12)
     assert ids == free_ids[:position]
     assert last.finish_reason == "eos"
     assert last.stats.generated_tokens == position
@@ -83,7 +95,7 @@ def test_eos_inside_a_draft_ends_generation_there(tiny_target):
 
 def test_stop_string_spanning_two_rounds(tiny_target):
     target = with_eos(tiny_target, ())
-    free_ids, free_text, _ = greedy(in_process_generator(target), k=0, max_new_tokens=20)
+    free_ids, free_text, _ = greedy(in_process_engine(target), k=0, max_new_tokens=20)
     decode = target.tokenizer.decode
     # K=2 with a perfect draft commits 3 tokens per round: tokens 2 and 3 belong to rounds 1 and 2.
     boundary = len(decode(free_ids[:3]))
@@ -91,7 +103,7 @@ def test_stop_string_spanning_two_rounds(tiny_target):
     assert len(stop) == 4 and decode(free_ids[:2]) != free_text[:boundary]
     expected = free_text[: free_text.find(stop)]
     events = run_generation(
-        in_process_generator(target, ModelDrafter(target)),
+        in_process_engine(target, ModelDrafter(target)),
         GenerationRequest(prompt=PROMPT, max_new_tokens=20, num_speculative_tokens=2, stop=(stop,)),
     )
     ids, text = joined(events)
@@ -106,7 +118,7 @@ def test_prompt_at_the_context_limit(tokenizer):
     ids = tokenizer(prompt).input_ids
     fitting = tokenizer.decode(ids[:63])
     assert len(tokenizer(fitting).input_ids) == 63
-    generator = in_process_generator(target, ModelDrafter(target))
+    generator = in_process_engine(target, ModelDrafter(target))
     events = run_generation(generator, GenerationRequest(prompt=fitting, max_new_tokens=1, num_speculative_tokens=4))
     assert len(joined(events)[0]) == 1 and events[-1].finish_reason == "length"
     with pytest.raises(InvalidArgument) as error:
@@ -138,8 +150,8 @@ def test_streamed_text_never_splits_multibyte_characters(tokenizer):
 def test_sampling_is_reproducible_with_a_seed(tiny_target, tiny_draft):
     target = with_eos(tiny_target, ())
     request = GenerationRequest(prompt=PROMPT, max_new_tokens=16, temperature=0.9, top_k=50, seed=1234, num_speculative_tokens=3)
-    first = joined(run_generation(in_process_generator(target, ModelDrafter(tiny_draft)), request))
-    second = joined(run_generation(in_process_generator(target, ModelDrafter(tiny_draft)), request))
+    first = joined(run_generation(in_process_engine(target, ModelDrafter(tiny_draft)), request))
+    second = joined(run_generation(in_process_engine(target, ModelDrafter(tiny_draft)), request))
     assert first == second
 
 
@@ -217,7 +229,7 @@ def test_sampled_output_distribution_equals_the_targets(params, max_support, hea
         assert chisquare_pvalue(counts[step][support], exact[support]) > 1e-3, f"step {step}"
 
 
-def test_drafts_without_distributions_are_point_masses_when_sampling(tokenizer):
+def test_drafts_without_distributions_are_point_masses_when_sampling():
     """n-gram drafts are deterministic; sampling with them must still be exact."""
     target = tiny_lm(seed=31, vocab_size=8, eos=(), init=0.1)
     prompt = [1, 2, 3, 1, 2, 3, 1, 2]

@@ -12,7 +12,7 @@ little acceptance and buys a small message: K x max_support ids and probabilitie
 instead of K x V floats.
 
 A draft directory may hold a reduced draft vocabulary (`DRAFT_VOCAB_FILE`, written by
-`python -m draft_service.train`): the output head then scores only those tokens (FR-Spec), which
+`python -m distill`): the output head then scores only those tokens (FR-Spec), which
 on a tiny model costs less than its layers, and head rows are mapped back to token ids. Exactness
 is unaffected: a draft may propose from any support.
 """
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from draft_service.drafters.base import DraftSession, Drafter
-from specdec.messages import Proposal, ProposeWork
+from draft_service.drafters.base import Drafter, DraftSession
 from specdec import lm, sampling
+from specdec.messages import Proposal, ProposeWork
 from specdec.models import LoadedModel, resolve
 
 DRAFT_VOCAB_FILE = "draft_vocab.safetensors"
@@ -81,8 +81,8 @@ class ModelDrafter(Drafter):
         proposals = [Proposal([], None if w.sampling.greedy else []) for w in work]
         feed = [s.ids[s.state.length :] for s in sessions]  # tokens each cache still lacks
         passes = 0
-        for step in range(max(w.num_tokens for w in work)):
-            rows = [i for i, w in enumerate(work) if w.num_tokens > step]
+        for step in range(max(w.num_speculative_tokens for w in work)):
+            rows = [i for i, w in enumerate(work) if w.num_speculative_tokens > step]
             logits = lm.forward(self.loaded.model, [sessions[i].state for i in rows], [feed[i] for i in rows], logits_for_last=1)
             passes += 1
             for row, row_logits in zip(rows, logits):

@@ -9,7 +9,7 @@ draft distribution is a point mass on each proposed token, which keeps speculati
 
 from __future__ import annotations
 
-from draft_service.drafters.base import DraftSession, Drafter
+from draft_service.drafters.base import Drafter, DraftSession
 from specdec.messages import Proposal, ProposeWork
 
 
@@ -36,4 +36,4 @@ class NGramDrafter(Drafter):
         self.min_ngram = min_ngram
 
     def propose(self, sessions: list[DraftSession], work: list[ProposeWork]) -> tuple[list[Proposal], int]:
-        return [Proposal(lookup(s.ids, w.num_tokens, self.max_ngram, self.min_ngram)) for s, w in zip(sessions, work)], 0
+        return [Proposal(lookup(s.ids, w.num_speculative_tokens, self.max_ngram, self.min_ngram)) for s, w in zip(sessions, work)], 0

@@ -16,7 +16,7 @@ from itertools import zip_longest
 
 import torch
 
-from draft_service.train.corpus import Example
+from distill.corpus import Example
 
 
 @dataclass

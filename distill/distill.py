@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from draft_service.train.corpus import Example
+from distill.corpus import Example
 
 
 @dataclass

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Generic, Sequence, TypeVar
 
 from specdec.errors import FailedPrecondition, ResourceExhausted, SpecdecError
@@ -78,26 +78,24 @@ class BatchStats:
     batches: int = 0
     items: int = 0
     largest: int = 0
-    sizes: collections.Counter = field(default_factory=collections.Counter)
 
 
 class BatchScheduler(Generic[Item, Result]):
     """Fuses `submit` calls into engine calls of `run_batch(calls) -> per call a list of results or
-    an exception`, run on `worker` (a specdec.serving.ModelWorker); runs `job`s between batches."""
+    an exception`, run on `worker` (a runtime.ModelWorker); runs `job`s between batches. Items
+    have a `session_id`."""
 
     def __init__(
         self,
         worker,
         run_batch: Callable[[list[Sequence[Item]]], list[list[Result] | Exception]],
         config: BatchingConfig = BatchingConfig(),
-        session_of: Callable[[Item], str] = lambda item: item.session_id,
         tokens_of: Callable[[Item], int] = lambda item: 1,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.worker = worker
         self.config = config
         self._run_batch = run_batch
-        self._session_of = session_of
         self._tokens_of = tokens_of
         self._clock = clock
         self._calls: collections.deque[_Call] = collections.deque()
@@ -125,7 +123,7 @@ class BatchScheduler(Generic[Item, Result]):
                 retry_after_s=max(0.05, self._drain_estimate_s()),
             )
         now = self._clock()
-        sessions = frozenset(self._session_of(item) for item in items)
+        sessions = frozenset(item.session_id for item in items)
         for session in sessions:
             self._last_seen[session] = now
         call = _Call(items, sessions, asyncio.get_running_loop().create_future(), now)
@@ -243,7 +241,6 @@ class BatchScheduler(Generic[Item, Result]):
         self.stats.batches += 1
         self.stats.items += items
         self.stats.largest = max(self.stats.largest, items)
-        self.stats.sizes[items] += 1
         if self.on_batch is not None:
             self.on_batch(items, [started - call.submitted for call in batch])
         for call, outcome in zip(batch, outcomes):

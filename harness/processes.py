@@ -1,5 +1,6 @@
 """Start the three services as separate processes on loopback, wait until all report SERVING, and
-stop them (SIGTERM) on exit. Used by the demo and the benchmarks.
+stop them (SIGTERM) on exit. Used by the demo, the benchmarks and the tests that need real
+processes (kill -9, SIGTERM, network namespaces).
 
     with ServiceStack(draft_model="ngram") as stack:
         stub = stack.orchestrator_stub()
@@ -9,44 +10,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from harness.probes import free_port, wait_serving
 from specdec.v1 import orchestrator_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_serving(address: str, process: subprocess.Popen, timeout_s: float, log: Path | None = None) -> None:
-    """Poll the service at `address` until it reports SERVING; fail early if `process` exits."""
-    deadline = time.monotonic() + timeout_s
-    # While the process starts, connections are refused; gRPC's reconnect backoff would grow
-    # to many seconds between attempts (1, 1.6, 2.6, 4.1 s, ...) and notice SERVING late.
-    quick_reconnect = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 300)]
-    with grpc.insecure_channel(address, options=quick_reconnect) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"the service at {address} exited with {process.returncode}; see {log or 'its log'}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.3)
-    raise TimeoutError(f"the service at {address} did not report SERVING within {timeout_s} s")
 
 
 class ServiceStack:
@@ -83,7 +56,7 @@ class ServiceStack:
 
     def route_orchestrator(self, target: str, draft: str) -> None:
         """Have the orchestrator reach the model services at these addresses (a delay proxy's,
-        bench/netem.py) instead of directly; before entering."""
+        harness/netem.py) instead of directly; before entering."""
         command = self.commands["orchestrator"]
         command[command.index("--target") + 1] = target
         command[command.index("--draft") + 1] = draft

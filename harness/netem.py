@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import time
 
+from harness.loop import LoopThread
+
 CHUNK_BYTES = 64 << 10
 
 
@@ -97,8 +99,6 @@ class ProxyThread:
     (the benchmarks and the subprocess tests)."""
 
     def __init__(self):
-        from tests.helpers import LoopThread
-
         self.loop = LoopThread()
         self.proxies: list[DelayProxy] = []
 

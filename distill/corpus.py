@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from draft_service.train.prompts import Prompt
+from distill.prompts import Prompt
 from specdec.chat import chat_token_ids
 from specdec.models import LoadedModel
 

@@ -8,10 +8,12 @@ import asyncio
 import pytest
 
 from draft_service.drafters.model import ModelDrafter
-from orchestrator.adaptive import MAX_PROBE_EVERY, PROBE_EVERY, AdaptiveK, CostCurve, LoadEstimates, expected_tokens
+from harness.inprocess import in_process_engine, run_generation, start_stack
+from harness.tiny import tiny_lm, with_eos
 from orchestrator.generation import GenerationRequest
+from orchestrator.policy import MAX_PROBE_EVERY, PROBE_EVERY, AdaptiveK, CostCurve, KSettings, LoadEstimates, expected_tokens
 from specdec import sampling
-from tests.helpers import in_process_generator, joined, run_generation, tiny_lm, with_eos
+from tests.helpers import joined
 from tests.test_speculation import chisquare_pvalue, exact_target_marginals, sample_many
 
 # Forward seconds by tokens scored: a CPU-like curve (cost grows with tokens) and a GPU-like one
@@ -33,10 +35,10 @@ def test_cost_curve_interpolates_and_extends():
     assert not CostCurve(())
 
 
-def policy(curve, batch=1.0, acceptance=0.8, k_max=8):
+def policy(curve, batch=1.0, acceptance=0.8, max_speculative_tokens=8):
     """A policy whose orchestrator-wide acceptance is `acceptance` (from plenty of evidence)."""
     load = LoadEstimates(curve, batch_size=batch, accepted=1000 * acceptance, rejected=1000 * (1 - acceptance))
-    return AdaptiveK(load, k_max)
+    return AdaptiveK(load, max_speculative_tokens)
 
 
 def test_k_grows_with_acceptance_where_verification_is_flat():
@@ -59,7 +61,7 @@ def test_k_is_zero_for_a_weak_draft_but_probes_ever_less_often():
 
 
 def test_a_request_learns_its_own_acceptance():
-    request = policy(CPU_CURVE, acceptance=0.3, k_max=4)
+    request = policy(CPU_CURVE, acceptance=0.3, max_speculative_tokens=4)
     before = request.next_k()
     for _ in range(20):
         request.observe(4, 4)  # everything accepted: a predictable continuation
@@ -77,9 +79,9 @@ def test_greedy_output_with_adaptive_k_equals_target_only(tiny_target):
     """Adaptive K (a draft identical to the target on a flat curve drafts long, a random one on a
     steep curve drafts little) never changes greedy output."""
     target = with_eos(tiny_target, ())
-    baseline = joined(run_generation(in_process_generator(target), GenerationRequest(prompt="Adaptive", max_new_tokens=30, num_speculative_tokens=0)))
+    baseline = joined(run_generation(in_process_engine(target), GenerationRequest(prompt="Adaptive", max_new_tokens=30, num_speculative_tokens=0)))
     for curve in (GPU_CURVE, CPU_CURVE):
-        generator = in_process_generator(target, ModelDrafter(target), default_k=6)
+        generator = in_process_engine(target, ModelDrafter(target), k_settings=KSettings(num_speculative_tokens=6))
         generator.load = LoadEstimates(curve)
         events = run_generation(generator, GenerationRequest(prompt="Adaptive", max_new_tokens=30))
         assert joined(events) == baseline
@@ -116,8 +118,8 @@ def test_a_request_starting_at_k_zero_starts_the_draft_session_at_its_first_prob
     """Where speculation does not pay, the draft's session is not even started (no prefill on the
     draft) until a probe drafts; the probe's session holds the sequence so far, output stays exact."""
     target = with_eos(tiny_target, ())
-    baseline = joined(run_generation(in_process_generator(target), GenerationRequest(prompt="Lazy", max_new_tokens=60, num_speculative_tokens=0)))
-    generator = in_process_generator(target, ModelDrafter(tiny_draft))
+    baseline = joined(run_generation(in_process_engine(target), GenerationRequest(prompt="Lazy", max_new_tokens=60, num_speculative_tokens=0)))
+    generator = in_process_engine(target, ModelDrafter(tiny_draft))
     generator.load = LoadEstimates(CPU_CURVE, accepted=1.0, rejected=99.0)
     draft_engine = generator.draft.engine
     started = []
@@ -128,3 +130,25 @@ def test_a_request_starting_at_k_zero_starts_the_draft_session_at_its_first_prob
     prompt_length = len(target.tokenizer("Lazy").input_ids)
     assert started == [prompt_length + PROBE_EVERY - 1]  # started at the first probe, with what was generated
     assert events[-1].stats.draft_tokens == 2 and len(draft_engine.sessions) == 0  # two probes (rounds 16 and 48); ended
+
+
+def test_k_is_capped_by_the_drafts_own_limit_and_the_breaker_stays_closed(tiny_target):
+    """A draft started with a smaller --max-speculative-tokens (2) than a request asks for (4):
+    every round drafts 2, none is refused, and the draft's breaker stays closed. (Before K was
+    resolved in one place, each such request went target-only and three opened the breaker.)"""
+    from orchestrator.breaker import CLOSED
+    from specdec.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+    target = with_eos(tiny_target, ())
+    stack = start_stack(target, ModelDrafter(target), draft_options={"max_speculative_tokens": 2}, draft_breaker_failures=3)
+    try:
+        with stack.channel("orchestrator") as channel:
+            stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
+            for _ in range(4):
+                reply = stub.Generate(orchestrator_pb2.GenerateRequest(prompt="Capped", max_new_tokens=12, num_speculative_tokens=4), timeout=60)
+                assert reply.stats.num_speculative_tokens == 2
+                assert reply.stats.draft_tokens == 2 * reply.stats.rounds and reply.stats.acceptance_rate == 1.0
+                assert reply.stats.rounds == 4  # 3 tokens per round
+        assert stack.orchestrator.servicer.engine.draft.breaker.state == CLOSED
+    finally:
+        stack.stop()

@@ -1,4 +1,4 @@
-"""Distilling a draft model from a target: `python -m draft_service.train --help`.
+"""Distilling a draft model from a target: `python -m distill --help`.
 
 The pipeline, one module per stage: `prompts` (training prompts, never Spec-Bench's) -> `corpus`
 (the target's own responses to them) -> `students` (draft architectures initialized from the

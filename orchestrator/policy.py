@@ -1,5 +1,13 @@
-"""How many draft tokens each round verifies: a fixed K, or K chosen per round from what the
-orchestrator measures. Pure arithmetic over running estimates; no gRPC, no tensors.
+"""K, the number of draft tokens each round verifies (`num_speculative_tokens` from the request to
+the draft's engine): resolved once per request into a policy, a fixed K or K chosen per round from
+what the orchestrator measures. Pure arithmetic over running estimates; no gRPC, no tensors.
+
+Resolution (`KResolver.policy`): a request asks for K (`num_speculative_tokens`, at most the
+orchestrator's `max_speculative_tokens`, else INVALID_ARGUMENT) or leaves it unset (the
+orchestrator's `num_speculative_tokens`: every round, or with adaptive K the most per round). That K
+is then capped by what both model services accept (their ModelInfo's `max_speculative_tokens`), so
+that no round ever asks a service for more than it takes: a draft started with a smaller limit than
+the target gets fewer tokens per round instead of refusing the call.
 
 A round with K drafts costs the draft K token steps and the target one forward pass over the
 tokens of every sequence in its batch. It yields E(K) = (1 - a^(K+1)) / (1 - a) tokens when each
@@ -26,6 +34,9 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+
+from specdec.errors import InvalidArgument
+from specdec.messages import ModelInfo
 
 # Rounds at K = 0 before a single-token draft probes the acceptance again; the interval doubles
 # while probes do not change the decision, up to MAX_PROBE_EVERY, since each probe costs a draft
@@ -101,16 +112,16 @@ class LoadEstimates:
 
 
 class FixedK:
-    """The K the request asked for, every round."""
+    """The same K every round."""
 
-    def __init__(self, k: int):
-        self.k = k
+    def __init__(self, num_speculative_tokens: int):
+        self.num_speculative_tokens = num_speculative_tokens
 
     def next_k(self) -> int:
-        return self.k
+        return self.num_speculative_tokens
 
     def first_k(self) -> int:
-        return self.k
+        return self.num_speculative_tokens
 
     def observe(self, k: int, accepted: int) -> None:
         pass
@@ -122,17 +133,12 @@ class AdaptiveK:
     rounds' evidence) and the shared load estimates decide each round's K."""
 
     load: LoadEstimates
-    k_max: int
+    max_speculative_tokens: int
     prior_weight: float = 4.0
     accepted: int = 0
     rejected: int = 0
     rounds_at_zero: int = field(default=0, init=False)
     probe_every: int = field(default=PROBE_EVERY, init=False)
-
-    @property
-    def k(self) -> int:
-        """The ceiling, for statistics."""
-        return self.k_max
 
     @property
     def acceptance(self) -> float:
@@ -149,9 +155,9 @@ class AdaptiveK:
     def first_k(self) -> int:
         """The K the request would start with (no probe counted): at 0 the orchestrator does not
         even start the draft's session until a round drafts."""
-        if not self.load.curve or self.k_max == 0:
-            return self.k_max
-        best = max(range(self.k_max + 1), key=self.throughput)
+        if not self.load.curve or self.max_speculative_tokens == 0:
+            return self.max_speculative_tokens
+        best = max(range(self.max_speculative_tokens + 1), key=self.throughput)
         return best if self.throughput(best) >= MIN_GAIN * self.throughput(0) else 0
 
     def next_k(self) -> int:
@@ -171,3 +177,40 @@ class AdaptiveK:
         self.accepted += accepted
         self.rejected += accepted < k
         self.load.observe_acceptance(k, accepted)
+
+
+Policy = FixedK | AdaptiveK
+
+
+@dataclass(frozen=True)
+class KSettings:
+    """The orchestrator's settings of K (its flags of the same names)."""
+
+    num_speculative_tokens: int = 4  # for requests that leave K unset; with `adaptive`, the most per round
+    adaptive: bool = True
+    max_speculative_tokens: int = 16  # the most a request may ask for
+
+
+class KResolver:
+    """Turns each request's K into its policy, the one place where K is validated and capped."""
+
+    def __init__(self, settings: KSettings, target: ModelInfo, draft: ModelInfo | None):
+        self.settings = settings
+        # The most any round may draft: what both model services accept.
+        self.service_limit = min(target.max_speculative_tokens, draft.max_speculative_tokens if draft else target.max_speculative_tokens)
+
+    def policy(self, num_speculative_tokens: int | None, seeded_sampling: bool, load: LoadEstimates) -> Policy:
+        """The policy of a request that asked for `num_speculative_tokens` (None: unset); adaptive K
+        follows the orchestrator's shared `load` estimates. Seeded
+        sampling keeps a fixed K: which tokens a seed produces depends on the K of every round,
+        and adaptive K depends on the load, so the same seed would not give the same text."""
+        limit = self.settings.max_speculative_tokens
+        if num_speculative_tokens is not None and not 0 <= num_speculative_tokens <= limit:
+            raise InvalidArgument(
+                f"num_speculative_tokens must be in [0, {limit}], got {num_speculative_tokens}", "num_speculative_tokens"
+            )
+        asked = self.settings.num_speculative_tokens if num_speculative_tokens is None else num_speculative_tokens
+        capped = min(asked, self.service_limit)
+        if num_speculative_tokens is None and self.settings.adaptive and not seeded_sampling:
+            return AdaptiveK(load, capped)
+        return FixedK(capped)

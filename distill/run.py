@@ -13,22 +13,22 @@ from pathlib import Path
 
 import torch
 
-from draft_service.train import corpus, prompts
-from draft_service.train.distill import DistillSettings, Student, distill
-from draft_service.train.evaluate import acceptance_report
-from draft_service.train.students import StudentSpec, build_student, coverage, draft_vocabulary, parse_students, save_student
+from distill import corpus, prompts
+from distill.distill import DistillSettings, Student, distill
+from distill.evaluate import acceptance_report
+from distill.students import StudentSpec, build_student, coverage, draft_vocabulary, parse_students, save_student
 from specdec.config import option, parse
 from specdec.models import load_causal_lm
 
-log = logging.getLogger("draft_service.train")
+log = logging.getLogger("distill")
 
 DEFAULT_STUDENTS = "smollm2-draft-l6=6x288/8192,smollm2-draft-l2=2x128/8192"
 
 
 @dataclass
-class TrainConfig:
+class DistillConfig:
     target: str = option("embedded", "the target to distill: a Hugging Face directory, a hub id, a .gguf file, or 'embedded'")
-    students: str = option(DEFAULT_STUDENTS, "comma-separated NAME=LAYERSxHIDDEN[/DRAFT_VOCAB][+random]; /0 keeps the full vocabulary, +random skips the PCA embedding init")
+    students: str = option(DEFAULT_STUDENTS, "comma-separated NAME=LAYERSxHIDDEN[/DRAFT_VOCAB][+random]; /0: the full vocabulary, +random: no PCA embedding init")
     data_dir: str = option("../shared/data", "folder with gsm8k_train.jsonl and humaneval.jsonl (never Spec-Bench)")
     work_dir: str = option(".train", "corpus, checkpoint and report; a rerun resumes from here")
     out_dir: str = option("drafts", "where each trained draft's model directory is written")
@@ -95,7 +95,7 @@ class Progress:
             )
 
 
-def build_corpus(config: TrainConfig, target, progress: Progress) -> list[corpus.Example]:
+def build_corpus(config: DistillConfig, target, progress: Progress) -> list[corpus.Example]:
     path = Path(config.work_dir) / "corpus.jsonl"
     deadline = time.monotonic() + config.generation_minutes * 60 if config.generation_minutes else float("inf")
     generate = dict(
@@ -141,7 +141,7 @@ def model_card(spec: StudentSpec, student: torch.nn.Module, facts: dict) -> str:
     return f"""# {spec.name}
 
 A draft model for speculative decoding with the target `{facts['target']}`, distilled by
-`python -m draft_service.train` (specdec). It shares the target's tokenizer; load it in
+`python -m distill` (specdec). It shares the target's tokenizer; load it in
 draft_service with `--model <this directory>`.
 
 ## Architecture
@@ -178,7 +178,7 @@ DRAFT_VOCAB_NOTE = "the most frequent tokens of the target's training responses,
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse(TrainConfig, "python -m draft_service.train", "SPECDEC_TRAIN", "Distill draft models from a target.", argv)
+    config = parse(DistillConfig, "python -m distill", "SPECDEC_DISTILL", "Distill draft models from a target.", argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     specs = parse_students(config.students)
     work = Path(config.work_dir)

@@ -13,16 +13,17 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from distill import prompts
+from distill.corpus import Example, cut_at_eos
+from distill.distill import DistillSettings, Student, collate, distill
+from distill.evaluate import simulate_rounds, teacher_forced_correct
+from distill.run import main as train_main
+from distill.students import StudentSpec, build_student, coverage, draft_vocabulary, parse_students, pca_embedding
 from draft_service.drafters.model import DRAFT_VOCAB_FILE, ModelDrafter
 from draft_service.server import DraftConfig, build_drafter
-from draft_service.train import prompts
-from draft_service.train.corpus import Example, cut_at_eos
-from draft_service.train.distill import DistillSettings, Student, collate, distill
-from draft_service.train.evaluate import simulate_rounds, teacher_forced_correct
-from draft_service.train.run import main as train_main
-from draft_service.train.students import StudentSpec, build_student, coverage, draft_vocabulary, parse_students, pca_embedding
+from harness.inprocess import in_process_engine, run_generation
+from harness.tiny import with_eos
 from orchestrator.generation import GenerationRequest
-from tests.helpers import in_process_generator, run_generation, with_eos
 
 
 def test_replay_of_rounds_by_hand():
@@ -42,7 +43,7 @@ def test_offline_replay_equals_the_speculation_loop(tiny_target, tokenizer):
     one of the tokens the target writes (so some drafts fail) and with a reduced head."""
     target = with_eos(tiny_target, ())
     prompt = "Speculative decoding replays"
-    baseline = run_generation(in_process_generator(target), GenerationRequest(prompt=prompt, max_new_tokens=32, num_speculative_tokens=0))
+    baseline = run_generation(in_process_engine(target), GenerationRequest(prompt=prompt, max_new_tokens=32, num_speculative_tokens=0))
     response = [t for event in baseline for t in event.token_ids]
     counts = Counter(response)
     missing = counts.most_common(2)[-1][0]
@@ -55,7 +56,7 @@ def test_offline_replay_equals_the_speculation_loop(tiny_target, tokenizer):
 
     draft = replace(target, model=copy.deepcopy(target.model))
     events = run_generation(
-        in_process_generator(target, ModelDrafter(draft, head_ids=vocabulary)),
+        in_process_engine(target, ModelDrafter(draft, head_ids=vocabulary)),
         GenerationRequest(prompt=prompt, max_new_tokens=32, num_speculative_tokens=4),
     )
     stats = events[-1].stats
@@ -176,6 +177,6 @@ def test_cli_smoke_run_makes_a_draft_that_draft_service_serves(tmp_path, tokeniz
     assert drafter.vocab_fingerprint == tiny_target.vocab_fingerprint
     target = with_eos(tiny_target, ())
     request = GenerationRequest(prompt="What is 2 plus 2?", max_new_tokens=12, num_speculative_tokens=4)
-    speculative = run_generation(in_process_generator(target, drafter), request)
-    baseline = run_generation(in_process_generator(target), replace(request, num_speculative_tokens=0))
+    speculative = run_generation(in_process_engine(target, drafter), request)
+    baseline = run_generation(in_process_engine(target), replace(request, num_speculative_tokens=0))
     assert [t for e in speculative for t in e.token_ids] == [t for e in baseline for t in e.token_ids]

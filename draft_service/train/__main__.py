@@ -1,3 +1,0 @@
-from draft_service.train.run import main
-
-main()
