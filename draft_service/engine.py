@@ -35,6 +35,8 @@ class DraftEngine:
             active_sessions=len(self.sessions),
             cache_bytes=self.sessions.total_bytes(),
             device=self.drafter.device,
+            weight_format=self.drafter.weight_format,
+            weight_format_reason=self.drafter.weight_format_reason,
         )
 
     def start_session(self, session_id: str, prompt: list[int]) -> float:

@@ -48,7 +48,10 @@ class ServerConfig:
 class ModelServiceConfig(ServerConfig):
     model: str = option("embedded", "a local Hugging Face directory, a hub id, a .gguf file, or 'embedded' (SmolLM2-135M-Instruct)")
     device: str = option("cpu", "torch device, e.g. cpu, cuda, cuda:1")
-    dtype: str = option("float32", "weights and KV cache dtype", ("float32", "bfloat16", "float16"))
+    dtype: str = option(
+        "auto", "weight format: auto times each at warm-up and keeps the fastest (specdec/weights.py)",
+        ("auto", "float32", "bfloat16", "float16", "int8", "int4"),
+    )
     max_sessions: int = option(256, "sessions held at once; more is RESOURCE_EXHAUSTED")
     max_cache_mb: int = option(4096, "KV cache memory of all sessions, in MiB; more is RESOURCE_EXHAUSTED")
     session_ttl_s: float = option(600.0, "a session unused this long is dropped (its orchestrator is gone)")

@@ -3,11 +3,20 @@ our distilled drafts), over the same `SequenceCache` buffers as the Hugging Face
 
 Why: transformers' module stack adds per-call overhead (module calls, cache objects, mask
 construction) that matters for small models on CPU. This path does the same arithmetic with a few
-tensor operations per layer (fused QKV and gate/up projections), reading the model's own weights.
-Measured single-thread on the 2-core dev machine: the embedded target's one-token step went from
-118 to 82 ms and the 6 x 288 draft's from 10.3-13.4 to 9.6-11.3 ms; what remains is the matrix
-products themselves. A batch is packed (see `LeanLlama.forward`); tests check that this path,
-transformers' and the padded batch give the same logits.
+tensor operations per layer (fused QKV and gate/up projections), with the model's weights in the
+weight format chosen for the processor (specdec/weights.py: float32, prepacked bf16, int8, int4).
+Measured single-thread on the 2-core dev machine (fp32): the embedded target's one-token step went
+from 118 to 82 ms and the 6 x 288 draft's from 10.3-13.4 to 9.6-11.3 ms. A batch is packed (see
+`LeanLlama.forward`); tests check that this path, transformers' and the padded batch give the same
+logits.
+
+Attention runs per query over exactly the keys that query sees, the same call a one-token step
+makes. A masked attention over the whole chunk would reduce over a longer key row (masked entries
+included), whose vectorized tail differs from the shorter row's, and the logits of a (K+1)-token
+verify would then differ from those of single steps by up to 0.6 in bf16, enough to flip the
+argmax at near-ties. With batch-invariant products (bf16, int8, int4) every token's logits are the
+same bits whether it is scored alone, in a verify, or beside other sessions' rows. Rows of more
+than PER_QUERY_MAX tokens (prompt prefills, which every mode runs alike) take one masked call.
 """
 
 from __future__ import annotations
@@ -17,16 +26,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from specdec import weights
+from specdec.weights import Linear
+
+# Rows of up to this many new tokens (steps and verifies: K + 1 <= 17) attend per query.
+PER_QUERY_MAX = 32
+
 
 @dataclass
 class _Layer:
     input_norm: torch.Tensor  # [H]
-    qkv: torch.Tensor  # [(heads + 2 kv_heads) * head_dim, H]
+    qkv: Linear  # H -> (heads + 2 kv_heads) * head_dim
     qkv_bias: torch.Tensor | None
-    out: torch.Tensor  # [H, heads * head_dim]
+    out: Linear  # heads * head_dim -> H
     post_norm: torch.Tensor  # [H]
-    gate_up: torch.Tensor  # [2 I, H]
-    down: torch.Tensor  # [H, I]
+    gate_up: Linear  # H -> 2 I
+    down: Linear  # I -> H
 
 
 def supports_lean_path(model: torch.nn.Module) -> bool:
@@ -40,17 +55,27 @@ def supports_lean_path(model: torch.nn.Module) -> bool:
     )
 
 
+def format_of(model: torch.nn.Module) -> str:
+    """The weight format that keeps a model's own parameter dtype."""
+    dtype = next(model.parameters()).dtype
+    return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
+
+
 class LeanLlama:
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, format: str | None = None):
         config = model.config
         base = model.model
+        self.format = format or format_of(model)
+        self.dtype = weights.activation_dtype(self.format)
+        make = lambda weight: weights.make_linear(self.format, weight)  # noqa: E731
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
-        self.embedding = base.embed_tokens.weight  # [V, H]
-        self.final_norm = base.norm.weight
-        self.head = model.get_output_embeddings().weight  # [V', H] (V' < V with a reduced draft head)
+        self.embedding = base.embed_tokens.weight.to(self.dtype)  # [V, H]
+        self.final_norm = base.norm.weight.to(self.dtype)
+        self.head_source = model.get_output_embeddings().weight  # [V', H] (V' < V with a reduced draft head)
+        self.head = make(self.head_source)
         self.inv_freq = base.rotary_emb.inv_freq  # [head_dim / 2]
         self.rope_scale = base.rotary_emb.attention_scaling
         self.layers = []
@@ -60,32 +85,33 @@ class LeanLlama:
             biases = [p.bias for p in projections]
             self.layers.append(
                 _Layer(
-                    input_norm=layer.input_layernorm.weight,
-                    qkv=torch.cat([p.weight for p in projections]),
-                    qkv_bias=torch.cat(biases) if biases[0] is not None else None,
-                    out=attention.o_proj.weight,
-                    post_norm=layer.post_attention_layernorm.weight,
-                    gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                    down=mlp.down_proj.weight,
+                    input_norm=layer.input_layernorm.weight.to(self.dtype),
+                    qkv=make(torch.cat([p.weight for p in projections])),
+                    qkv_bias=torch.cat(biases).to(self.dtype) if biases[0] is not None else None,
+                    out=make(attention.o_proj.weight),
+                    post_norm=layer.post_attention_layernorm.weight.to(self.dtype),
+                    gate_up=make(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                    down=make(mlp.down_proj.weight),
                 )
             )
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        # one fused op (computed in float32 for bf16 inputs) instead of eight
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
     def _rope(self, positions: list[int], dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [N, head_dim] for the given absolute positions."""
+        """cos and sin [N, 1, head_dim] for the given absolute positions, the sin's first half
+        negated so that rotating is x * cos + roll(x, half) * sin."""
         positions = torch.tensor(positions, device=self.inv_freq.device, dtype=torch.float32)
         angles = torch.outer(positions, self.inv_freq.float())  # [N, head_dim / 2]
-        angles = torch.cat([angles, angles], -1)  # [N, head_dim]
-        return (angles.cos() * self.rope_scale).to(dtype), (angles.sin() * self.rope_scale).to(dtype)
+        sin = angles.sin() * self.rope_scale
+        cos = (angles.cos() * self.rope_scale).repeat(1, 2)  # [N, head_dim]
+        return cos.to(dtype)[:, None], torch.cat([-sin, sin], -1).to(dtype)[:, None]
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
-        return x * cos + rotated * sin
+        """Rotary embedding of x [N, heads, head_dim]: each half rotated against the other."""
+        return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
     @torch.inference_mode()
     def forward(self, caches: list, new_tokens: list[list[int]], logits_for_last: int | None = None) -> list[torch.Tensor]:
@@ -103,34 +129,41 @@ class LeanLlama:
         flat = [token for tokens in new_tokens for token in tokens]
         x = self.embedding[torch.tensor(flat, device=self.embedding.device)]  # [N, H]
         positions = [cache.length + i for cache, n in zip(caches, lengths) for i in range(n)]
-        cos, sin = self._rope(positions, x.dtype)  # [N, head_dim] each
+        cos, sin = self._rope(positions, x.dtype)  # [N, 1, head_dim] each
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        # row i's query j sees the row's whole past and its new tokens up to j
-        masks = [
-            torch.ones(n, cache.length + n, dtype=torch.bool, device=x.device).tril(cache.length) if n > 1 else None
-            for cache, n in zip(caches, lengths)
-        ]
         total = bounds[-1]
         for index, layer in enumerate(self.layers):
-            h = F.linear(self._norm(x, layer.input_norm), layer.qkv, layer.qkv_bias)  # [N, q + 2 kv]
-            q = self._rotate(h[:, :q_size].view(total, self.heads, self.head_dim), cos[:, None], sin[:, None])  # [N, heads, d]
-            k = self._rotate(h[:, q_size : q_size + kv_size].view(total, self.kv_heads, self.head_dim), cos[:, None], sin[:, None])
+            h = layer.qkv(self._norm(x, layer.input_norm))  # [N, q + 2 kv]
+            if layer.qkv_bias is not None:
+                h = h + layer.qkv_bias
+            # queries and keys rotated together: [N, heads + kv, d]
+            qk = self._rotate(h[:, : q_size + kv_size].view(total, self.heads + self.kv_heads, self.head_dim), cos, sin)
+            q, k = qk[:, : self.heads], qk[:, self.heads :]  # [N, heads, d], [N, kv, d]
             v = h[:, q_size + kv_size :].view(total, self.kv_heads, self.head_dim)  # [N, kv, d]
             attended = []
             for row, cache in enumerate(caches):
                 rows = slice(bounds[row], bounds[row + 1])
+                past = cache.length
                 keys, values = cache.write(index, k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None])  # [1, kv, past + n, d]
-                out = F.scaled_dot_product_attention(
-                    q[rows].transpose(0, 1)[None], keys, values, attn_mask=masks[row], enable_gqa=True
-                )  # [1, heads, n, d]
-                attended.append(out[0].transpose(0, 1).reshape(lengths[row], q_size))
-            x = x + F.linear(torch.cat(attended) if len(attended) > 1 else attended[0], layer.out)
-            gate, up = F.linear(self._norm(x, layer.post_norm), layer.gate_up).chunk(2, -1)  # [N, I] each
-            x = x + F.linear(F.silu(gate) * up, layer.down)
+                queries = q[rows].transpose(0, 1)[None]  # [1, heads, n, d]
+                if lengths[row] > PER_QUERY_MAX:  # query j sees the past and the new tokens up to j
+                    mask = torch.ones(lengths[row], past + lengths[row], dtype=torch.bool, device=x.device).tril(past)
+                    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, enable_gqa=True)
+                    attended.append(out[0].transpose(0, 1).reshape(lengths[row], q_size))
+                    continue
+                for j in range(lengths[row]):
+                    seen = past + j + 1
+                    out = F.scaled_dot_product_attention(
+                        queries[:, :, j : j + 1], keys[:, :, :seen], values[:, :, :seen], enable_gqa=True
+                    )  # [1, heads, 1, d]
+                    attended.append(out.view(1, q_size))
+            x = x + layer.out(torch.cat(attended) if len(attended) > 1 else attended[0])
+            gate, up = layer.gate_up(self._norm(x, layer.post_norm)).chunk(2, -1)  # [N, I] each
+            x = x + layer.down(F.silu(gate) * up)
         for cache, n in zip(caches, lengths):
             cache.length += n
         keep = [
             torch.arange(end - min(logits_for_last or n, n), end, device=x.device) for end, n in zip(bounds[1:], lengths)
         ]
-        logits = F.linear(self._norm(x[torch.cat(keep)], self.final_norm), self.head).float()  # [sum kept, V']
+        logits = self.head(self._norm(x[torch.cat(keep)], self.final_norm)).float()  # [sum kept, V']
         return list(logits.split([len(rows) for rows in keep]))

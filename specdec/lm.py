@@ -16,14 +16,19 @@ zeros on the padding and explicit `position_ids` per row. bench/batching.py meas
 
 from __future__ import annotations
 
+import logging
+import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-from specdec.lean_llama import LeanLlama, supports_lean_path
+from specdec import weights
+from specdec.lean_llama import LeanLlama, format_of, supports_lean_path
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -161,13 +166,30 @@ _lean_paths: "weakref.WeakKeyDictionary[torch.nn.Module, LeanLlama]" = weakref.W
 
 
 def _lean_path(model: torch.nn.Module) -> LeanLlama | None:
-    """The model's lean single-sequence path, rebuilt when its head was replaced (draft vocabulary)."""
+    """The model's lean path, rebuilt (in the same weight format) when its head was replaced
+    (draft vocabulary)."""
     if not supports_lean_path(model):
         return None
     lean = _lean_paths.get(model)
-    if lean is None or lean.head is not model.get_output_embeddings().weight:
-        lean = _lean_paths[model] = LeanLlama(model)
+    if lean is None or lean.head_source is not model.get_output_embeddings().weight:
+        lean = _lean_paths[model] = LeanLlama(model, lean.format if lean else None)
     return lean
+
+
+def use_format(model: torch.nn.Module, format: str) -> None:
+    """Run the model's forward passes with its weights in `format` (specdec/weights.py); formats
+    other than its own dtype need the lean path (Llama architectures)."""
+    if not supports_lean_path(model):
+        if format != weight_format(model):
+            raise ValueError(f"weight format {format} needs a Llama-architecture model; this one runs as {weight_format(model)}")
+        return
+    _lean_paths[model] = LeanLlama(model, format)
+
+
+def weight_format(model: torch.nn.Module) -> str:
+    """The weight format the model's forward passes run in."""
+    lean = _lean_path(model)
+    return lean.format if lean is not None else format_of(model)
 
 
 def forward_transformers(model, cache: SequenceCache, tokens: list[int], logits_for_last: int | None, device) -> torch.Tensor:
@@ -206,5 +228,64 @@ def kv_bytes_per_token(model: torch.nn.Module) -> int:
     config = model.config.get_text_config()
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    element = next(model.parameters()).element_size()
+    element = weights.activation_dtype(weight_format(model)).itemsize
     return 2 * config.num_hidden_layers * heads * head_dim * element
+
+
+def forward_seconds(model: torch.nn.Module, tokens: int, context: int = 64, repeats: int = 5, rows: int = 1) -> float:
+    """The fastest of `repeats` forward passes scoring `tokens` new tokens in each of `rows`
+    sequences over `context` cached tokens each (the caches are rolled back after every pass)."""
+    caches = [SequenceCache() for _ in range(rows)]
+    forward(model, caches, [[row % 7 + 1] * context for row in range(rows)], logits_for_last=1)
+    fastest = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        forward(model, caches, [[1] * tokens for _ in range(rows)])
+        fastest = min(fastest, time.perf_counter() - started)
+        for cache in caches:
+            cache.truncate(context)
+    return fastest
+
+
+def choose_format(loaded, max_k: int = 4) -> weights.FormatChoice:
+    """Resolve `loaded.weight_format`: "auto" times each candidate format on this machine (a
+    single step and verifies of up to max_k + 1 tokens, see weights.choose_format) and keeps the
+    fastest; an explicit format or the parameters' own dtype is kept as it is."""
+    model = loaded.model
+    if loaded.weight_format != weights.AUTO:
+        choice = weights.FormatChoice(weight_format(model), "as configured (--dtype)", {})
+    else:
+        choice = _timed_choice(loaded, max_k)
+    if batch_invariant(model):
+        return replace(choice, reason=choice.reason + "; batch-invariant")
+    log.info("%s in %s is not batch-invariant: greedy speculation may part from target-only decoding at near-ties",
+                loaded.name, choice.format)
+    return replace(choice, reason=choice.reason + "; not batch-invariant")
+
+
+def _timed_choice(loaded, max_k: int) -> weights.FormatChoice:
+    model = loaded.model
+    formats = weights.candidates(loaded.device) if supports_lean_path(model) else (format_of(model),)
+    formats = tuple(f for f in formats if weights.supported(f, model.get_output_embeddings().weight))
+
+    def timed(format: str, tokens: int) -> float:
+        if weight_format(model) != format:
+            use_format(model, format)
+        return forward_seconds(model, tokens, repeats=3)
+
+    choice = weights.choose_format(formats, timed, max_k)
+    use_format(model, choice.format)
+    return choice
+
+
+def batch_invariant(model: torch.nn.Module, context: int = 40, tokens: int = 5) -> bool:
+    """Whether `tokens` tokens scored in one pass get the very logits they get one at a time (what
+    makes greedy speculation equal target-only decoding bit for bit; see lean_llama)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = [(7 * i + 3) % vocab for i in range(context + tokens)]
+    together, alone = SequenceCache(), SequenceCache()
+    forward(model, [together], [ids[:context]], logits_for_last=1)
+    forward(model, [alone], [ids[:context]], logits_for_last=1)
+    chunk = forward(model, [together], [ids[context:]])[0]
+    singles = torch.cat([forward(model, [alone], [[token]])[0] for token in ids[context:]])
+    return torch.equal(chunk, singles)

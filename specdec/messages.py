@@ -63,3 +63,5 @@ class ModelInfo:
     cache_bytes: int = 0
     device: str = ""
     forward_cost: tuple[tuple[int, float], ...] = ()  # (tokens scored, seconds) per forward pass
+    weight_format: str = ""
+    weight_format_reason: str = ""

@@ -98,6 +98,20 @@ REQUEST_ERRORS = Counter(_name("request_errors"), "Requests that ended with an e
 # Batching and queueing, recorded by the model services' scheduler (see the module docstring).
 BATCH_SIZE = Histogram(_name("batch_size"), "Sequences scored in one forward pass.", ["service", "rpc"], buckets=BATCH_BUCKETS)
 QUEUE_LENGTH = Gauge(_name("num_requests_waiting"), "Calls waiting for a forward pass.", ["service"])
+
+# The model services' forward passes, set once at warm-up (record_model_info).
+WEIGHT_FORMAT = Gauge(_name("weight_format_info"), "1 for the weight format the forward passes run in.", ["service", "format"])
+FORWARD_COST = Gauge(
+    _name("forward_cost_seconds"), "Seconds of one forward pass scoring `tokens` tokens, measured at warm-up.", ["service", "tokens"]
+)
+
+
+def record_model_info(service: str, info) -> None:
+    """The weight format and cost curve of a model service's ModelInfo (specdec.messages)."""
+    if info.weight_format:
+        WEIGHT_FORMAT.labels(service=service, format=info.weight_format).set(1)
+    for tokens, seconds in info.forward_cost:
+        FORWARD_COST.labels(service=service, tokens=str(tokens)).set(seconds)
 QUEUE_TIME = Histogram(
     _name("request_queue_time_seconds"), "Seconds a call waited before its forward pass began.", ["service"],
     buckets=LATENCY_BUCKETS,

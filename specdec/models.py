@@ -97,9 +97,12 @@ class LoadedModel:
     tokenizer: object | None
     name: str
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the loaded parameters
     eos_token_ids: tuple[int, ...]
     max_context: int
+    # The weight format asked for (specdec/weights.py): a format, "auto" (chosen by timing at
+    # warm-up), or "" for the parameters' own dtype.
+    weight_format: str = ""
 
     @property
     def vocab_size(self) -> int:
@@ -112,20 +115,29 @@ class LoadedModel:
 
     @property
     def placement(self) -> str:
-        """Device and dtype, e.g. "cpu/float32"."""
-        return f"{self.device}/{str(self.dtype).removeprefix('torch.')}"
+        """Device and the weight format the forward passes run in, e.g. "cpu/int4"."""
+        from specdec import lm
+
+        return f"{self.device}/{lm.weight_format(self.model)}"
 
 
 def load_causal_lm(model: str, device: str = "cpu", dtype: str = "float32", with_tokenizer: bool = True) -> LoadedModel:
-    """Load a causal LM for inference (eval mode, no gradients)."""
+    """Load a causal LM for inference (eval mode, no gradients), its forward passes in the weight
+    format `dtype` (specdec/weights.py; "auto": chosen at warm-up, see lm.choose_format)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    from specdec import lm as forwards
+    from specdec.weights import AUTO, FORMATS
+
+    if dtype not in (AUTO, *FORMATS):
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {AUTO}, {', '.join(FORMATS)}")
     path = resolve(model)
-    torch_dtype = DTYPES[dtype]
+    # Quantized formats are made from float32 weights; auto on a GPU keeps half precision.
+    torch_dtype = DTYPES.get(dtype, torch.bfloat16 if dtype == AUTO and device.startswith("cuda") else torch.float32)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
     lm.requires_grad_(False)
+    if dtype in FORMATS:
+        forwards.use_format(lm, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
     return LoadedModel(
         model=lm,
@@ -135,6 +147,7 @@ def load_causal_lm(model: str, device: str = "cpu", dtype: str = "float32", with
         dtype=torch_dtype,
         eos_token_ids=eos_token_ids(lm, tokenizer),
         max_context=int(getattr(lm.config, "max_position_embeddings", 2048)),
+        weight_format=dtype,
     )
 
 

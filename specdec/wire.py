@@ -127,6 +127,8 @@ def model_info_to_proto(info: ModelInfo) -> common_pb2.ModelInfo:
         device=info.device,
         forward_cost_tokens=[tokens for tokens, _ in info.forward_cost],
         forward_cost_seconds=[seconds for _, seconds in info.forward_cost],
+        weight_format=info.weight_format,
+        weight_format_reason=info.weight_format_reason,
     )
 
 
@@ -142,4 +144,6 @@ def model_info_from_proto(message: common_pb2.ModelInfo) -> ModelInfo:
         cache_bytes=message.cache_bytes,
         device=message.device,
         forward_cost=tuple(zip(message.forward_cost_tokens, message.forward_cost_seconds)),
+        weight_format=message.weight_format,
+        weight_format_reason=message.weight_format_reason,
     )

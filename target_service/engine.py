@@ -21,8 +21,10 @@ from specdec.models import LoadedModel
 from specdec.sampling import Verdict
 from specdec.sessions import SessionLimits, SessionStore
 
-# Tokens per forward pass at which warm-up measures the cost curve: one K=4 verify up to 16 of them.
-COST_CURVE_TOKENS = (1, 2, 3, 5, 10, 20, 40, 80)
+# Tokens per forward pass at which warm-up measures the cost curve: one sequence's verify of K + 1
+# tokens up to K = 15, then batches of such rows.
+COST_CURVE_TOKENS = (*range(1, 17), 32, 64)
+ROW_TOKENS = 16
 
 
 @dataclass
@@ -42,6 +44,7 @@ class TargetEngine:
         self.vocab_fingerprint = loaded.vocab_fingerprint
         self._bytes_per_token = lm.kv_bytes_per_token(loaded.model)
         self.forward_cost: tuple[tuple[int, float], ...] = ()
+        self.format_choice = None  # weights.FormatChoice, resolved at warm-up
 
     @property
     def vocab_size(self) -> int:
@@ -59,27 +62,31 @@ class TargetEngine:
             cache_bytes=self.sessions.total_bytes(),
             device=self.loaded.placement,
             forward_cost=self.forward_cost,
+            weight_format=lm.weight_format(self.loaded.model),
+            weight_format_reason=self.format_choice.reason if self.format_choice else "",
         )
 
     def warm_up(self) -> None:
-        """One prefill and one verify, so the first real request does not pay for lazy setup;
-        then the forward cost curve."""
+        """The weight format (timed when "auto"), one prefill and one verify, so the first real
+        request does not pay for lazy setup; then the forward cost curve."""
+        self.format_choice = lm.choose_format(self.loaded)
+        self._bytes_per_token = lm.kv_bytes_per_token(self.loaded.model)
         self.start_session("warm-up", [0, 1, 2])
         self.verify([VerifyWork("warm-up", 2, [2], [3], None, sampling.GREEDY, [])])
         self.end_session("warm-up")
         self.forward_cost = self.measure_forward_cost()
 
     def measure_forward_cost(self, sizes=COST_CURVE_TOKENS, context: int = 64, repeats: int = 5) -> tuple[tuple[int, float], ...]:
-        """Seconds of one forward pass scoring n tokens, for each n in `sizes`, in rows of up to 5
-        tokens (a K=4 verify) over `context` tokens each. The fastest of `repeats` passes, made
+        """Seconds of one forward pass scoring n tokens, for each n in `sizes`, in rows of up to
+        ROW_TOKENS tokens over `context` tokens each. The fastest of `repeats` passes, made
         non-decreasing in n: the service measures this while other processes may be starting on
         the same machine, and interference only ever adds time."""
-        rows = (max(sizes) + 4) // 5
+        rows = (max(sizes) + ROW_TOKENS - 1) // ROW_TOKENS
         caches = [lm.SequenceCache() for _ in range(rows)]
         lm.forward(self.loaded.model, caches, [[row % self.vocab_size] * context for row in range(rows)], logits_for_last=1)
         curve, slowest = [], 0.0
         for n in sizes:
-            lengths = [5] * (n // 5) + ([n % 5] if n % 5 else [])
+            lengths = [ROW_TOKENS] * (n // ROW_TOKENS) + ([n % ROW_TOKENS] if n % ROW_TOKENS else [])
             fastest = float("inf")
             for _ in range(repeats):
                 started = time.perf_counter()

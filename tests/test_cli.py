@@ -45,7 +45,7 @@ def test_flags_override_environment_which_overrides_defaults(monkeypatch):
     monkeypatch.setenv("SPECDEC_TARGET_DEVICE", "cuda:1")
     monkeypatch.setenv("SPECDEC_TARGET_REFLECTION", "false")
     config = parse(TargetConfig, "t", "SPECDEC_TARGET", "", ["--port", "7001"])
-    assert (config.port, config.device, config.reflection, config.dtype) == (7001, "cuda:1", False, "float32")
+    assert (config.port, config.device, config.reflection, config.dtype) == (7001, "cuda:1", False, "auto")
 
 
 def test_client_streams_a_generation(tiny_target):

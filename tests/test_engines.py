@@ -63,8 +63,8 @@ def test_lean_llama_path_matches_transformers(small, reduced_head):
     fast, reference = lm.SequenceCache(), lm.SequenceCache()
     for chunk, rollback in ((ids[:40], 0), (ids[40:45], 2), (ids[43:44], 0), (ids[44:50], 3), (ids[47:48], 0)):
         torch.testing.assert_close(
-            lean.forward([fast], [chunk])[0], lm.forward_transformers(model, reference, chunk, None, "cpu"), atol=1e-5, rtol=1e-5
-        )
+            lean.forward([fast], [chunk])[0], lm.forward_transformers(model, reference, chunk, None, "cpu"), atol=5e-5, rtol=1e-5
+        )  # the lean path attends per query (batch invariance), transformers with one masked call
         fast.truncate(fast.length - rollback)
         reference.truncate(reference.length - rollback)
     last = lean.forward([fast], [ids[48:49]], 1)[0]  # the cache now holds ids[:49] after all the rollbacks

@@ -199,12 +199,17 @@ def test_health_is_not_serving_until_the_model_is_loaded():
     from harness.probes import free_port
     from specdec.model_service.runtime import ModelWorker, SessionServicerBase, start_model_service
     from specdec.v1 import target_pb2_grpc as grpc_module
+    from specdec.messages import ModelInfo
     from target_service.server import SERVICE_NAME, TargetConfig
 
     loaded = threading.Event()
 
     class Engine:
         sessions = {}  # none held: stop() drains at once
+
+        @staticmethod
+        def info():
+            return ModelInfo("fake", 0, "", 16, (), 4)
 
     def load_engine():
         loaded.wait(30)

@@ -20,7 +20,7 @@ from orchestrator.generation import GenerationRequest
 from orchestrator.policy import FixedK
 from orchestrator.speculation import Speculation, speculate
 from orchestrator.stats import GenerationStats
-from specdec import sampling
+from specdec import lm, sampling
 from specdec.errors import InvalidArgument
 from target_service.engine import TargetEngine
 from tests.helpers import joined
@@ -164,8 +164,8 @@ def exact_target_marginals(loaded, prompt, params, steps):
         dist = torch.zeros(vocab, dtype=torch.float64)
         next_prefixes = {}
         for prefix, weight in prefixes.items():
-            with torch.inference_mode():
-                logits = loaded.model(torch.tensor([prompt + list(prefix)])).logits[0, -1]
+            # the forward path the services run, in the model's weight format
+            logits = lm.forward(loaded.model, [lm.SequenceCache()], [prompt + list(prefix)], logits_for_last=1)[0][-1]
             p = sampling.warp(logits, params).double()
             dist += weight * p
             for token in range(vocab):
@@ -223,6 +223,27 @@ def test_sampled_output_distribution_equals_the_targets(params, max_support, hea
     drafter = ModelDrafter(draft, max_support, torch.tensor(head_ids) if head_ids else None)
     counts, stats = asyncio.run(sample_many(target, drafter, prompt, params, 2, steps, trials=2000))
     assert stats.accepted_tokens > 50 and stats.draft_tokens - stats.accepted_tokens > 50  # both paths are exercised
+    for step, exact in enumerate(exact_target_marginals(target, prompt, params, steps)):
+        support = exact > 1e-9
+        assert counts[step][~support].sum() == 0
+        assert chisquare_pvalue(counts[step][support], exact[support]) > 1e-3, f"step {step}"
+
+
+@pytest.mark.parametrize(
+    "format,params",
+    [(f, sampling.SamplingParams(1.0)) for f in ("bfloat16", "int8", "int4")] + [("int4", sampling.SamplingParams(0.8, top_k=6, top_p=0.9))],
+    ids=["bfloat16", "int8", "int4", "int4-warped"],
+)
+def test_sampled_output_distribution_equals_the_targets_in_every_weight_format(format, params):
+    """The chi-square test above with target and draft in a quantized weight format: the output
+    is the distribution of the target in that format."""
+    target = tiny_lm(seed=21, vocab_size=16, eos=(), init=0.1)
+    draft = tiny_lm(seed=22, vocab_size=16, eos=(), init=0.1)
+    for model in (target.model, draft.model):
+        lm.use_format(model, format)
+    prompt, steps = [3, 1, 4, 1, 5], 3
+    counts, stats = asyncio.run(sample_many(target, ModelDrafter(draft), prompt, params, 2, steps, trials=2000))
+    assert stats.accepted_tokens > 50 and stats.draft_tokens - stats.accepted_tokens > 50
     for step, exact in enumerate(exact_target_marginals(target, prompt, params, steps)):
         support = exact > 1e-9
         assert counts[step][~support].sum() == 0

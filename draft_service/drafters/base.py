@@ -34,6 +34,8 @@ class Drafter(ABC):
     #: Whether proposals can be sampled (model drafters) or are always deterministic (n-grams).
     samples: bool = False
     device: str = "cpu"
+    weight_format: str = ""  # of a model drafter's forward passes, and why (ModelInfo)
+    weight_format_reason: str = ""
 
     def start(self, session: DraftSession) -> None:
         """Prepare the drafter's state for a new session (e.g. prefill all tokens but the last)."""

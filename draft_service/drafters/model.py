@@ -106,6 +106,12 @@ class ModelDrafter(Drafter):
         return rows if self.head_ids is None else self.head_ids[rows]
 
     def warm_up(self) -> None:
+        """The weight format (timed when "auto"), then one proposal, so the first real one does
+        not pay for lazy setup."""
+        choice = lm.choose_format(self.loaded)
+        self.weight_format, self.weight_format_reason = choice.format, choice.reason
+        self.device = self.loaded.placement
+        self._bytes_per_token = lm.kv_bytes_per_token(self.loaded.model)
         session = DraftSession(ids=[0, 1, 2])
         self.start(session)
         self.propose([session], [ProposeWork('warm-up', 2, [2], 2, sampling.GREEDY, [])])

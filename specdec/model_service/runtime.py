@@ -89,9 +89,18 @@ async def start_model_service(
             await endpoint.close()
         raise
     servicer.engine = engine
-    untrack = metrics.track_sessions(metrics.service_label(service_name), lambda: len(engine.sessions))
+    label = metrics.service_label(service_name)
+    untrack = metrics.track_sessions(label, lambda: len(engine.sessions))
+    info = engine.info()
+    metrics.record_model_info(label, info)
     await server.set_serving(True)
     log.info("%s SERVING after %.1f s of loading and warm-up", service_name, time.perf_counter() - started)
+    if info.weight_format:
+        log.info("%s weights: %s (%s)", service_name, info.weight_format, info.weight_format_reason)
+    if info.forward_cost:
+        first = info.forward_cost[0][1]
+        log.info("%s cost curve T(n)/T(1): %s (T(1) = %.1f ms)", service_name,
+                 " ".join(f"{n}:{s / first:.2f}" for n, s in info.forward_cost), 1000 * first)
     expiry = asyncio.create_task(expire_sessions_forever(engine, servicer.worker, min(60.0, config.session_ttl_s / 4)))
     return RunningModelService(server, servicer, servicer.worker, expiry, endpoint, untrack)
 

@@ -25,7 +25,7 @@ class SparseDistribution(_message.Message):
     def __init__(self, token_ids: _Optional[bytes] = ..., probs: _Optional[bytes] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "vocab_size", "vocab_fingerprint", "max_context", "eos_token_ids", "max_speculative_tokens", "active_sessions", "cache_bytes", "device", "forward_cost_tokens", "forward_cost_seconds")
+    __slots__ = ("model", "vocab_size", "vocab_fingerprint", "max_context", "eos_token_ids", "max_speculative_tokens", "active_sessions", "cache_bytes", "device", "forward_cost_tokens", "forward_cost_seconds", "weight_format", "weight_format_reason")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,8 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     FORWARD_COST_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_COST_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FORMAT_REASON_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
     vocab_fingerprint: str
@@ -48,7 +50,9 @@ class ModelInfo(_message.Message):
     device: str
     forward_cost_tokens: _containers.RepeatedScalarFieldContainer[int]
     forward_cost_seconds: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., vocab_fingerprint: _Optional[str] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_speculative_tokens: _Optional[int] = ..., active_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., device: _Optional[str] = ..., forward_cost_tokens: _Optional[_Iterable[int]] = ..., forward_cost_seconds: _Optional[_Iterable[float]] = ...) -> None: ...
+    weight_format: str
+    weight_format_reason: str
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., vocab_fingerprint: _Optional[str] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_speculative_tokens: _Optional[int] = ..., active_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., device: _Optional[str] = ..., forward_cost_tokens: _Optional[_Iterable[int]] = ..., forward_cost_seconds: _Optional[_Iterable[float]] = ..., weight_format: _Optional[str] = ..., weight_format_reason: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
