@@ -21,6 +21,7 @@ from bench.report import category_markdown, methods_markdown, summarize, write_o
 from bench.services import ServiceBench, service_configs
 from bench.specbench import default_prompts, load_prompts
 from bench.theory import verify_cost_curve
+from specdec.weights import AUTO, FORMATS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -37,7 +38,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="per-request seed when sampling")
     parser.add_argument("--target", default="embedded", help="target model of the target service")
     parser.add_argument("--device", default="cpu", help="device of the model services (cuda works unchanged)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument(
+        "--dtype", default="auto", choices=(AUTO, *FORMATS),
+        help="weight format of the model services (auto: timed at warm-up); the in-process HF baselines run float32 for quantized formats",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "bench", help="output directory")
     parser.add_argument("--resume", action="store_true", help="keep records already in OUT/records.jsonl and skip them")
     parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,

@@ -75,7 +75,7 @@ class LeanLlama:
         self.embedding = base.embed_tokens.weight.to(self.dtype)  # [V, H]
         self.final_norm = base.norm.weight.to(self.dtype)
         self.head_source = model.get_output_embeddings().weight  # [V', H] (V' < V with a reduced draft head)
-        self.head = make(self.head_source)
+        self.head = weights.make_linear(weights.HEAD_FORMAT.get(self.format, self.format), self.head_source)
         self.inv_freq = base.rotary_emb.inv_freq  # [head_dim / 2]
         self.rope_scale = base.rotary_emb.attention_scaling
         self.layers = []

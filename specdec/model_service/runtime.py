@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from specdec import metrics, wire
 from specdec.errors import Unavailable
 from specdec.model_service.batching import BatchingConfig, BatchScheduler
@@ -70,6 +72,9 @@ async def start_model_service(
     """Start serving at once (health NOT_SERVING, model RPCs UNAVAILABLE) and the metrics
     endpoint when configured, load and warm up the engine on the model worker, then report
     SERVING."""
+    if config.threads:
+        # torch's threads thrash when another process holds one of the cores they spin on
+        torch.set_num_threads(config.threads)
     server = create_server(
         f"{config.host}:{config.port}",
         lambda s: add_to_server(servicer, s),
