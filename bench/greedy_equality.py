@@ -1,13 +1,14 @@
 """Greedy equality on Spec-Bench prompts: speculative output must be token-identical to target-only
 decoding through the same services.
 
-    python -m bench.greedy_equality [--prompts ../shared/data/specbench_dev.jsonl] [--limit N]
+    python -m bench.greedy_equality [--prompts ../shared/data/specbench_dev.jsonl] [--limit N] [--dtype auto]
 
 For each prompt (first turn, as a chat message) it generates with K = 0 and with K, in alternating
 order, and compares the token ids. Where they differ, it measures the gap between the target's two
 best logits at the first differing position (one forward pass over prompt + common prefix): below
 1e-4 the difference is a floating-point tie between a K+1-token and a 1-token forward pass, not a
-bug. It also reports the speedup of each prompt (target-only time / speculative time), measured
+bug. Both services run in the weight format `--dtype` (the gap is measured in the format the
+target chose). It also reports the speedup of each prompt (target-only time / speculative time), measured
 side by side. Each prompt's result is appended to bench/results/greedy_equality.jsonl as soon as
 it is measured, and `--resume` skips the prompts already there, so a long run can be interrupted
 and continued; the summary is written to bench/results/greedy_equality.json.
@@ -21,20 +22,23 @@ import statistics
 import time
 from pathlib import Path
 
+import grpc
 import torch
 
 from bench.specbench import default_prompts, load_prompts
 from harness.processes import ServiceStack
 from orchestrator.generation import encode_prompt
+from specdec import lm
 from specdec.models import load_causal_lm
-from specdec.v1 import orchestrator_pb2
+from specdec.v1 import common_pb2, orchestrator_pb2, target_pb2_grpc
+from specdec.weights import AUTO, FORMATS
 
 TIE = 1e-4
 
 
 def top2_gap(model, ids: list[int]) -> float:
-    with torch.inference_mode():
-        logits = model(torch.tensor([ids])).logits[0, -1].float()
+    """The gap between the two best logits after `ids`, by the services' own forward path."""
+    logits = lm.forward(model, [lm.SequenceCache()], [ids], logits_for_last=1)[0][-1]
     best = torch.topk(logits, 2).values
     return float(best[0] - best[1])
 
@@ -53,12 +57,12 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("-k", type=int, default=4)
     parser.add_argument("--draft", default="ngram", help="draft model for the draft service")
+    parser.add_argument("--dtype", default=AUTO, choices=(AUTO, *FORMATS), help="weight format of both model services")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "greedy_equality.json")
     parser.add_argument("--resume", action="store_true", help="keep earlier per-prompt results and skip their prompts")
     args = parser.parse_args()
 
     prompts = load_prompts(args.prompts, args.limit)
-    loaded = load_causal_lm("embedded")
     progress = args.out.with_suffix(".jsonl")
     progress.parent.mkdir(parents=True, exist_ok=True)
     if not args.resume:
@@ -67,7 +71,11 @@ def main() -> None:
     done = {row["question_id"] for row in rows}
     todo = [p for p in prompts if p.question_id not in done]
     started = time.monotonic()
-    with ServiceStack(draft_model=args.draft) as stack:
+    flags = ("--dtype", args.dtype)
+    with ServiceStack(draft_model=args.draft, extra_target_args=flags, extra_draft_args=flags if args.draft != "ngram" else ()) as stack:
+        with grpc.insecure_channel(stack.address("target")) as channel:
+            chosen = target_pb2_grpc.TargetServiceStub(channel).GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=60).weight_format
+        loaded = load_causal_lm("embedded", dtype=chosen)  # for the top-2 gaps, in the target's format
         stub = stack.orchestrator_stub()
         for index, prompt in enumerate(todo):
             question = prompt.text
@@ -92,7 +100,7 @@ def main() -> None:
             }
             if diff is not None:
                 prompt_ids, _ = encode_prompt(loaded.tokenizer, "", (("user", question),))
-                row["top2_gap"] = top2_gap(loaded.model, prompt_ids + base_ids[:diff])
+                row["top2_gap"] = top2_gap(loaded.model, prompt_ids + base_ids[:diff])  # in the services' format
             rows.append(row)
             with progress.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
@@ -115,6 +123,7 @@ def main() -> None:
         "differing_unexplained": len(differing) - len(ties),
         "k": args.k,
         "draft": args.draft,
+        "weight_format": chosen,
         "max_new_tokens": args.max_new_tokens,
         "speedup_median": statistics.median(speedups),
         "speedup_p10_p90": [statistics.quantiles(speedups, n=10)[0], statistics.quantiles(speedups, n=10)[-1]] if len(speedups) > 1 else None,

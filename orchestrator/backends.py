@@ -28,6 +28,8 @@ class CallCost:
     queue_s: float = 0.0  # waiting in the service's batching queue
     batch_size: int = 1  # sequences in the batch the call ran in
     batch_tokens: int = 0  # tokens the batch's forward pass scored (target)
+    handler_s: float = 0.0  # in the service's handler (queue and compute included); 0: not reported
+    conversion_s: float = 0.0  # building the request and reading the response, here
 
 
 class SessionBackend(Protocol):
@@ -82,19 +84,24 @@ class GrpcTarget(_GrpcSessions):
         super().__init__(target_pb2_grpc.TargetServiceStub(channel))
 
     async def verify(self, work: VerifyWork, timeout: float | None) -> tuple[Verdict, CallCost]:
+        converting = time.perf_counter()
         request = target_pb2.VerifyRequest(items=[wire.verify_item_to_proto(work)])
         started = time.perf_counter()
         response = await self._call(self.stub.Verify, request, timeout)
+        ended = time.perf_counter()
+        verdict = wire.verdict_from_proto(response.results[0])
         cost = CallCost(
-            time.perf_counter() - started,
+            ended - started,
             response.compute_seconds,
             request.ByteSize() + response.ByteSize(),
             1,
             response.queue_seconds,
             response.batch_size,
             response.batch_tokens,
+            response.handler_seconds,
+            (started - converting) + (time.perf_counter() - ended),
         )
-        return wire.verdict_from_proto(response.results[0]), cost
+        return verdict, cost
 
 
 class GrpcDraft(_GrpcSessions):
@@ -104,18 +111,23 @@ class GrpcDraft(_GrpcSessions):
         super().__init__(draft_pb2_grpc.DraftServiceStub(channel))
 
     async def propose(self, work: ProposeWork, timeout: float | None) -> tuple[Proposal, CallCost]:
+        converting = time.perf_counter()
         request = draft_pb2.ProposeRequest(items=[wire.propose_item_to_proto(work)])
         started = time.perf_counter()
         response = await self._call(self.stub.Propose, request, timeout)
+        ended = time.perf_counter()
+        proposal = wire.proposal_from_proto(response.proposals[0])
         cost = CallCost(
-            time.perf_counter() - started,
+            ended - started,
             response.compute_seconds,
             request.ByteSize() + response.ByteSize(),
             response.forward_passes,
             response.queue_seconds,
             response.batch_size,
+            handler_s=response.handler_seconds,
+            conversion_s=(started - converting) + (time.perf_counter() - ended),
         )
-        return wire.proposal_from_proto(response.proposals[0]), cost
+        return proposal, cost
 
 
 class _InProcessSessions:

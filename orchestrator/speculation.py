@@ -74,7 +74,9 @@ async def speculate(
     committed = len(sequence) - 1  # tokens in the target's cache
     drafted_to = committed  # tokens in the draft's cache: rounds at K = 0 leave the draft behind
     left = spec.max_new_tokens
+    mark = time.perf_counter()  # the end of the previous round: what follows until the next is ours
     while left > 0:
+        calls_s = 0.0  # this round's calls, from the first conversion to the last
         num_speculative_tokens = min(spec.policy.next_k(), left - 1) if draft is not None else 0
         proposal_tokens, distributions, drafted = [], None, False
         if num_speculative_tokens > 0:
@@ -88,6 +90,7 @@ async def speculate(
                     _uniforms(spec, num_speculative_tokens),
                 )
                 proposal, cost = await draft.propose(work, remaining(spec.deadline))
+                calls_s += cost.wall_s + cost.conversion_s
                 stats.add_draft_call(cost)
                 if spec.load is not None:
                     spec.load.observe_draft(cost.wall_s, num_speculative_tokens)
@@ -107,6 +110,7 @@ async def speculate(
             _uniforms(spec, len(proposal_tokens) + 1),
         )
         verdict, cost = await target.verify(verify, remaining(spec.deadline))
+        calls_s += cost.wall_s + cost.conversion_s
         stats.add_target_call(cost)
         stats.add_round(len(proposal_tokens), verdict.accepted)
         spec.policy.observe(len(proposal_tokens), verdict.accepted)
@@ -118,4 +122,7 @@ async def speculate(
             drafted_to = committed
         sequence += new_tokens
         left -= len(new_tokens)
+        now = time.perf_counter()
+        stats.orchestrator_seconds += max(now - mark - calls_s, 0.0)
+        mark = now  # the caller's work on these tokens (text, stops, streaming) counts in the next round
         yield new_tokens

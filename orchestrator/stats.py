@@ -26,6 +26,13 @@ class GenerationStats:
     target_seconds: float = 0.0
     network_seconds: float = 0.0
     queue_seconds: float = 0.0  # waiting in the model services' batching queues
+    orchestrator_seconds: float = 0.0  # the round loop's own work between calls (see orchestrator.proto)
+    draft_conversion_seconds: float = 0.0
+    target_conversion_seconds: float = 0.0
+    draft_transport_seconds: float = 0.0
+    target_transport_seconds: float = 0.0
+    draft_service_overhead_seconds: float = 0.0
+    target_service_overhead_seconds: float = 0.0
     network_bytes: int = 0
     total_seconds: float = 0.0
     time_to_first_token_seconds: float = 0.0
@@ -45,16 +52,22 @@ class GenerationStats:
 
     def add_target_call(self, cost: CallCost) -> None:
         self.target_seconds += cost.compute_s
-        self._add_network(cost)
+        self._add_network(cost, "target")
 
     def add_draft_call(self, cost: CallCost) -> None:
         self.draft_seconds += cost.compute_s
         self.draft_forward_passes += cost.forward_passes
-        self._add_network(cost)
+        self._add_network(cost, "draft")
 
-    def _add_network(self, cost: CallCost) -> None:
+    def _add_network(self, cost: CallCost, role: str) -> None:
         self.queue_seconds += cost.queue_s
-        self.network_seconds += max(cost.wall_s - cost.compute_s - cost.queue_s, 0.0)
+        outside = max(cost.wall_s - cost.compute_s - cost.queue_s, 0.0)
+        self.network_seconds += outside
+        # calls that do not report their handler time (session starts) count all of it as transport
+        transport = min(max(cost.wall_s - (cost.handler_s or cost.compute_s + cost.queue_s), 0.0), outside)
+        setattr(self, f"{role}_transport_seconds", getattr(self, f"{role}_transport_seconds") + transport)
+        setattr(self, f"{role}_service_overhead_seconds", getattr(self, f"{role}_service_overhead_seconds") + outside - transport)
+        setattr(self, f"{role}_conversion_seconds", getattr(self, f"{role}_conversion_seconds") + cost.conversion_s)
         self.network_bytes += cost.bytes
 
     def add_round(self, drafted: int, accepted: int) -> None:

@@ -5,6 +5,7 @@ prompt prefills in chunks between batches."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 from specdec import wire
 from specdec.messages import VerifyWork
@@ -43,12 +44,15 @@ class TargetServicer(SessionServicerBase, target_pb2_grpc.TargetServiceServicer)
         return seconds
 
     async def Verify(self, request: target_pb2.VerifyRequest, context) -> target_pb2.VerifyResponse:
+        started = time.perf_counter()
         batch = [wire.verify_item_from_proto(item, index) for index, item in enumerate(request.items)]
         verdicts, info = await self.scheduler.submit(batch)
-        return target_pb2.VerifyResponse(
+        response = target_pb2.VerifyResponse(
             results=[wire.verdict_to_proto(work.session_id, v) for work, v in zip(batch, verdicts)],
             compute_seconds=info.compute_seconds,
             batch_size=info.items,
             queue_seconds=info.queue_seconds,
             batch_tokens=info.tokens,
         )
+        response.handler_seconds = time.perf_counter() - started
+        return response

@@ -66,8 +66,13 @@ def test_greedy_speculative_equals_target_only_across_the_network(orchestrator, 
     assert stats.tokens_per_target_forward > 1
     assert stats.target_forward_passes == stats.rounds < baseline.stats.target_forward_passes == 20
     assert stats.draft_forward_passes > 0 and stats.network_seconds > 0 and stats.target_seconds > 0
+    # the timeline: the network time splits into transport and the services' own overheads
+    parts = [stats.draft_transport_seconds, stats.target_transport_seconds, stats.draft_service_overhead_seconds,
+             stats.target_service_overhead_seconds]
+    assert stats.network_seconds == pytest.approx(sum(parts), rel=1e-5) and min(parts) >= 0
+    assert stats.target_transport_seconds > 0 and stats.orchestrator_seconds > 0 and stats.target_conversion_seconds > 0
     # Greedy sends token ids only: a few dozen bytes per call.
-    assert stats.bytes_per_round < 300
+    assert stats.bytes_per_round < 340  # token ids, a few counters and the timings of both calls: no probabilities
 
 
 def test_chat_messages_and_sampling_with_seed(orchestrator):
@@ -197,9 +202,9 @@ def test_health_is_not_serving_until_the_model_is_loaded():
 
     from harness.loop import LoopThread
     from harness.probes import free_port
+    from specdec.messages import ModelInfo
     from specdec.model_service.runtime import ModelWorker, SessionServicerBase, start_model_service
     from specdec.v1 import target_pb2_grpc as grpc_module
-    from specdec.messages import ModelInfo
     from target_service.server import SERVICE_NAME, TargetConfig
 
     loaded = threading.Event()

@@ -40,15 +40,17 @@ class Proposal(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
-    __slots__ = ("proposals", "compute_seconds", "forward_passes", "batch_size", "queue_seconds")
+    __slots__ = ("proposals", "compute_seconds", "forward_passes", "batch_size", "queue_seconds", "handler_seconds")
     PROPOSALS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HANDLER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     proposals: _containers.RepeatedCompositeFieldContainer[Proposal]
     compute_seconds: float
     forward_passes: int
     batch_size: int
     queue_seconds: float
-    def __init__(self, proposals: _Optional[_Iterable[_Union[Proposal, _Mapping]]] = ..., compute_seconds: _Optional[float] = ..., forward_passes: _Optional[int] = ..., batch_size: _Optional[int] = ..., queue_seconds: _Optional[float] = ...) -> None: ...
+    handler_seconds: float
+    def __init__(self, proposals: _Optional[_Iterable[_Union[Proposal, _Mapping]]] = ..., compute_seconds: _Optional[float] = ..., forward_passes: _Optional[int] = ..., batch_size: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., handler_seconds: _Optional[float] = ...) -> None: ...

@@ -42,15 +42,17 @@ class VerifyResult(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., accepted: _Optional[int] = ..., next_token: _Optional[int] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("results", "compute_seconds", "batch_size", "queue_seconds", "batch_tokens")
+    __slots__ = ("results", "compute_seconds", "batch_size", "queue_seconds", "batch_tokens", "handler_seconds")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HANDLER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[VerifyResult]
     compute_seconds: float
     batch_size: int
     queue_seconds: float
     batch_tokens: int
-    def __init__(self, results: _Optional[_Iterable[_Union[VerifyResult, _Mapping]]] = ..., compute_seconds: _Optional[float] = ..., batch_size: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., batch_tokens: _Optional[int] = ...) -> None: ...
+    handler_seconds: float
+    def __init__(self, results: _Optional[_Iterable[_Union[VerifyResult, _Mapping]]] = ..., compute_seconds: _Optional[float] = ..., batch_size: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., batch_tokens: _Optional[int] = ..., handler_seconds: _Optional[float] = ...) -> None: ...

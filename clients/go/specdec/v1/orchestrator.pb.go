@@ -294,9 +294,23 @@ type GenerationStats struct {
 	// requests' work): under load, the part of its latency that batching trades for throughput.
 	QueueSeconds float64 `protobuf:"fixed64,17,opt,name=queue_seconds,json=queueSeconds,proto3" json:"queue_seconds,omitempty"`
 	// True when K was chosen per round (adaptive K); then draft_tokens / rounds is the mean K.
-	AdaptiveK     bool `protobuf:"varint,18,opt,name=adaptive_k,json=adaptiveK,proto3" json:"adaptive_k,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	AdaptiveK bool `protobuf:"varint,18,opt,name=adaptive_k,json=adaptiveK,proto3" json:"adaptive_k,omitempty"`
+	// Where the rounds' time goes outside model compute and queues, summed over the request (divide
+	// by rounds for one round); per call kind, draft (Propose and the session start) and target
+	// (Verify and the session start). network_seconds = the transport plus the service overheads.
+	// Seconds in the orchestrator between calls: the round loop, stop strings, streaming.
+	OrchestratorSeconds float64 `protobuf:"fixed64,19,opt,name=orchestrator_seconds,json=orchestratorSeconds,proto3" json:"orchestrator_seconds,omitempty"`
+	// Seconds building the calls' requests and reading their responses in the orchestrator.
+	DraftConversionSeconds  float64 `protobuf:"fixed64,20,opt,name=draft_conversion_seconds,json=draftConversionSeconds,proto3" json:"draft_conversion_seconds,omitempty"`
+	TargetConversionSeconds float64 `protobuf:"fixed64,21,opt,name=target_conversion_seconds,json=targetConversionSeconds,proto3" json:"target_conversion_seconds,omitempty"`
+	// Seconds of the calls outside the services' handlers: serialization, gRPC, the network.
+	DraftTransportSeconds  float64 `protobuf:"fixed64,22,opt,name=draft_transport_seconds,json=draftTransportSeconds,proto3" json:"draft_transport_seconds,omitempty"`
+	TargetTransportSeconds float64 `protobuf:"fixed64,23,opt,name=target_transport_seconds,json=targetTransportSeconds,proto3" json:"target_transport_seconds,omitempty"`
+	// Seconds in the services' handlers outside compute and queue: conversions, hand-offs.
+	DraftServiceOverheadSeconds  float64 `protobuf:"fixed64,24,opt,name=draft_service_overhead_seconds,json=draftServiceOverheadSeconds,proto3" json:"draft_service_overhead_seconds,omitempty"`
+	TargetServiceOverheadSeconds float64 `protobuf:"fixed64,25,opt,name=target_service_overhead_seconds,json=targetServiceOverheadSeconds,proto3" json:"target_service_overhead_seconds,omitempty"`
+	unknownFields                protoimpl.UnknownFields
+	sizeCache                    protoimpl.SizeCache
 }
 
 func (x *GenerationStats) Reset() {
@@ -455,6 +469,55 @@ func (x *GenerationStats) GetAdaptiveK() bool {
 	return false
 }
 
+func (x *GenerationStats) GetOrchestratorSeconds() float64 {
+	if x != nil {
+		return x.OrchestratorSeconds
+	}
+	return 0
+}
+
+func (x *GenerationStats) GetDraftConversionSeconds() float64 {
+	if x != nil {
+		return x.DraftConversionSeconds
+	}
+	return 0
+}
+
+func (x *GenerationStats) GetTargetConversionSeconds() float64 {
+	if x != nil {
+		return x.TargetConversionSeconds
+	}
+	return 0
+}
+
+func (x *GenerationStats) GetDraftTransportSeconds() float64 {
+	if x != nil {
+		return x.DraftTransportSeconds
+	}
+	return 0
+}
+
+func (x *GenerationStats) GetTargetTransportSeconds() float64 {
+	if x != nil {
+		return x.TargetTransportSeconds
+	}
+	return 0
+}
+
+func (x *GenerationStats) GetDraftServiceOverheadSeconds() float64 {
+	if x != nil {
+		return x.DraftServiceOverheadSeconds
+	}
+	return 0
+}
+
+func (x *GenerationStats) GetTargetServiceOverheadSeconds() float64 {
+	if x != nil {
+		return x.TargetServiceOverheadSeconds
+	}
+	return 0
+}
+
 type GenerateResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Generate: the whole output. GenerateStream: the new text since the previous message; the
@@ -549,7 +612,7 @@ const file_specdec_v1_orchestrator_proto_rawDesc = "" +
 	"\x16num_speculative_tokens\x18\t \x01(\x05H\x02R\x14numSpeculativeTokens\x88\x01\x01B\b\n" +
 	"\x06_top_pB\a\n" +
 	"\x05_seedB\x19\n" +
-	"\x17_num_speculative_tokens\"\x98\x06\n" +
+	"\x17_num_speculative_tokens\"\xbf\t\n" +
 	"\x0fGenerationStats\x12)\n" +
 	"\x10generated_tokens\x18\x01 \x01(\rR\x0fgeneratedTokens\x12\x16\n" +
 	"\x06rounds\x18\x02 \x01(\rR\x06rounds\x12!\n" +
@@ -570,7 +633,14 @@ const file_specdec_v1_orchestrator_proto_rawDesc = "" +
 	"\x15accepted_per_position\x18\x10 \x03(\rR\x13acceptedPerPosition\x12#\n" +
 	"\rqueue_seconds\x18\x11 \x01(\x01R\fqueueSeconds\x12\x1d\n" +
 	"\n" +
-	"adaptive_k\x18\x12 \x01(\bR\tadaptiveK\"\xb5\x01\n" +
+	"adaptive_k\x18\x12 \x01(\bR\tadaptiveK\x121\n" +
+	"\x14orchestrator_seconds\x18\x13 \x01(\x01R\x13orchestratorSeconds\x128\n" +
+	"\x18draft_conversion_seconds\x18\x14 \x01(\x01R\x16draftConversionSeconds\x12:\n" +
+	"\x19target_conversion_seconds\x18\x15 \x01(\x01R\x17targetConversionSeconds\x126\n" +
+	"\x17draft_transport_seconds\x18\x16 \x01(\x01R\x15draftTransportSeconds\x128\n" +
+	"\x18target_transport_seconds\x18\x17 \x01(\x01R\x16targetTransportSeconds\x12C\n" +
+	"\x1edraft_service_overhead_seconds\x18\x18 \x01(\x01R\x1bdraftServiceOverheadSeconds\x12E\n" +
+	"\x1ftarget_service_overhead_seconds\x18\x19 \x01(\x01R\x1ctargetServiceOverheadSeconds\"\xb5\x01\n" +
 	"\x10GenerateResponse\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\x12\x1b\n" +
 	"\ttoken_ids\x18\x02 \x03(\x05R\btokenIds\x12=\n" +
