@@ -17,6 +17,8 @@ import os
 import typing
 from dataclasses import dataclass, field
 
+from specdec.weights import AUTO, FORMATS
+
 
 def option(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -49,8 +51,7 @@ class ModelServiceConfig(ServerConfig):
     model: str = option("embedded", "a local Hugging Face directory, a hub id, a .gguf file, or 'embedded' (SmolLM2-135M-Instruct)")
     device: str = option("cpu", "torch device, e.g. cpu, cuda, cuda:1")
     dtype: str = option(
-        "auto", "weight format: auto times each at warm-up and keeps the fastest (specdec/weights.py)",
-        ("auto", "float32", "bfloat16", "float16", "int8", "int4"),
+        AUTO, "weight format: auto times each at warm-up and keeps the fastest (specdec/weights.py)", (AUTO, *FORMATS)
     )
     threads: int = option(0, "intra-op threads of the model: the cores this service owns; 0 = torch's default (every core)")
     max_sessions: int = option(256, "sessions held at once; more is RESOURCE_EXHAUSTED")
