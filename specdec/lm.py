@@ -264,7 +264,18 @@ def choose_format(loaded, max_k: int = 4) -> weights.FormatChoice:
 
 
 def _timed_choice(loaded, max_k: int) -> weights.FormatChoice:
+    """auto's choice for this model on this machine: timed once, then kept in the cache, so that a
+    restarted service (or a second replica on the same machine) runs the same format and gives
+    the same output, instead of a fresh timing that noise could tip the other way."""
+    from specdec.models import cache_dir
+
     model = loaded.model
+    key = weights.machine_key(loaded.name, model.config.to_json_string(), loaded.device, max_k)
+    store = cache_dir() / "weight-formats.json"
+    known = weights.load_choices(store)
+    if key in known:
+        use_format(model, known[key].format)
+        return replace(known[key], reason=known[key].reason + f" (timed earlier on this machine; cached in {store})")
     formats = weights.candidates(loaded.device) if supports_lean_path(model) else (format_of(model),)
     formats = tuple(f for f in formats if weights.supported(f, model.get_output_embeddings().weight))
 
@@ -275,6 +286,7 @@ def _timed_choice(loaded, max_k: int) -> weights.FormatChoice:
 
     choice = weights.choose_format(formats, timed, max_k)
     use_format(model, choice.format)
+    weights.save_choice(store, key, choice)
     return choice
 
 

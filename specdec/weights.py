@@ -33,8 +33,13 @@ at genuine ties).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import dataclass
+import os
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -153,3 +158,31 @@ def choose_format(
     best = min(costs, key=costs.get)
     others = ", ".join(f"{f} {1000 * s:.1f}" for f, s in sorted(costs.items(), key=lambda item: item[1]))
     return FormatChoice(best, f"least expected ms per token at acceptance {acceptance}: {others}", costs)
+
+
+def machine_key(model_name: str, config_json: str, device: torch.device, max_k: int) -> str:
+    """What auto's choice depends on: the model, the processor, torch and the threads it runs."""
+    processor = ""
+    try:
+        processor = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        processor = platform.processor()
+    parts = [model_name, config_json, str(device), processor, torch.__version__, str(torch.get_num_threads()), str(max_k)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def load_choices(path: Path) -> dict[str, FormatChoice]:
+    try:
+        return {key: FormatChoice(**value) for key, value in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def save_choice(path: Path, key: str, choice: FormatChoice) -> None:
+    """Add one choice to the cache file (written whole, then renamed: readers never see half)."""
+    choices = {k: asdict(v) for k, v in load_choices(path).items()}
+    choices[key] = asdict(choice)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(choices, indent=1))
+    partial.replace(path)
