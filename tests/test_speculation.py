@@ -229,6 +229,7 @@ def test_sampled_output_distribution_equals_the_targets(params, max_support, hea
         assert chisquare_pvalue(counts[step][support], exact[support]) > 1e-3, f"step {step}"
 
 
+@pytest.mark.slow  # 15-20 s each; the fast suite keeps the float32 cases above and test_weights' greedy checks
 @pytest.mark.parametrize(
     "format,params",
     [(f, sampling.SamplingParams(1.0)) for f in ("bfloat16", "int8", "int4")] + [("int4", sampling.SamplingParams(0.8, top_k=6, top_p=0.9))],
