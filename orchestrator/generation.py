@@ -130,8 +130,7 @@ class GenerationEngine:
         )
         adaptive = isinstance(policy, AdaptiveK)
         stats = GenerationStats(num_speculative_tokens=0 if adaptive else policy.num_speculative_tokens, adaptive_k=adaptive)
-        ceiling = policy.max_speculative_tokens if adaptive else policy.num_speculative_tokens
-        draft = self.draft if ceiling > 0 else None
+        draft = self.draft if policy.max_speculative_tokens > 0 else None
         text = TextStream(self.tokenizer, list(request.stop))
         eos = set(self.target_info.eos_token_ids)
         try:

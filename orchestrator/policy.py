@@ -117,6 +117,11 @@ class FixedK:
     def __init__(self, num_speculative_tokens: int):
         self.num_speculative_tokens = num_speculative_tokens
 
+    @property
+    def max_speculative_tokens(self) -> int:
+        """The most any round drafts (as AdaptiveK's field of that name)."""
+        return self.num_speculative_tokens
+
     def next_k(self) -> int:
         return self.num_speculative_tokens
 

@@ -52,23 +52,29 @@ class GenerationStats:
 
     def add_target_call(self, cost: CallCost) -> None:
         self.target_seconds += cost.compute_s
-        self._add_network(cost, "target")
+        transport, overhead = self._add_network(cost)
+        self.target_transport_seconds += transport
+        self.target_service_overhead_seconds += overhead
+        self.target_conversion_seconds += cost.conversion_s
 
     def add_draft_call(self, cost: CallCost) -> None:
         self.draft_seconds += cost.compute_s
         self.draft_forward_passes += cost.forward_passes
-        self._add_network(cost, "draft")
+        transport, overhead = self._add_network(cost)
+        self.draft_transport_seconds += transport
+        self.draft_service_overhead_seconds += overhead
+        self.draft_conversion_seconds += cost.conversion_s
 
-    def _add_network(self, cost: CallCost, role: str) -> None:
+    def _add_network(self, cost: CallCost) -> tuple[float, float]:
+        """Count a call's time outside compute and queue; return its split into transport and the
+        service's own overhead (calls that do not report their handler time, session starts,
+        count all of it as transport)."""
         self.queue_seconds += cost.queue_s
+        self.network_bytes += cost.bytes
         outside = max(cost.wall_s - cost.compute_s - cost.queue_s, 0.0)
         self.network_seconds += outside
-        # calls that do not report their handler time (session starts) count all of it as transport
         transport = min(max(cost.wall_s - (cost.handler_s or cost.compute_s + cost.queue_s), 0.0), outside)
-        setattr(self, f"{role}_transport_seconds", getattr(self, f"{role}_transport_seconds") + transport)
-        setattr(self, f"{role}_service_overhead_seconds", getattr(self, f"{role}_service_overhead_seconds") + outside - transport)
-        setattr(self, f"{role}_conversion_seconds", getattr(self, f"{role}_conversion_seconds") + cost.conversion_s)
-        self.network_bytes += cost.bytes
+        return transport, outside - transport
 
     def add_round(self, drafted: int, accepted: int) -> None:
         self.rounds += 1
