@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 
-from harness.processes import ServiceStack
+from harness.processes import ServiceStack, separate_cores
 from orchestrator.client import format_stats, stream
 from specdec.v1 import orchestrator_pb2
 
@@ -41,11 +41,15 @@ def main() -> int:
     parser.add_argument("-k", type=int, default=4, help="draft tokens per round")
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--repeats", type=int, default=3, help="alternating timed runs of each mode")
+    parser.add_argument("--pin", action="store_true", help="target alone on one core, draft and orchestrator on another (separate hardware)")
     args = parser.parse_args()
 
     print("starting target_service, draft_service and orchestrator on loopback (the first start converts the embedded GGUF model)...")
     started = time.monotonic()
-    with ServiceStack(draft_model=args.draft) as stack:
+    cores = separate_cores() if args.pin else None
+    with ServiceStack(draft_model=args.draft, cores=cores) as stack:
+        if cores:
+            print(f"pinned: {', '.join(f'{name} on CPU {sorted(cpus)}' for name, cpus in cores.items())}")
         print(f"all three SERVING after {time.monotonic() - started:.0f} s "
               f"(target {stack.address('target')}, draft {stack.address('draft')}, orchestrator {stack.address('orchestrator')})\n")
         stub = stack.orchestrator_stub()

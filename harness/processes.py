@@ -22,10 +22,22 @@ from specdec.v1 import orchestrator_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def separate_cores() -> dict[str, set[int]] | None:
+    """The CPU analogue of separate GPUs: the target alone on the first core this process may use,
+    draft and orchestrator on the next; None with fewer than two cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return None
+    return {"target": {cores[0]}, "draft": {cores[1]}, "orchestrator": {cores[1]}}
+
+
 class ServiceStack:
     def __init__(self, target_model: str = "embedded", draft_model: str = "ngram", log_dir: Path | None = None,
                  extra_target_args: tuple[str, ...] = (), extra_draft_args: tuple[str, ...] = (), startup_timeout_s: float = 900,
-                 extra_orchestrator_args: tuple[str, ...] = ()):
+                 extra_orchestrator_args: tuple[str, ...] = (), cores: dict[str, set[int]] | None = None):
+        """`cores`: per service the CPUs its process may run on (model services then run as many
+        threads); None: every service may run anywhere."""
+        self.cores = cores or {}
         self.ports = {"target": free_port(), "draft": free_port(), "orchestrator": free_port()}
         self.log_dir = log_dir or ROOT / ".logs"
         self.startup_timeout_s = startup_timeout_s
@@ -64,10 +76,14 @@ class ServiceStack:
     def spawn(self, name: str) -> subprocess.Popen:
         """Start one service's process on its port (again, after a crash: its log is appended to)."""
         module, *args = self.commands[name]
+        cores = self.cores.get(name)
+        if cores and name != "orchestrator":
+            args = [*args, "--threads", str(len(cores))]
         log = open(self.log_dir / f"{name}.log", "a" if name in self.processes else "w")
         self.processes[name] = subprocess.Popen(
             [sys.executable, "-m", module, "--port", str(self.ports[name]), *args],
             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
         )
         log.close()  # the child holds its own descriptor
         return self.processes[name]
