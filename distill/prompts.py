@@ -8,7 +8,11 @@ measure acceptance and are never trained on):
   play, factual questions...) crossed with a list of everyday and academic topics.
 A second stage (`context_prompts`) builds summarization, reading-comprehension, extraction,
 rewriting and translation prompts around passages the target itself wrote, because Spec-Bench's
-summarization, RAG and QA categories give the model a passage to work from.
+summarization, RAG and QA categories give the model a passage to work from. For the feature
+drafter's wider corpus (`python -m distill.features`) three more: the same tasks over passages of
+Python's own documentation (`documentation_prompts`: text any Python install has), translating the
+target's translations back into English (`back_translation_prompts`), and a second turn after the
+target's first answer (`follow_up_prompts`: multi-turn chat).
 """
 
 from __future__ import annotations
@@ -25,8 +29,13 @@ TRAIN, HELD_OUT = "train", "held_out"
 class Prompt:
     key: str  # unique and stable: the corpus resumes by it
     source: str  # gsm8k, humaneval, instructions, context
-    text: str  # one user message
+    text: str  # the last user message
     split: str  # TRAIN or HELD_OUT
+    history: tuple[tuple[str, str], ...] = ()  # earlier (role, content) turns of a multi-turn chat
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": role, "content": content} for role, content in self.history] + [{"role": "user", "content": self.text}]
 
 
 TOPICS = (
@@ -122,4 +131,77 @@ def context_prompts(passages: dict[str, str], held_out_fraction: float = 0.05) -
         for name, template in CONTEXT_TEMPLATES:
             key = f"context/{name}/{topic}"
             prompts.append(Prompt(key, "context", template.format(passage=passage.strip()), split_of(key, held_out_fraction)))
+    return prompts
+
+
+DOCUMENTATION_TEMPLATES = (
+    ("summary", "Summarize the following documentation in a few sentences.\n\n{passage}"),
+    ("extraction", "List the functions, classes or options mentioned in this text and what each does.\n\n{passage}"),
+    ("question", "Read the documentation below and answer: what problem does it solve, and how is it used?\n\n{passage}"),
+    ("translation", "Translate the following text into German.\n\n{passage}"),
+    ("explain", "Explain the following text to a beginner programmer.\n\n{passage}"),
+)
+
+
+def documentation_passages(limit: int = 0, min_chars: int = 400, max_chars: int = 1500) -> dict[str, str]:
+    """Docstrings of Python's standard library (modules and their public classes), keyed by
+    dotted name: real technical prose for summarizing, extracting and answering questions."""
+    import importlib
+    import inspect
+    import sys
+
+    names = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in {"antigravity", "this", "idlelib", "turtledemo"})
+    passages = {}
+    for name in names:
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # platform-specific or optional modules
+            continue
+        objects = [(name, module)] + [(f"{name}.{k}", v) for k, v in sorted(vars(module).items()) if inspect.isclass(v) and not k.startswith("_")]
+        for key, obj in objects:
+            doc = inspect.getdoc(obj) or ""
+            if min_chars <= len(doc) <= max_chars and key not in passages and doc not in passages.values():
+                passages[key] = doc
+        if limit and len(passages) >= limit:
+            break
+    return dict(list(passages.items())[: limit or None])
+
+
+def documentation_prompts(passages: dict[str, str], held_out_fraction: float = 0.05) -> list[Prompt]:
+    """Two tasks per passage, the tasks taking turns over the passages."""
+    prompts = []
+    for index, (name, passage) in enumerate(sorted(passages.items())):
+        for offset in (0, 2):
+            task, template = DOCUMENTATION_TEMPLATES[(index + offset) % len(DOCUMENTATION_TEMPLATES)]
+            key = f"docs/{task}/{name}"
+            prompts.append(Prompt(key, "context", template.format(passage=passage), split_of(key, held_out_fraction)))
+    return prompts
+
+
+def back_translation_prompts(translations: dict[str, str], held_out_fraction: float = 0.05) -> list[Prompt]:
+    """`translations` maps a translation prompt's key to the target's translation."""
+    language = lambda key: "German" if key.startswith("docs/") else "French"  # noqa: E731 (see the templates)
+    prompts = []
+    for key, text in sorted(translations.items()):
+        new_key = f"back/{key}"
+        prompts.append(Prompt(new_key, "translation", f"Translate the following {language(key)} text into English.\n\n{text.strip()}", split_of(new_key, held_out_fraction)))
+    return prompts
+
+
+FOLLOW_UPS = (
+    "Make your answer shorter.",
+    "Can you explain that to a ten-year-old?",
+    "Give your answer a title and a one-line summary.",
+    "What would be a good follow-up question about this? Answer it too.",
+    "Rewrite your answer as a numbered list.",
+)
+
+
+def follow_up_prompts(first_turns: list[tuple[Prompt, str]], held_out_fraction: float = 0.05) -> list[Prompt]:
+    """A second user turn after each (first prompt, the target's answer)."""
+    prompts = []
+    for index, (first, answer) in enumerate(sorted(first_turns, key=lambda pair: pair[0].key)):
+        key = f"chat/{first.key}"
+        history = first.history + (("user", first.text), ("assistant", answer.strip()))
+        prompts.append(Prompt(key, "chat", FOLLOW_UPS[index % len(FOLLOW_UPS)], split_of(key, held_out_fraction), history))
     return prompts

@@ -37,9 +37,11 @@ class DraftEngine:
             device=self.drafter.device,
             weight_format=self.drafter.weight_format,
             weight_format_reason=self.drafter.weight_format_reason,
+            feature_layers=self.drafter.feature_layers,
         )
 
-    def start_session(self, session_id: str, prompt: list[int]) -> float:
+    def start_session(self, session_id: str, prompt: list[int], feature_layers: tuple[int, ...] = ()) -> float:
+        """Open a session; `feature_layers` is the target's business (StartSessionRequest) and ignored."""
         started = time.perf_counter()
         prompt = validation.token_ids(prompt, self.drafter.vocab_size, "prompt_token_ids")
         if len(prompt) >= self.max_context:
@@ -69,6 +71,8 @@ class DraftEngine:
             for work, session in items:
                 self.drafter.rollback(session, work.prefix_len)
                 session.ids = session.ids[: work.prefix_len] + work.tokens
+                if work.features is not None:
+                    self.drafter.receive(session, work.features)
             proposals, passes = self.drafter.propose([s for _, s in items], [w for w, _ in items])
             for (_, session), proposal in zip(items, proposals):
                 session.ids = session.ids + proposal.tokens
@@ -96,4 +100,18 @@ class DraftEngine:
             raise InvalidArgument(f"the sequence would exceed the context of {self.max_context}", prefix + "num_speculative_tokens")
         if self.drafter.samples and not item.sampling.greedy:
             validation.uniforms(item.uniforms, item.num_speculative_tokens, prefix + "uniforms")
+        if item.features is not None:
+            self._check_features(item, session, prefix + "features")
         return session
+
+    def _check_features(self, item: ProposeWork, session: DraftSession, field: str) -> None:
+        features = item.features
+        if not self.drafter.feature_layers:
+            raise InvalidArgument(f"the drafter {self.drafter.name!r} reads no target features", field)
+        if features.rows.shape[1] != self.drafter.feature_width:
+            raise InvalidArgument(f"rows of {features.rows.shape[1]} values; this drafter reads {self.drafter.feature_width}", field + ".width")
+        held = min(self.drafter.features_held(session), item.prefix_len)
+        if features.start != held:
+            raise FailedPrecondition(f"session {item.session_id!r} holds features of {held} positions, these start at {features.start}", field + ".start")
+        if features.end > item.prefix_len + len(item.tokens) - 1:
+            raise InvalidArgument("features reach the sequence's last token, which the target has not scored", field + ".rows")

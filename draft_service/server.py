@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from draft_service.drafters.base import Drafter
+from draft_service.drafters.feature import is_feature_drafter, load_feature_drafter, trained_on
 from draft_service.drafters.model import ModelDrafter, draft_vocabulary_of
 from draft_service.drafters.ngram import NGramDrafter
 from draft_service.engine import DraftEngine
@@ -22,8 +23,11 @@ NGRAM = "ngram"
 class DraftConfig(ModelServiceConfig):
     port: int = option(50052, "port to listen on; 0 picks a free one")
     model: str = option(
-        NGRAM, "'ngram' (prompt lookup, no model) or a draft model: a Hugging Face directory, a hub id, a .gguf file, 'embedded'"
+        NGRAM,
+        "'ngram' (prompt lookup, no model), a draft model (a Hugging Face directory, a hub id, a .gguf file, 'embedded') "
+        "or a feature drafter's directory (python -m distill.features)",
     )
+    feature_target: str = option("", "feature drafters: the target model whose embedding and head they borrow (default: the one they were trained on)")
     ngram_max: int = option(3, "n-gram drafting: longest n-gram to match")
     ngram_min: int = option(2, "n-gram drafting: shortest n-gram to match (2 beat 1 in bench/tune_ngram.py: single-token matches mostly miss)")
     max_support: int = option(64, "model drafting when sampling: tokens of the draft distribution sent per position (it stays exact)")
@@ -34,6 +38,9 @@ def build_drafter(config: DraftConfig) -> tuple[Drafter, int]:
     """The drafter the configuration names, and the longest sequence it handles."""
     if config.model == NGRAM:
         return NGramDrafter(config.ngram_max, config.ngram_min), config.max_context
+    if is_feature_drafter(config.model):
+        target = load_causal_lm(config.feature_target or trained_on(config.model), config.device, "float32")
+        return load_feature_drafter(config.model, target, config.max_support), target.max_context
     loaded = load_causal_lm(config.model, config.device, config.dtype)
     return ModelDrafter(loaded, config.max_support, draft_vocabulary_of(config.model)), loaded.max_context
 

@@ -127,6 +127,7 @@ class GenerationEngine:
             rng=torch.Generator().manual_seed(seed),
             deadline=deadline,
             load=self.load,
+            feature_layers=self.draft_info.feature_layers if self.draft_info is not None and policy.max_speculative_tokens > 0 else (),
         )
         adaptive = isinstance(policy, AdaptiveK)
         stats = GenerationStats(num_speculative_tokens=0 if adaptive else policy.num_speculative_tokens, adaptive_k=adaptive)
@@ -164,7 +165,7 @@ class GenerationEngine:
         """Prefill both sessions concurrently (the draft's only if the first round drafts);
         returns the draft, or None when it failed to start (the request then runs target-only)."""
         timeout = remaining(spec.deadline)
-        calls = [self.target.start_session(spec.session_id, spec.prompt, timeout)]
+        calls = [self.target.start_session(spec.session_id, spec.prompt, timeout, spec.feature_layers)]
         if draft is not None and spec.policy.first_k() > 0:
             spec.draft_started = True
             calls.append(draft.start_session(spec.session_id, spec.prompt, timeout))

@@ -9,6 +9,11 @@ K = 0 is the same loop with no draft call: plain target-only decoding through th
 K is the request's policy's choice per round (orchestrator/policy.py); after rounds at K = 0 the
 draft lags behind, and the next Propose sends every token it has not seen.
 
+A feature drafter (its ModelInfo names `feature_layers`) also needs the target's features up to
+the position before the pending token: the target returns them with every verdict, and the next
+Propose carries every row the draft has not received. The first round has none yet (the prompt's
+come back with the first verdict), so it runs at K = 0.
+
 A round never drafts past `max_new_tokens`: with r tokens left it drafts at most r - 1, so the
 accepted tokens plus the one the target adds always fit.
 """
@@ -26,7 +31,7 @@ from orchestrator.backends import DraftBackend, TargetBackend, is_draft_failure
 from orchestrator.policy import LoadEstimates, Policy
 from orchestrator.stats import GenerationStats
 from specdec.errors import DeadlineExceeded, SpecdecError
-from specdec.messages import ProposeWork, VerifyWork
+from specdec.messages import Features, ProposeWork, VerifyWork
 from specdec.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,7 @@ class Speculation:
     # Whether the draft's session was started (or its start was sent): a request whose policy
     # starts at K = 0 starts it at its first round that drafts, with the sequence so far.
     draft_started: bool = False
+    feature_layers: tuple[int, ...] = ()  # the target layers the draft reads; () for token drafters
 
 
 def remaining(deadline: float | None) -> float | None:
@@ -74,10 +80,14 @@ async def speculate(
     committed = len(sequence) - 1  # tokens in the target's cache
     drafted_to = committed  # tokens in the draft's cache: rounds at K = 0 leave the draft behind
     left = spec.max_new_tokens
+    unsent: list[Features] = []  # target features the draft has not received
+    features_end = 0  # positions whose features came back from the target
     mark = time.perf_counter()  # the end of the previous round: what follows until the next is ours
     while left > 0:
         calls_s = 0.0  # this round's calls, from the first conversion to the last
         num_speculative_tokens = min(spec.policy.next_k(), left - 1) if draft is not None else 0
+        if spec.feature_layers and features_end < committed:
+            num_speculative_tokens = 0
         proposal_tokens, distributions, drafted = [], None, False
         if num_speculative_tokens > 0:
             try:
@@ -87,9 +97,10 @@ async def speculate(
                     drafted_to = committed
                 work = ProposeWork(
                     spec.session_id, drafted_to, sequence[drafted_to:], num_speculative_tokens, spec.sampling,
-                    _uniforms(spec, num_speculative_tokens),
+                    _uniforms(spec, num_speculative_tokens), Features.joined(unsent),
                 )
                 proposal, cost = await draft.propose(work, remaining(spec.deadline))
+                unsent = []
                 calls_s += cost.wall_s + cost.conversion_s
                 stats.add_draft_call(cost)
                 if spec.load is not None:
@@ -111,6 +122,9 @@ async def speculate(
         )
         verdict, cost = await target.verify(verify, remaining(spec.deadline))
         calls_s += cost.wall_s + cost.conversion_s
+        if verdict.features is not None and draft is not None:
+            unsent.append(verdict.features)
+            features_end = verdict.features.end
         stats.add_target_call(cost)
         stats.add_round(len(proposal_tokens), verdict.accepted)
         spec.policy.observe(len(proposal_tokens), verdict.accepted)

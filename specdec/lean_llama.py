@@ -114,9 +114,12 @@ class LeanLlama:
         return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
     @torch.inference_mode()
-    def forward(self, caches: list, new_tokens: list[list[int]], logits_for_last: int | None = None) -> list[torch.Tensor]:
+    def forward(self, caches: list, new_tokens: list[list[int]], logits_for_last: int | None = None, features: tuple[int, ...] = ()):
         """Append `new_tokens[i]` to `caches[i]` for every i in one pass; per row float32 logits
-        [n_i or logits_for_last, V'].
+        [n_i or logits_for_last, V']. With `features` (decoder layer indices, -1 the last), also
+        per row those layers' outputs at every new position, side by side, [n_i, H x layers] in
+        the activation dtype (what a feature drafter reads; the last layer's is taken before the
+        final norm): returns (logits, features).
 
         The rows are packed, not padded: the projections and MLPs run once over all N new tokens
         of the batch, and only attention runs per row, each over its own cache buffer in place. No
@@ -132,6 +135,8 @@ class LeanLlama:
         cos, sin = self._rope(positions, x.dtype)  # [N, 1, head_dim] each
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         total = bounds[-1]
+        wanted = [index % len(self.layers) for index in features]
+        kept = {}
         for index, layer in enumerate(self.layers):
             h = layer.qkv(self._norm(x, layer.input_norm))  # [N, q + 2 kv]
             if layer.qkv_bias is not None:
@@ -160,10 +165,16 @@ class LeanLlama:
             x = x + layer.out(torch.cat(attended) if len(attended) > 1 else attended[0])
             gate, up = layer.gate_up(self._norm(x, layer.post_norm)).chunk(2, -1)  # [N, I] each
             x = x + layer.down(F.silu(gate) * up)
+            if index in wanted:
+                kept[index] = x
         for cache, n in zip(caches, lengths):
             cache.length += n
         keep = [
             torch.arange(end - min(logits_for_last or n, n), end, device=x.device) for end, n in zip(bounds[1:], lengths)
         ]
         logits = self.head(self._norm(x[torch.cat(keep)], self.final_norm)).float()  # [sum kept, V']
-        return list(logits.split([len(rows) for rows in keep]))
+        logits = list(logits.split([len(rows) for rows in keep]))
+        if not features:
+            return logits
+        hidden = torch.cat([kept[index] for index in wanted], -1) if len(wanted) > 1 else kept[wanted[0]]  # [N, H x layers]
+        return logits, list(hidden.split(lengths))

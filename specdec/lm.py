@@ -106,15 +106,19 @@ def forward(
     caches: list[SequenceCache],
     new_tokens: list[list[int]],
     logits_for_last: int | None = None,
-) -> list[torch.Tensor]:
+    features: tuple[int, ...] = (),
+):
     """Append `new_tokens[i]` to `caches[i]` for every i in one forward pass; return their logits.
 
     Returns per row a float32 tensor [n_i, V] of logits at the new positions (only the last
     `logits_for_last` of them when given, e.g. 1 for a prefill). The caches are updated in place.
+    With `features` (Llama architectures only), returns (logits, features): see LeanLlama.forward.
     """
     lean = _lean_path(model)
     if lean is not None:
-        return lean.forward(caches, new_tokens, logits_for_last)
+        return lean.forward(caches, new_tokens, logits_for_last, features)
+    if features:
+        raise ValueError("target features need a Llama-architecture model (the lean path)")
     device = next(model.parameters()).device
     if len(caches) == 1:
         return [forward_transformers(model, caches[0], new_tokens[0], logits_for_last, device)]

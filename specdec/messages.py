@@ -18,6 +18,26 @@ SparseDistribution = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
+class Features:
+    """The target's hidden states at positions start .. start + len(rows) - 1 of one sequence
+    (Features in common.proto): rows [n, width] bfloat16."""
+
+    start: int
+    rows: torch.Tensor
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.rows)
+
+    @staticmethod
+    def joined(parts: list["Features"]) -> "Features | None":
+        """Consecutive parts as one (None for none)."""
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else Features(parts[0].start, torch.cat([p.rows for p in parts]))
+
+
+@dataclass(frozen=True)
 class VerifyWork:
     """One sequence of a Verify batch (VerifyItem in target.proto)."""
 
@@ -41,6 +61,7 @@ class ProposeWork:
     num_speculative_tokens: int
     sampling: SamplingParams
     uniforms: list[float]
+    features: Features | None = None  # for feature drafters: the target's features it lacks
 
 
 @dataclass
@@ -65,3 +86,4 @@ class ModelInfo:
     forward_cost: tuple[tuple[int, float], ...] = ()  # (tokens scored, seconds) per forward pass
     weight_format: str = ""
     weight_format_reason: str = ""
+    feature_layers: tuple[int, ...] = ()  # a feature drafter's target layers

@@ -103,6 +103,8 @@ class Verdict:
 
     accepted: int  # length of the accepted prefix of the draft tokens
     next_token: int  # recovered token (a draft was rejected) or bonus token (all accepted)
+    # messages.Features the target returns with it for sessions that feed a feature drafter
+    features: object = None
 
 
 def rejection_sample(

@@ -12,7 +12,7 @@ import torch
 
 from specdec import validation
 from specdec.errors import InvalidArgument
-from specdec.messages import ModelInfo, Proposal, ProposeWork, SparseDistribution, VerifyWork
+from specdec.messages import Features, ModelInfo, Proposal, ProposeWork, SparseDistribution, VerifyWork
 from specdec.sampling import SamplingParams, Verdict
 from specdec.v1 import common_pb2, draft_pb2, target_pb2
 
@@ -46,6 +46,24 @@ def _distributions(messages, field: str) -> list[SparseDistribution] | None:
     return [distribution_from_proto(m, f"{field}[{i}]") for i, m in enumerate(messages)]
 
 
+def features_to_proto(features: Features | None) -> common_pb2.Features | None:
+    if features is None:
+        return None
+    rows = features.rows.to(torch.bfloat16).contiguous()
+    data = rows.view(torch.int16).numpy().astype("<i2").tobytes()  # numpy has no bfloat16: move the bits
+    return common_pb2.Features(start=features.start, rows=rows.shape[0], width=rows.shape[1], data=data)
+
+
+def features_from_proto(message, present: bool, field: str) -> Features | None:
+    """None when the field is unset; INVALID_ARGUMENT when the bytes do not hold rows x width values."""
+    if not present:
+        return None
+    if not message.rows or not message.width or len(message.data) != 2 * message.rows * message.width:
+        raise InvalidArgument(f"data must hold rows x width ({message.rows} x {message.width}) bfloat16 values, got {len(message.data)} bytes", field)
+    bits = np.frombuffer(message.data, dtype="<i2").astype(np.int16)
+    return Features(message.start, torch.from_numpy(bits).view(torch.bfloat16).view(message.rows, message.width))
+
+
 def verify_item_to_proto(work: VerifyWork) -> target_pb2.VerifyItem:
     return target_pb2.VerifyItem(
         session_id=work.session_id,
@@ -72,11 +90,14 @@ def verify_item_from_proto(item: target_pb2.VerifyItem, index: int) -> VerifyWor
 
 
 def verdict_to_proto(session_id: str, verdict: Verdict) -> target_pb2.VerifyResult:
-    return target_pb2.VerifyResult(session_id=session_id, accepted=verdict.accepted, next_token=verdict.next_token)
+    return target_pb2.VerifyResult(
+        session_id=session_id, accepted=verdict.accepted, next_token=verdict.next_token, features=features_to_proto(verdict.features)
+    )
 
 
 def verdict_from_proto(result: target_pb2.VerifyResult) -> Verdict:
-    return Verdict(accepted=result.accepted, next_token=result.next_token)
+    features = features_from_proto(result.features, result.HasField("features"), "features")
+    return Verdict(accepted=result.accepted, next_token=result.next_token, features=features)
 
 
 def propose_item_to_proto(work: ProposeWork) -> draft_pb2.ProposeItem:
@@ -87,6 +108,7 @@ def propose_item_to_proto(work: ProposeWork) -> draft_pb2.ProposeItem:
         num_speculative_tokens=work.num_speculative_tokens,
         sampling=sampling_to_proto(work.sampling),
         uniforms=work.uniforms,
+        features=features_to_proto(work.features),
     )
 
 
@@ -99,6 +121,7 @@ def propose_item_from_proto(item: draft_pb2.ProposeItem, index: int) -> ProposeW
         num_speculative_tokens=item.num_speculative_tokens,
         sampling=sampling_from_proto(item.sampling, prefix + "sampling."),
         uniforms=list(item.uniforms),
+        features=features_from_proto(item.features, item.HasField("features"), prefix + "features"),
     )
 
 
@@ -129,6 +152,7 @@ def model_info_to_proto(info: ModelInfo) -> common_pb2.ModelInfo:
         forward_cost_seconds=[seconds for _, seconds in info.forward_cost],
         weight_format=info.weight_format,
         weight_format_reason=info.weight_format_reason,
+        feature_layers=info.feature_layers,
     )
 
 
@@ -146,4 +170,5 @@ def model_info_from_proto(message: common_pb2.ModelInfo) -> ModelInfo:
         forward_cost=tuple(zip(message.forward_cost_tokens, message.forward_cost_seconds)),
         weight_format=message.weight_format,
         weight_format_reason=message.weight_format_reason,
+        feature_layers=tuple(message.feature_layers),
     )

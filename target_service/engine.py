@@ -9,13 +9,14 @@ sparse q and K+1 uniform numbers; what goes out is two integers per sequence.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from specdec import lm, sampling, validation
 from specdec.errors import FailedPrecondition, InvalidArgument, SpecdecError
-from specdec.messages import ModelInfo, VerifyWork
+from specdec.lean_llama import supports_lean_path
+from specdec.messages import Features, ModelInfo, VerifyWork
 from specdec.model_service.batching import admit_calls, per_call
 from specdec.models import LoadedModel
 from specdec.sampling import Verdict
@@ -34,6 +35,9 @@ class TargetSession:
     ids: list[int]
     cache: lm.SequenceCache = field(default_factory=lm.SequenceCache)
     chunk: int = 0  # prefill chunk size in tokens; 0: the whole prompt at once
+    feature_layers: tuple[int, ...] = ()  # layers whose outputs go back with every Verify
+    unsent: list[torch.Tensor] = field(default_factory=list)  # feature rows held, not yet returned
+    sent: int = 0  # positions whose features were returned
 
 
 class TargetEngine:
@@ -98,28 +102,37 @@ class TargetEngine:
             curve.append((n, slowest))
         return tuple(curve)
 
-    def start_session(self, session_id: str, prompt: list[int]) -> float:
+    def start_session(self, session_id: str, prompt: list[int], feature_layers: tuple[int, ...] = ()) -> float:
         """Open a session and prefill its whole prompt; seconds spent."""
         started = time.perf_counter()
-        self.begin_session(session_id, prompt)
+        self.begin_session(session_id, prompt, feature_layers=feature_layers)
         while self.prefill(session_id):
             pass
         return time.perf_counter() - started
 
-    def begin_session(self, session_id: str, prompt: list[int], prefill_chunk_tokens: int = 0) -> int:
+    def begin_session(self, session_id: str, prompt: list[int], prefill_chunk_tokens: int = 0, feature_layers: tuple[int, ...] = ()) -> int:
         """Open a session whose cache `prefill` then fills, `prefill_chunk_tokens` at a time (0:
         all at once); returns the number of tokens to prefill. The service prefills in chunks so
-        that other sessions' rounds run between them."""
+        that other sessions' rounds run between them. With `feature_layers`, the session keeps
+        those layers' outputs for a feature drafter and returns them with every verdict."""
         prompt = validation.token_ids(prompt, self.vocab_size, "prompt_token_ids")
+        self._check_feature_layers(feature_layers)
         if len(prompt) >= self.loaded.max_context:
             raise InvalidArgument(
                 f"prompt of {len(prompt)} tokens leaves no room in the context of {self.loaded.max_context}", "prompt_token_ids"
             )
         self.sessions.check_budget(len(prompt) * self._bytes_per_token)
         # the cache holds all but the last prompt token: that one is the first round's input
-        session = TargetSession(ids=prompt[:-1], chunk=prefill_chunk_tokens)
+        session = TargetSession(ids=prompt[:-1], chunk=prefill_chunk_tokens, feature_layers=tuple(feature_layers))
         self.sessions.add(session_id, session)
         return len(session.ids)
+
+    def _check_feature_layers(self, layers: tuple[int, ...]) -> None:
+        count = lm.num_layers(self.loaded.model)
+        if layers and not supports_lean_path(self.loaded.model):
+            raise InvalidArgument("this target's architecture cannot return features (Llama architectures can)", "feature_layers")
+        if len(set(layers)) != len(layers) or any(not -count <= layer < count for layer in layers):
+            raise InvalidArgument(f"feature_layers must be distinct decoder layers in [-{count}, {count})", "feature_layers")
 
     def prefill(self, session_id: str) -> int:
         """Feed the next chunk of the session's prompt to its cache; tokens still to prefill."""
@@ -127,7 +140,9 @@ class TargetEngine:
         done = session.cache.length
         end = len(session.ids) if not session.chunk else min(len(session.ids), done + session.chunk)
         if end > done:
-            lm.forward(self.loaded.model, [session.cache], [session.ids[done:end]], logits_for_last=1)
+            output = lm.forward(self.loaded.model, [session.cache], [session.ids[done:end]], logits_for_last=1, features=session.feature_layers)
+            if session.feature_layers:
+                session.unsent.append(output[1][0])
         return len(session.ids) - end
 
     def end_session(self, session_id: str) -> bool:
@@ -147,11 +162,25 @@ class TargetEngine:
         outcomes, items = admit_calls(calls, self._checked_call)
         verdicts = []
         if items:
-            logits = lm.forward(
-                self.loaded.model, [s.cache for _, s in items], [w.tokens + w.draft_tokens for w, _ in items], logits_for_last=None
-            )  # per item [len(tokens) + K, V]
+            layers = tuple(dict.fromkeys(layer for _, s in items for layer in s.feature_layers))  # every layer any session reads
+            output = lm.forward(
+                self.loaded.model, [s.cache for _, s in items], [w.tokens + w.draft_tokens for w, _ in items], logits_for_last=None, features=layers
+            )
+            logits, features = output if layers else (output, [None] * len(items))  # per item [len(tokens) + K, V], [.., H x layers]
             verdicts = [self._commit(work, session, rows) for (work, session), rows in zip(items, logits)]
+            verdicts = [self._with_features(v, w, s, f, layers) for v, (w, s), f in zip(verdicts, items, features)]
         return per_call(outcomes, verdicts)
+
+    def _with_features(self, verdict: Verdict, work: VerifyWork, session: TargetSession, rows: torch.Tensor | None, layers: tuple[int, ...]) -> Verdict:
+        """The verdict with the session's unsent features up to its last committed position."""
+        if not session.feature_layers:
+            return verdict
+        width = rows.shape[1] // len(layers)
+        columns = torch.cat([torch.arange(width) + layers.index(layer) * width for layer in session.feature_layers])
+        session.unsent.append(rows[: len(work.tokens) + verdict.accepted, columns])
+        features = Features(session.sent, torch.cat(session.unsent))
+        session.unsent, session.sent = [], features.end
+        return replace(verdict, features=features)
 
     def _checked_call(self, batch: list[VerifyWork]) -> list[TargetSession]:
         """The call's sessions, or its error."""

@@ -11,7 +11,7 @@ from specdec import wire
 from specdec.messages import VerifyWork
 from specdec.model_service.batching import BatchingConfig
 from specdec.model_service.runtime import ModelWorker, SessionServicerBase, timed
-from specdec.v1 import target_pb2, target_pb2_grpc
+from specdec.v1 import common_pb2, target_pb2, target_pb2_grpc
 
 
 class TargetServicer(SessionServicerBase, target_pb2_grpc.TargetServiceServicer):
@@ -29,11 +29,15 @@ class TargetServicer(SessionServicerBase, target_pb2_grpc.TargetServiceServicer)
     def tokens_of(item: VerifyWork) -> int:
         return len(item.tokens) + len(item.draft_tokens)
 
-    async def start_session(self, session_id: str, prompt: list[int]) -> float:
+    async def StartSession(self, request, context):
+        seconds = await self.start_session(request.session_id, list(request.prompt_token_ids), tuple(request.feature_layers))
+        return common_pb2.StartSessionResponse(compute_seconds=seconds)
+
+    async def start_session(self, session_id: str, prompt: list[int], feature_layers: tuple[int, ...] = ()) -> float:
         """Prefill chunk by chunk, each chunk a job between two Verify batches; a prefill that
         fails or is cancelled ends the session."""
         engine = self.engine
-        left, seconds = await self.scheduler.job(timed(engine.begin_session), session_id, prompt, self.prefill_chunk_tokens)
+        left, seconds = await self.scheduler.job(timed(engine.begin_session), session_id, prompt, self.prefill_chunk_tokens, feature_layers)
         try:
             while left:
                 left, chunk_seconds = await self.scheduler.job(timed(engine.prefill), session_id)

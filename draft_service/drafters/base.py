@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from specdec.messages import Proposal, ProposeWork
+from specdec.messages import Features, Proposal, ProposeWork
 
 
 @dataclass
@@ -36,12 +36,24 @@ class Drafter(ABC):
     device: str = "cpu"
     weight_format: str = ""  # of a model drafter's forward passes, and why (ModelInfo)
     weight_format_reason: str = ""
+    #: Feature drafters: the target layers they read (ModelInfo.feature_layers) and the values per
+    #: feature row; empty and 0 for drafters of tokens alone.
+    feature_layers: tuple[int, ...] = ()
+    feature_width: int = 0
 
     def start(self, session: DraftSession) -> None:
         """Prepare the drafter's state for a new session (e.g. prefill all tokens but the last)."""
 
     def rollback(self, session: DraftSession, length: int) -> None:
         """Forget everything after the first `length` tokens of the session."""
+
+    def features_held(self, session: DraftSession) -> int:
+        """Feature drafters: positions whose target features the session holds (0, 1, ...)."""
+        return 0
+
+    def receive(self, session: DraftSession, features: Features) -> None:
+        """Feature drafters: keep the target's features of positions features_held(session) on
+        (the engine checks the start and the width)."""
 
     def state_bytes(self, session: DraftSession) -> int:
         return 0

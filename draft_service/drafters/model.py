@@ -46,6 +46,21 @@ def restrict_head(model: torch.nn.Module, token_ids: torch.Tensor) -> None:
     model.set_output_embeddings(head)
 
 
+def draw(logits: torch.Tensor, work: ProposeWork, step: int, proposal: Proposal, max_support: int, head_ids: torch.Tensor | None) -> int:
+    """One draft token from [V'] logits over head rows (`head_ids` maps rows to token ids; None:
+    rows are ids): the argmax when greedy, else sampled with the step's uniform from the warped
+    distribution cut to `max_support` tokens, which is recorded in `proposal` as q."""
+    token_ids = (lambda rows: rows) if head_ids is None else (lambda rows: head_ids[rows])  # noqa: E731
+    if work.sampling.greedy:
+        return int(token_ids(logits.argmax()))
+    probs = sampling.warp(logits, work.sampling)  # [V']
+    support_rows, support_probs = sampling.truncate_to_support(probs[None], max_support)  # [1, S] each
+    support_ids = token_ids(support_rows[0])  # [S]
+    chosen = sampling.sample(support_probs, torch.tensor([work.uniforms[step]]))  # [1]
+    proposal.distributions.append((support_ids.to(torch.int32), support_probs[0]))
+    return int(support_ids[chosen[0]])
+
+
 class ModelDrafter(Drafter):
     samples = True
 
@@ -86,24 +101,10 @@ class ModelDrafter(Drafter):
             logits = lm.forward(self.loaded.model, [sessions[i].state for i in rows], [feed[i] for i in rows], logits_for_last=1)
             passes += 1
             for row, row_logits in zip(rows, logits):
-                token = self._draw(row_logits[-1], work[row], step, proposals[row])
+                token = draw(row_logits[-1], work[row], step, proposals[row], self.max_support, self.head_ids)
                 proposals[row].tokens.append(token)
                 feed[row] = [token]
         return proposals, passes
-
-    def _draw(self, logits: torch.Tensor, work: ProposeWork, step: int, proposal: Proposal) -> int:
-        """One draft token from [V'] logits over the head's rows (V' = V without a draft vocabulary)."""
-        if work.sampling.greedy:
-            return int(self._token_ids(logits.argmax()))
-        probs = sampling.warp(logits, work.sampling)  # [V']
-        support_rows, support_probs = sampling.truncate_to_support(probs[None], self.max_support)  # [1, S] each
-        support_ids = self._token_ids(support_rows[0])  # [S]
-        chosen = sampling.sample(support_probs, torch.tensor([work.uniforms[step]]))  # [1]
-        proposal.distributions.append((support_ids.to(torch.int32), support_probs[0]))
-        return int(support_ids[chosen[0]])
-
-    def _token_ids(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows if self.head_ids is None else self.head_ids[rows]
 
     def warm_up(self) -> None:
         """The weight format (timed when "auto"), then one proposal, so the first real one does

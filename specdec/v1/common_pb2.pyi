@@ -25,7 +25,7 @@ class SparseDistribution(_message.Message):
     def __init__(self, token_ids: _Optional[bytes] = ..., probs: _Optional[bytes] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "vocab_size", "vocab_fingerprint", "max_context", "eos_token_ids", "max_speculative_tokens", "active_sessions", "cache_bytes", "device", "forward_cost_tokens", "forward_cost_seconds", "weight_format", "weight_format_reason")
+    __slots__ = ("model", "vocab_size", "vocab_fingerprint", "max_context", "eos_token_ids", "max_speculative_tokens", "active_sessions", "cache_bytes", "device", "forward_cost_tokens", "forward_cost_seconds", "weight_format", "weight_format_reason", "feature_layers")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class ModelInfo(_message.Message):
     FORWARD_COST_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FORMAT_REASON_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
     vocab_fingerprint: str
@@ -52,19 +53,34 @@ class ModelInfo(_message.Message):
     forward_cost_seconds: _containers.RepeatedScalarFieldContainer[float]
     weight_format: str
     weight_format_reason: str
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., vocab_fingerprint: _Optional[str] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_speculative_tokens: _Optional[int] = ..., active_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., device: _Optional[str] = ..., forward_cost_tokens: _Optional[_Iterable[int]] = ..., forward_cost_seconds: _Optional[_Iterable[float]] = ..., weight_format: _Optional[str] = ..., weight_format_reason: _Optional[str] = ...) -> None: ...
+    feature_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., vocab_fingerprint: _Optional[str] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_speculative_tokens: _Optional[int] = ..., active_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., device: _Optional[str] = ..., forward_cost_tokens: _Optional[_Iterable[int]] = ..., forward_cost_seconds: _Optional[_Iterable[float]] = ..., weight_format: _Optional[str] = ..., weight_format_reason: _Optional[str] = ..., feature_layers: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Features(_message.Message):
+    __slots__ = ("start", "rows", "width", "data")
+    START_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    rows: int
+    width: int
+    data: bytes
+    def __init__(self, start: _Optional[int] = ..., rows: _Optional[int] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class StartSessionRequest(_message.Message):
-    __slots__ = ("session_id", "prompt_token_ids")
+    __slots__ = ("session_id", "prompt_token_ids", "feature_layers")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    feature_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., feature_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StartSessionResponse(_message.Message):
     __slots__ = ("compute_seconds",)

@@ -1,0 +1,3 @@
+from distill.features.run import main
+
+main()

@@ -1,0 +1,248 @@
+"""The networks of the feature drafters: what they compute, for training and for serving alike.
+
+Both read the target's own hidden states (its *features*: the output of its last decoder layer
+before the final norm, or of several layers side by side) instead of guessing from tokens alone,
+and read tokens off the target's final norm and LM head restricted to a draft vocabulary (FR-Spec).
+The target's embedding, norm and head are borrowed at load time, frozen and never saved: the
+shipped artefact holds only what was trained.
+
+- `ChainNet` (EAGLE-style): at position t it fuses [feature f_t ; embedding of token t+1] with one
+  linear layer and runs one decoder layer at the target's width over them (its own KV cache of
+  earlier positions), predicting f_{t+1}, from which the next token is read. Within a round it
+  drafts autoregressively from its own predicted features.
+- `MultiTokenNet` (Medusa-style multi-token prediction): the same fused input at the last position
+  goes through K residual heads at once, head k predicting token t+1+k; no attention, no loop.
+
+Training (`distill.features.train`) unrolls `ChainNet` on its own predictions (EAGLE-3's
+training-time test): step j's query at position t sees the step-0 keys of positions <= t - j and,
+for i = 1..j, the step-i key at position t - j + i: the very keys a j-th draft step sees at
+inference, where the cache holds true-feature entries up to the round's start and the chain's own
+entries after it. `chain_mask` builds that mask.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from specdec.lm import SequenceCache
+
+CONFIG_FILE = "feature_drafter.json"
+WEIGHTS_FILE = "model.safetensors"
+VOCAB_KEY = "draft_token_ids"
+CHAIN, MULTI_TOKEN = "chain", "multi-token"
+
+
+@dataclass(frozen=True)
+class FeatureNetConfig:
+    kind: str  # CHAIN or MULTI_TOKEN
+    hidden: int  # the target's hidden size
+    feature_layers: tuple[int, ...]  # target decoder layers read (-1: the last), side by side
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    eps: float
+    rope_theta: float
+    num_heads: int = 0  # MULTI_TOKEN: tokens predicted per step
+    target: str = "embedded"  # the target whose embedding and head it borrows, and whose features it reads
+
+    @property
+    def feature_width(self) -> int:
+        return self.hidden * len(self.feature_layers)
+
+    @classmethod
+    def for_target(cls, kind: str, target_config, target: str, feature_layers=(-1,), num_heads: int = 0) -> "FeatureNetConfig":
+        heads = target_config.num_attention_heads
+        rope = getattr(target_config, "rope_parameters", None) or {}
+        return cls(
+            kind=kind,
+            hidden=target_config.hidden_size,
+            feature_layers=tuple(feature_layers),
+            heads=heads,
+            kv_heads=target_config.num_key_value_heads,
+            head_dim=getattr(target_config, "head_dim", None) or target_config.hidden_size // heads,
+            intermediate=target_config.intermediate_size,
+            eps=target_config.rms_norm_eps,
+            rope_theta=float(rope.get("rope_theta", getattr(target_config, "rope_theta", 10000.0))),
+            num_heads=num_heads,
+            target=target,
+        )
+
+
+class _Borrowed(nn.Module):
+    """The target's embedding, final norm and head rows of the draft vocabulary: frozen buffers
+    that are not part of the state dict."""
+
+    def __init__(self, config: FeatureNetConfig, embedding: torch.Tensor, final_norm: torch.Tensor, head: torch.Tensor, vocabulary: torch.Tensor):
+        super().__init__()
+        self.config = config
+        self.register_buffer("embedding", embedding.detach().float(), persistent=False)  # [V, H]
+        self.register_buffer("final_norm", final_norm.detach().float(), persistent=False)  # [H]
+        self.register_buffer("head", head.detach().float()[vocabulary], persistent=False)  # [V', H]
+        self.register_buffer("vocabulary", vocabulary.long(), persistent=False)  # [V'] token ids of head rows
+        # several target layers side by side are first reduced to the target's width (EAGLE-3),
+        # the width of the net's own predictions, which later draft steps read instead
+        self.reduce = nn.Linear(config.feature_width, config.hidden, bias=False) if len(config.feature_layers) > 1 else None
+        self.fuse = nn.Linear(2 * config.hidden, config.hidden)
+
+    def reduced(self, features: torch.Tensor) -> torch.Tensor:
+        """[N, W] target features -> [N, H], each layer's RMS-normalized first: the residual stream
+        carries a few huge outlier channels (|x| ~ 4500 against an RMS of ~40 in SmolLM2's last
+        layer) that would dominate the fused input."""
+        c = self.config
+        features = F.rms_norm(features.to(self.fuse.weight.dtype).unflatten(-1, (-1, c.hidden)), (c.hidden,), eps=c.eps).flatten(-2)
+        return self.reduce(features) if self.reduce is not None else features
+
+    def fused(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        """[N, H] reduced target features (or the net's own predictions, normalized alike) and [N]
+        tokens that follow them -> [N, H]."""
+        return self.fuse(torch.cat([hidden, self.embedding[next_tokens]], -1))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, H] predicted features -> [N, V'] logits over the draft vocabulary."""
+        return F.rms_norm(hidden, (hidden.shape[-1],), self.final_norm, self.config.eps) @ self.head.T
+
+    def target_log_probs(self, features: torch.Tensor) -> torch.Tensor:
+        """The target's own next-token log-probabilities [N, V'] from its last-layer features,
+        restricted to the draft vocabulary and renormalized there (the training labels)."""
+        last = features[..., -self.config.hidden :].float()
+        return torch.log_softmax(self.logits(last), -1)
+
+    def save(self, directory: Path, dtype=torch.bfloat16) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
+        tensors[VOCAB_KEY] = self.vocabulary.to(torch.int32).contiguous()
+        save_file(tensors, str(directory / WEIGHTS_FILE))
+        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+
+
+class ChainNet(_Borrowed):
+    def __init__(self, config, embedding, final_norm, head, vocabulary):
+        super().__init__(config, embedding, final_norm, head, vocabulary)
+        h, q, kv = config.hidden, config.heads * config.head_dim, config.kv_heads * config.head_dim
+        self.input_norm = nn.Parameter(torch.ones(h))
+        self.qkv = nn.Linear(h, q + 2 * kv, bias=False)
+        self.out = nn.Linear(q, h, bias=False)
+        self.post_norm = nn.Parameter(torch.ones(h))
+        self.gate_up = nn.Linear(h, 2 * config.intermediate, bias=False)
+        self.down = nn.Linear(config.intermediate, h, bias=False)
+        inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [head_dim / 2]
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = torch.outer(positions.float(), self.inv_freq)  # [N, head_dim / 2]
+        return angles.cos().repeat(1, 2)[:, None], torch.cat([-angles.sin(), angles.sin()], -1)[:, None]  # [N, 1, d]
+
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        """[N, H] -> rotated queries [N, heads, d], rotated keys and values [N, kv, d]."""
+        c = self.config
+        h = self.qkv(F.rms_norm(x, (c.hidden,), self.input_norm, c.eps))
+        cos, sin = self._rope(positions)
+        q, k, v = h.split([c.heads * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim], -1)
+        q, k = (t.view(len(x), -1, c.head_dim) for t in (q, k))
+        q, k = (t * cos + t.roll(c.head_dim // 2, -1) * sin for t in (q, k))
+        return q, k, v.view(len(x), c.kv_heads, c.head_dim)
+
+    def _finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """Residual attention output [N, heads x d], then the MLP: the predicted features [N, H]."""
+        x = x + self.out(attended)
+        gate, up = self.gate_up(F.rms_norm(x, (self.config.hidden,), self.post_norm, self.config.eps)).chunk(2, -1)
+        return x + self.down(F.silu(gate) * up)
+
+    def unrolled(self, features: torch.Tensor, next_tokens: torch.Tensor, steps: int) -> list[torch.Tensor]:
+        """Training: `steps` chained passes over one sequence. features [T, W] (f_0..f_{T-1}),
+        next_tokens [T] (x_1..x_T). Returns per step j [T, H]: at position t the prediction of
+        f_{t+1} after j steps on its own predictions (rows t < j have no such chain: mask them)."""
+        length = len(features)
+        positions = torch.arange(length, device=features.device)
+        inputs, keys, values, outputs = self.reduced(features), [], [], []
+        for j in range(steps):
+            x = self.fused(inputs, next_tokens)  # [T, H]
+            q, k, v = self._qkv(x, positions)
+            keys.append(k)
+            values.append(v)
+            mask = chain_mask(length, j, features.device)  # [T, (j + 1) T]
+            attended = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], torch.cat(keys).transpose(0, 1)[None], torch.cat(values).transpose(0, 1)[None],
+                attn_mask=mask, enable_gqa=True,
+            )  # [1, heads, T, d]
+            predicted = self._finish(x, attended[0].transpose(0, 1).reshape(length, -1))
+            outputs.append(predicted)
+            inputs = own_input(torch.cat([predicted[:1], predicted[:-1]]), self.config.eps)  # position t reads the prediction made at t - 1
+        return outputs
+
+    @torch.inference_mode()
+    def extend(self, caches: list[SequenceCache], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Serving: append fused inputs [n_i, H] to each session's cache (projections packed, attention
+        per session); per row the predicted features [n_i, H]."""
+        lengths = [len(x) for x in inputs]
+        x = torch.cat(inputs)
+        positions = torch.tensor([c.length + i for c, n in zip(caches, lengths) for i in range(n)], device=x.device)
+        q, k, v = self._qkv(x, positions)
+        attended, start = [], 0
+        for cache, n in zip(caches, lengths):
+            rows = slice(start, start + n)
+            past = cache.length
+            keys, values = cache.write(0, k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None])  # [1, kv, past + n, d]
+            cache.length += n
+            mask = torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(past)
+            out = F.scaled_dot_product_attention(q[rows].transpose(0, 1)[None], keys, values, attn_mask=mask, enable_gqa=True)
+            attended.append(out[0].transpose(0, 1).reshape(n, -1))
+            start += n
+        return list(self._finish(x, torch.cat(attended)).split(lengths))
+
+
+def own_input(predicted: torch.Tensor, eps: float) -> torch.Tensor:
+    """A predicted feature [N, H] as the next draft step's input, normalized like target features."""
+    return F.rms_norm(predicted, (predicted.shape[-1],), eps=eps)
+
+
+def chain_mask(length: int, step: int, device=None) -> torch.Tensor:
+    """[T, (step + 1) T] bool: which keys of steps 0..step the step-`step` query at each position sees."""
+    t = torch.arange(length, device=device)
+    blocks = [t[None, :] <= t[:, None] - step]  # step 0: true-feature keys up to the chain's start
+    blocks += [t[None, :] == t[:, None] - step + i for i in range(1, step + 1)]  # the chain's own keys
+    return torch.cat(blocks, 1)
+
+
+class MultiTokenNet(_Borrowed):
+    def __init__(self, config, embedding, final_norm, head, vocabulary):
+        super().__init__(config, embedding, final_norm, head, vocabulary)
+        h = config.hidden
+        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, h)) for _ in range(config.num_heads))
+
+    def predicted(self, features: torch.Tensor, next_tokens: torch.Tensor) -> list[torch.Tensor]:
+        """[N, W] features f_t and [N] tokens x_{t+1} -> per head k (0-based) [N, H]: the
+        prediction from which token x_{t+2+k} is read."""
+        x = self.fused(self.reduced(features), next_tokens)
+        return [x + head(x) for head in self.heads]
+
+
+NETS = {CHAIN: ChainNet, MULTI_TOKEN: MultiTokenNet}
+
+
+def build(config: FeatureNetConfig, target_model: torch.nn.Module, vocabulary: torch.Tensor) -> _Borrowed:
+    """A fresh net borrowing `target_model`'s embedding, final norm and head."""
+    base = target_model.model
+    return NETS[config.kind](config, base.embed_tokens.weight, base.norm.weight, target_model.get_output_embeddings().weight, vocabulary)
+
+
+def read_config(directory: Path) -> FeatureNetConfig:
+    raw = json.loads((Path(directory) / CONFIG_FILE).read_text())
+    return FeatureNetConfig(**{**raw, "feature_layers": tuple(raw["feature_layers"])})
+
+
+def load(directory: Path, target_model: torch.nn.Module) -> _Borrowed:
+    """A trained net from `directory` (see `_Borrowed.save`), on `target_model`'s embedding and head."""
+    config = read_config(directory)
+    tensors = load_file(str(Path(directory) / WEIGHTS_FILE))
+    net = build(config, target_model, tensors.pop(VOCAB_KEY).long())
+    net.load_state_dict({k: v.float() for k, v in tensors.items()})
+    return net.eval()
