@@ -40,8 +40,7 @@ class DraftEngine:
             feature_layers=self.drafter.feature_layers,
         )
 
-    def start_session(self, session_id: str, prompt: list[int], feature_layers: tuple[int, ...] = ()) -> float:
-        """Open a session; `feature_layers` is the target's business (StartSessionRequest) and ignored."""
+    def start_session(self, session_id: str, prompt: list[int]) -> float:
         started = time.perf_counter()
         prompt = validation.token_ids(prompt, self.drafter.vocab_size, "prompt_token_ids")
         if len(prompt) >= self.max_context:

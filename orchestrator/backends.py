@@ -34,11 +34,13 @@ class CallCost:
 
 class SessionBackend(Protocol):
     async def info(self, timeout: float | None = None) -> ModelInfo: ...
-    async def start_session(self, session_id: str, prompt: list[int], timeout: float | None, feature_layers: tuple[int, ...] = ()) -> CallCost: ...
+    async def start_session(self, session_id: str, prompt: list[int], timeout: float | None) -> CallCost: ...
     async def end_session(self, session_id: str, timeout: float | None) -> bool: ...
 
 
 class TargetBackend(SessionBackend, Protocol):
+    async def start_session(self, session_id: str, prompt: list[int], timeout: float | None, feature_layers: tuple[int, ...] = ()) -> CallCost: ...
+
     async def verify(self, work: VerifyWork, timeout: float | None) -> tuple[Verdict, CallCost]: ...
 
 
@@ -139,8 +141,8 @@ class _InProcessSessions:
     async def info(self, timeout: float | None = None) -> ModelInfo:
         return self.engine.info()
 
-    async def start_session(self, session_id: str, prompt: list[int], timeout: float | None, feature_layers: tuple[int, ...] = ()) -> CallCost:
-        seconds = self.engine.start_session(session_id, prompt, feature_layers)
+    async def start_session(self, session_id: str, prompt: list[int], timeout: float | None) -> CallCost:
+        seconds = self.engine.start_session(session_id, prompt)
         return CallCost(seconds, seconds)
 
     async def end_session(self, session_id: str, timeout: float | None) -> bool:
@@ -148,6 +150,10 @@ class _InProcessSessions:
 
 
 class InProcessTarget(_InProcessSessions):
+    async def start_session(self, session_id: str, prompt: list[int], timeout: float | None, feature_layers: tuple[int, ...] = ()) -> CallCost:
+        seconds = self.engine.start_session(session_id, prompt, feature_layers)
+        return CallCost(seconds, seconds)
+
     async def verify(self, work: VerifyWork, timeout: float | None) -> tuple[Verdict, CallCost]:
         started = time.perf_counter()
         verdict = self.engine.verify([work])[0]

@@ -18,6 +18,7 @@ from specdec.errors import FailedPrecondition, InvalidArgument, ResourceExhauste
 from specdec.messages import ProposeWork, VerifyWork
 from specdec.sessions import SessionLimits, SessionStore
 from target_service.engine import TargetEngine
+from tests.test_sampling import hf_warp
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +149,34 @@ def test_target_engine_verifies_a_batch_of_sessions_like_one_at_a_time(small):
         single.start_session(sid, prompt)
     work = [VerifyWork(sid, len(p) - 1, [p[-1]], drafts[sid], None, sampling.GREEDY, []) for sid, p in prompts.items()]
     assert batched.verify(work) == [single.verify([w])[0] for w in work]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [sampling.SamplingParams(1.0, top_k=3), sampling.SamplingParams(0.7, top_p=0.6), sampling.SamplingParams(1.2, top_k=8, top_p=0.8)],
+)
+def test_target_verifies_against_its_warped_distribution(small, params):
+    """p is the warped distribution, not the softmax: each verdict equals the reference rejection
+    sampler on Hugging Face's warp of the target's logits, for drafts that sample near the target
+    (so some are accepted) from a sparse q."""
+    generator = torch.Generator().manual_seed(9)
+    engine, prompt, k = TargetEngine(small), [5, 9, 3, 7, 1], 3
+    accepted = []
+    for trial in range(30):
+        drafts, draft_probs = [], []
+        for _ in range(k):
+            noisy = full_logits(small.model, prompt + drafts)[-1] + torch.randn(64, generator=generator)
+            ids, probs = sampling.truncate_to_support(torch.softmax(noisy, -1)[None], 8)
+            draft_probs.append((ids[0].int(), probs[0]))
+            drafts.append(int(ids[0, torch.multinomial(probs[0], 1, generator=generator)]))
+        uniforms = torch.rand(k + 1, generator=generator).tolist()
+        engine.start_session(f"s{trial}", prompt)
+        verdict = engine.verify([VerifyWork(f"s{trial}", len(prompt) - 1, prompt[-1:], drafts, draft_probs, params, uniforms)])[0]
+        p = hf_warp(full_logits(small.model, prompt + drafts)[len(prompt) - 1 :], params)  # [K+1, V]
+        q = torch.stack([sampling.densify(ids[None], probs[None], 64)[0] for ids, probs in draft_probs])
+        assert verdict == sampling.reference_rejection_sample(p, drafts, q, uniforms)
+        accepted.append(verdict.accepted)
+    assert 0 < sum(accepted) < k * len(accepted)
 
 
 def test_session_store_expires_idle_sessions_and_enforces_limits():

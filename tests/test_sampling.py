@@ -30,16 +30,32 @@ def hf_warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         SamplingParams(1.0),
         SamplingParams(0.7),
         SamplingParams(1.3, top_k=5),
+        SamplingParams(0.4, top_k=8),
         SamplingParams(0.9, top_p=0.8),
+        SamplingParams(0.5, top_p=0.9),
+        SamplingParams(1.0, top_p=0.99),
         SamplingParams(0.6, top_k=20, top_p=0.5),
+        SamplingParams(1.0, top_k=5, top_p=0.5),
+        SamplingParams(1.5, top_k=12, top_p=0.7),
+        SamplingParams(1.0, top_k=1),
+        SamplingParams(2.0, top_k=1, top_p=0.3),
+        SamplingParams(1.0, top_k=50, top_p=0.99),
         SamplingParams(1.0, top_p=0.05),
     ],
 )
-def test_warp_matches_hugging_face(params):
-    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+# Flat logits too: on peaked ones top-k and top-p keep the same few tokens in either order.
+@pytest.mark.parametrize("scale", [1.0, 3.0], ids=["flat", "peaked"])
+def test_warp_matches_hugging_face(params, scale):
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * scale
     ours = sampling.warp(logits, params)
     torch.testing.assert_close(ours, hf_warp(logits, params), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(ours.sum(-1), torch.ones(6))
+
+
+def test_top_k_of_one_is_the_greedy_point_mass_at_any_temperature():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1))
+    for params in (SamplingParams(0.3, top_k=1), SamplingParams(5.0, top_k=1, top_p=0.9)):
+        assert torch.equal(sampling.warp(logits, params), sampling.warp(logits, GREEDY))
 
 
 def test_greedy_warp_is_point_mass_on_first_argmax():
@@ -115,6 +131,19 @@ def test_rejected_draft_token_is_never_the_recovered_token_when_q_is_a_point_mas
     for u in torch.linspace(0.5, 0.99, 20):  # p(x=1) = 0.5: rejected for every u >= 0.5
         verdict = sampling.rejection_sample(p[None], torch.tensor([[1]]), None, torch.tensor([[float(u), 0.7]]))[0]
         assert verdict == sampling.Verdict(0, 0)
+
+
+def test_a_rejection_that_rounding_leaves_without_residual_draws_from_p():
+    """q a hair above p everywhere and a uniform just below 1: the draft is rejected, yet
+    max(p - q, 0) is all zero. Drawing from those zeros would give the last token, which p rules out."""
+    p = torch.tensor([[0.3, 0.7, 0.0], [0.2, 0.3, 0.5]])
+    q = p[:1] * (1 + 1e-6)
+    assert (p[0] - q[0]).clamp(min=0).sum() == 0
+    for u in (0.0, 0.5, 0.9999):
+        uniforms = [0.99999994, u]
+        verdict = sampling.rejection_sample(p[None], torch.tensor([[1]]), q[None], torch.tensor([uniforms]))[0]
+        assert verdict.accepted == 0 and p[0, verdict.next_token] > 0
+        assert verdict == sampling.reference_rejection_sample(p, [1], q, uniforms)
 
 
 def test_truncate_to_support_keeps_the_most_probable_tokens():

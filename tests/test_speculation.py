@@ -5,6 +5,7 @@ of a round (EOS inside a draft, max_new_tokens mid-round, stops across rounds, t
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from specdec import lm, sampling
 from specdec.errors import InvalidArgument
 from target_service.engine import TargetEngine
 from tests.helpers import joined
+from tests.test_sampling import hf_warp
 
 PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown"
 
@@ -156,7 +158,8 @@ def test_sampling_is_reproducible_with_a_seed(tiny_target, tiny_draft):
 
 
 def exact_target_marginals(loaded, prompt, params, steps):
-    """P(token at step s) for s < steps, by enumerating every prefix (vocab 16: 16 + 256 contexts)."""
+    """P(token at step s) for s < steps, by enumerating every prefix (vocab 16: 16 + 256 contexts).
+    Warped by Hugging Face's processors, not sampling.warp, so that a warping bug shows here too."""
     vocab = loaded.vocab_size
     marginals = []
     prefixes = {(): 1.0}
@@ -166,7 +169,7 @@ def exact_target_marginals(loaded, prompt, params, steps):
         for prefix, weight in prefixes.items():
             # the forward path the services run, in the model's weight format
             logits = lm.forward(loaded.model, [lm.SequenceCache()], [prompt + list(prefix)], logits_for_last=1)[0][-1]
-            p = sampling.warp(logits, params).double()
+            p = hf_warp(logits[None], params)[0].double()
             dist += weight * p
             for token in range(vocab):
                 if p[token] > 0:
@@ -260,3 +263,55 @@ def test_drafts_without_distributions_are_point_masses_when_sampling():
     assert stats.draft_tokens > 0
     for step, exact in enumerate(exact_target_marginals(target, prompt, params, 2)):
         assert chisquare_pvalue(counts[step], exact) > 1e-3
+
+
+def test_a_draft_equal_to_the_target_is_accepted_when_sampling_with_warping():
+    """Exactness holds for any q, so only acceptance shows a draft that samples from an unwarped
+    distribution (against the warped p it is accepted about a third of the time)."""
+    target = tiny_lm(seed=21, vocab_size=16, eos=(), init=0.1)
+    params = sampling.SamplingParams(0.8, top_k=6, top_p=0.9)
+    _, stats = asyncio.run(sample_many(target, ModelDrafter(target), [3, 1, 4, 1, 5], params, 3, 8, trials=50))
+    assert stats.draft_tokens >= 250 and stats.accepted_tokens >= 0.99 * stats.draft_tokens
+
+
+class ScriptedK(FixedK):
+    """K from a list, round after round."""
+
+    def __init__(self, ks: list[int]):
+        super().__init__(max(ks))
+        self.ks = itertools.cycle(ks)
+
+    def next_k(self) -> int:
+        return next(self.ks)
+
+
+def test_after_rounds_at_k_zero_the_draft_is_sent_what_it_lacks_and_keeps_the_rest():
+    """Rounds at K = 0 leave the draft behind, even before its session starts (at the first round
+    that drafts). Each Propose must extend what the draft holds to the whole sequence, rolling back
+    only the pending token its start included: the target as its own draft then has every draft
+    accepted."""
+    target = tiny_lm(seed=21, vocab_size=16, eos=(), init=0.1)
+    prompt, steps = [3, 1, 4, 1, 5], 18
+    target_engine, draft_engine = TargetEngine(target), DraftEngine(ModelDrafter(target), max_context=target.max_context)
+    held = []  # per Propose: what the draft holds when it arrives
+
+    class Recorded(InProcessDraft):
+        async def propose(self, work, timeout):
+            held.append((work, list(draft_engine.sessions.get(work.session_id).ids)))
+            return await super().propose(work, timeout)
+
+    async def generate():
+        target_engine.start_session("s", prompt)
+        spec = Speculation("s", prompt, sampling.GREEDY, ScriptedK([0, 0, 2, 0, 0, 0, 3, 1, 0, 2]), steps, torch.Generator())
+        stats = GenerationStats()
+        rounds = speculate(spec, InProcessTarget(target_engine), Recorded(draft_engine), stats)
+        return [t async for tokens in rounds for t in tokens], stats
+
+    tokens, stats = asyncio.run(generate())
+    sequence = prompt + tokens
+    assert tokens == hf_greedy(target, prompt, steps)
+    assert (stats.draft_tokens, stats.accepted_tokens) == (8, 8)
+    assert [len(ids) - work.prefix_len for work, ids in held] == [1, 0, 0, 0]
+    for work, ids in held:
+        extended = ids[: work.prefix_len] + work.tokens
+        assert extended == sequence[: len(extended)]
