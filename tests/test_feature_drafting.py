@@ -4,6 +4,7 @@ their exactness (greedy equality, the sampled distribution, no leak from rolled-
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import torch
@@ -222,3 +223,95 @@ def test_a_saved_feature_drafter_loads_with_only_its_trained_weights(tiny_target
     for (name, a), (_, b) in zip(drafter.net.state_dict().items(), loaded.net.state_dict().items()):
         assert torch.equal(a, b), name
     assert torch.equal(loaded.net.vocabulary, drafter.net.vocabulary)
+
+
+def test_the_unroll_from_a_later_row_computes_the_same_chain_there(tiny_target):
+    """Training runs unrolled steps only near and after the response; those rows must not change."""
+    drafter = make_drafter(tiny_target)
+    ids = torch.tensor([5, 9, 17, 33, 2, 8, 40, 41, 7, 3, 11, 12])
+    features = teacher_features(tiny_target, ids.tolist())
+    with torch.no_grad():
+        full = drafter.net.unrolled(features, ids[1:], 4)
+        late = drafter.net.unrolled(features, ids[1:], 4, from_row=4)
+    torch.testing.assert_close(late[0], full[0])
+    for j in range(1, 4):
+        torch.testing.assert_close(late[j][j:], full[j][4 + j :], atol=1e-5, rtol=1e-5)
+
+
+def test_distill_features_command_makes_drafters_that_draft_service_serves(tmp_path, tokenizer, tiny_target):
+    """The whole command on a tiny target: feature corpus, both nets trained, resumed from the
+    checkpoint, held-out report, directories; then draft_service loads the chain drafter on the
+    target's own weights and greedy speculation with it reproduces target-only output."""
+    from dataclasses import replace
+
+    from distill.features.corpus import FeatureStore
+    from distill.features.run import main as features_main
+    from draft_service.server import DraftConfig, build_drafter
+    from harness.inprocess import run_generation
+    from orchestrator.generation import GenerationRequest
+    from tests.helpers import joined
+
+    target_dir = tmp_path / "target"
+    tiny_target.model.save_pretrained(target_dir)
+    tokenizer.save_pretrained(target_dir)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "gsm8k_train.jsonl").write_text("".join('{"question": "What is %d plus %d?", "answer": "-"}\n' % (i, i) for i in range(4)))
+    (data / "humaneval.jsonl").write_text('{"task_id": "HumanEval/0", "prompt": "def add(a, b):\\n"}\n')
+    work, out = tmp_path / "work", tmp_path / "drafts"
+    args = ["--target", str(target_dir), "--data-dir", str(data), "--work-dir", str(work), "--out-dir", str(out),
+            "--prompts-per-source", "2", "--max-new-tokens", "8", "--batch-tokens", "16", "--held-out-fraction", "0.3",
+            "--draft-vocab", "300", "--mtp-heads", "3", "--unroll", "3", "--train-dtype", "float32"]
+    features_main(args + ["--steps", "2"])
+    features_main(args + ["--steps", "4"])  # resumes: two more steps
+    report = json.loads((work / "report.json").read_text())
+    assert report["training"]["steps"] == 4 and set(report["drafters"]) == {"chain", "multi-token"}
+    assert report["corpus"]["held_out"]["examples"] > 0 and {"chat", "translation", "context"} <= set(report["corpus"]["train"]["by_source"])
+    store = FeatureStore(work / "corpus")
+    example = store.examples()[0]
+    assert store.features(example).shape == (len(example.ids) - 1, tiny_target.model.config.hidden_size)
+    assert (out / "smollm2-feature-chain" / feature_net.WEIGHTS_FILE).exists()
+
+    drafter, _ = build_drafter(DraftConfig(model=str(out / "smollm2-feature-chain"), feature_target=str(target_dir)))
+    assert isinstance(drafter, ChainDrafter) and len(drafter.net.vocabulary) == 300
+    target = with_eos(tiny_target, ())
+    request = GenerationRequest(prompt="What is 2 plus 2?", max_new_tokens=12, num_speculative_tokens=4)
+    speculative = run_generation(in_process_engine(target, drafter), request)
+    baseline = run_generation(in_process_engine(target), replace(request, num_speculative_tokens=0))
+    assert joined(speculative) == joined(baseline) and speculative[-1].stats.draft_tokens > 0
+
+
+def test_features_travel_through_the_orchestrator_across_the_network(tiny_target):
+    """Real gRPC servers: greedy output with a chain drafter equals target-only, the features
+    cross both hops (the bytes per round grow by about (accepted + 1) x hidden x 2), the
+    services' own protocol checks apply, and no session is left behind."""
+    from harness.inprocess import start_stack
+    from harness.probes import wait_for_sessions
+    from specdec.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, target_pb2, target_pb2_grpc
+
+    target = with_eos(tiny_target, ())
+    stack = start_stack(target, make_drafter(target))
+    try:
+        with stack.channel("orchestrator") as channel:
+            stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
+            ask = lambda k: orchestrator_pb2.GenerateRequest(prompt="Once upon a time", max_new_tokens=24, num_speculative_tokens=k)  # noqa: E731
+            baseline, speculative = stub.Generate(ask(0), timeout=60), stub.Generate(ask(3), timeout=60)
+        assert list(speculative.token_ids) == list(baseline.token_ids)
+        stats = speculative.stats
+        assert stats.draft_tokens > 0
+        hidden = target.model.config.hidden_size
+        assert stats.bytes_per_round > 2 * hidden * 2  # at least one feature row per hop and round
+        with stack.channel("target") as channel:
+            target_stub = target_pb2_grpc.TargetServiceStub(channel)
+            with pytest.raises(Exception) as error:
+                target_stub.StartSession(common_pb2.StartSessionRequest(session_id="x", prompt_token_ids=[1, 2], feature_layers=[7]), timeout=10)
+            assert error.value.code().name == "INVALID_ARGUMENT" and "feature_layers" in error.value.details()
+            target_stub.StartSession(common_pb2.StartSessionRequest(session_id="y", prompt_token_ids=[1, 2, 3], feature_layers=[-1]), timeout=10)
+            item = target_pb2.VerifyItem(session_id="y", prefix_len=2, tokens=[3], draft_tokens=[4], sampling=common_pb2.SamplingParams(top_p=1.0))
+            result = target_stub.Verify(target_pb2.VerifyRequest(items=[item]), timeout=10).results[0]
+            assert result.features.start == 0 and result.features.rows == 3 + result.accepted and result.features.width == hidden
+            assert len(result.features.data) == 2 * result.features.rows * hidden
+            target_stub.EndSession(common_pb2.EndSessionRequest(session_id="y"), timeout=10)
+        assert wait_for_sessions(stack, 0) == (0, 0)
+    finally:
+        stack.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -14,7 +15,12 @@ import torch
 
 from distill import prompts
 from distill.features.corpus import FeatureStore, generate
+from distill.features.evaluate import acceptance_report
+from distill.features.train import Trainee, TrainSettings, fast_dtype, train
 from distill.run import Progress
+from distill.students import coverage, draft_vocabulary
+from draft_service.drafters import feature_net
+from draft_service.drafters.feature import DRAFTERS
 from specdec.chat import chat_token_ids
 from specdec.config import option, parse
 from specdec.lean_llama import LeanLlama
@@ -40,7 +46,25 @@ class FeatureDistillConfig:
     generation_batch: int = option(48, "sequences decoded together")
     generation_minutes: float = option(0.0, "stop admitting prompts after this long; 0 = answer every prompt")
     stop_after: str = option("", "stop after this stage", ("", "corpus"))
+    train_while_generating: bool = option(False, "train on the corpus written so far while another process is still writing it (--stop-after corpus); each epoch reads it again")
+    draft_vocab: int = option(8192, "tokens of the drafters' head (the most frequent of the target's responses, FR-Spec); 0: all")
+    mtp_heads: int = option(4, "multi-token heads (the most tokens they draft per round); 0: train the chain drafter only")
+    steps: int = option(4000, "most optimizer steps")
+    train_minutes: float = option(0.0, "stop training after this long even before --steps; 0 = no limit")
+    batch_tokens: int = option(4096, "response positions per optimizer step")
+    learning_rate: float = option(1e-3, "peak AdamW learning rate")
+    warmup_steps: int = option(50, "steps of linear warm-up")
+    max_sequence: int = option(1024, "prompt + response tokens per training sequence")
+    unroll: int = option(4, "chain drafter: training steps on its own predictions (the draft positions it learns)")
+    unroll_decay: float = option(0.8, "weight of unrolled step j's loss: decay^j")
+    train_dtype: str = option("auto", "precision of training's matrix products (auto: the faster here)", ("auto", "float32", "bfloat16"))
+    checkpoint_minutes: float = option(5.0, "minutes between checkpoints")
+    eval_k: str = option("4", "draft lengths K replayed in the held-out acceptance report")
     seed: int = option(0, "seed for initialization and data order")
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(int(x) for x in self.feature_layers.split(","))
 
 
 def _decoded(store: FeatureStore, tokenizer, prefix: str) -> dict[str, str]:
@@ -52,7 +76,7 @@ def build_corpus(config: FeatureDistillConfig, target, store: FeatureStore, prog
     passages and documentation, GSM8K, HumanEval and instructions; back-translations and second
     chat turns."""
     lean = LeanLlama(target.model, config.generation_format)
-    layers = tuple(int(x) for x in config.feature_layers.split(","))
+    layers = config.layers
     deadline = time.monotonic() + config.generation_minutes * 60 if config.generation_minutes else float("inf")
     held_out = config.held_out_fraction
     limit = config.prompts_per_source
@@ -102,9 +126,82 @@ def main(argv: list[str] | None = None) -> None:
     progress = Progress()
     started = time.monotonic()
     target = load_causal_lm(config.target, "cpu", "float32")
-    build_corpus(config, target, store, progress)
-    corpus_facts = {**describe(store), "seconds": time.monotonic() - started}
-    log.info("corpus: %s", json.dumps(corpus_facts))
-    (work / "corpus.json").write_text(json.dumps({"config": asdict(config), "corpus": corpus_facts}, indent=2) + "\n")
+    if not config.train_while_generating:
+        build_corpus(config, target, store, progress)
+        corpus_facts = {**describe(store), "seconds": time.monotonic() - started}
+        log.info("corpus: %s", json.dumps(corpus_facts))
+        (work / "corpus.json").write_text(json.dumps({"config": asdict(config), "corpus": corpus_facts}, indent=2) + "\n")
     if config.stop_after == "corpus":
         return
+
+    vocabulary = draft_vocabulary_of(config, store, target, work / "draft_vocabulary.json")
+    trainees = [Trainee("chain", feature_net.build(net_config(config, target, feature_net.CHAIN), target.model, vocabulary))]
+    if config.mtp_heads:
+        trainees.append(Trainee("multi-token", feature_net.build(net_config(config, target, feature_net.MULTI_TOKEN), target.model, vocabulary)))
+    settings = TrainSettings(
+        steps=config.steps,
+        time_budget_s=config.train_minutes * 60,
+        batch_tokens=config.batch_tokens,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        max_sequence=config.max_sequence,
+        unroll=config.unroll,
+        decay=config.unroll_decay,
+        bfloat16=(fast_dtype() if config.train_dtype == "auto" else config.train_dtype) == "bfloat16",
+        checkpoint_every_s=config.checkpoint_minutes * 60,
+        seed=config.seed,
+    )
+    progress.restart()
+    state = train(trainees, store, lambda: [e for e in store.examples() if e.split == prompts.TRAIN], settings, work / "checkpoint.pt", progress_line(progress))
+    held_out = [e for e in store.examples() if e.split == prompts.HELD_OUT]
+    report = {"config": asdict(config), "corpus": describe(store), "training": state, "drafters": {}}
+    k_values = tuple(int(k) for k in config.eval_k.split(","))
+    for trainee in trainees:
+        net = trainee.net.eval()
+        drafter = DRAFTERS[net.config.kind](net, target, trainee.name)
+        facts = {
+            "kind": net.config.kind,
+            "trained_parameters": sum(p.numel() for p in net.parameters()),
+            "draft_vocabulary": len(vocabulary),
+            "held_out_coverage": coverage(Counter(t for e in held_out for t in e.response_ids), vocabulary),
+            "held_out_acceptance": acceptance_report(drafter, store, held_out, k_values),
+        }
+        report["drafters"][trainee.name] = facts
+        log.info("%s: held-out %s", trainee.name, json.dumps(facts["held_out_acceptance"]))
+        out = Path(config.out_dir) / f"smollm2-feature-{trainee.name}"
+        net.save(out)
+        (out / "training.json").write_text(json.dumps({**facts, "training": state, "corpus": report["corpus"], "config": asdict(config)}, indent=2) + "\n")
+    (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def draft_vocabulary_of(config: FeatureDistillConfig, store: FeatureStore, target, path: Path) -> torch.Tensor:
+    """The head's token ids: the most frequent of the training responses, chosen once and kept
+    beside the checkpoint (a resumed run on a grown corpus must keep the same head)."""
+    if path.exists():
+        return torch.tensor(json.loads(path.read_text()))
+    counts = Counter(t for e in store.examples() if e.split == prompts.TRAIN for t in e.response_ids)
+    vocabulary = draft_vocabulary(counts, config.draft_vocab, target.vocab_size, target.eos_token_ids)
+    path.write_text(json.dumps(vocabulary.tolist()))
+    return vocabulary
+
+
+def net_config(config: FeatureDistillConfig, target, kind: str) -> feature_net.FeatureNetConfig:
+    heads = config.mtp_heads if kind == feature_net.MULTI_TOKEN else 0
+    return feature_net.FeatureNetConfig.for_target(kind, target.model.config, config.target, config.layers, heads)
+
+
+def progress_line(progress: Progress):
+    def report(step: int, fraction: float, trainees: list[Trainee], tokens: int) -> None:
+        if progress.first_tokens is None:
+            progress.first_tokens, progress.first_progress = tokens, fraction
+        if not progress.due():
+            return
+        elapsed = time.monotonic() - progress.started
+        parts = []
+        for t in trainees:
+            agreement = [sum(a[i] for a in t.agreement) / len(t.agreement) for i in range(len(t.agreement[-1]))]
+            parts.append(f"{t.name}: kl {sum(t.losses) / len(t.losses):.3f} top1 " + "/".join(f"{a:.2f}" for a in agreement))
+        rate = (tokens - progress.first_tokens) / max(elapsed, 1e-9)
+        print(f"[train] step {step} {100 * fraction:.1f}% {rate:.0f} tok/s | " + " | ".join(parts), file=sys.stderr, flush=True)
+
+    return report

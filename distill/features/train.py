@@ -7,8 +7,9 @@ predictions (training-time test, `ChainNet.unrolled`), step j's loss weighted by
 draft positions 2..K see at training the inputs they see at inference. Multi-token head k learns
 the distribution k + 1 tokens ahead.
 
-One sequence at a time (projections over its whole length), gradients accumulated to about
-`batch_tokens` positions per optimizer step. Runs for `steps` or `time_budget_s`; checkpoints
+One sequence at a time (projections over its whole length; unrolled steps and logits only where
+losses are), gradients accumulated to about `batch_tokens` response positions per optimizer step;
+products in bfloat16 where the processor makes that faster (`fast_dtype`). Runs for `steps` or `time_budget_s`; checkpoints
 (nets, optimizers, data position) every `checkpoint_every_s` and at the end; a rerun resumes.
 """
 
@@ -36,6 +37,7 @@ class TrainSettings:
     max_sequence: int
     unroll: int
     decay: float
+    bfloat16: bool  # matrix products in bfloat16 (autocast), parameters and optimizer in float32
     checkpoint_every_s: float
     seed: int
 
@@ -51,40 +53,62 @@ class Trainee:
 
 def _kl(log_p: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Summed KL(p || q) over rows [N, V'] and the rows' top-1 agreement rate."""
-    log_q = torch.log_softmax(logits, -1)
+    log_q = torch.log_softmax(logits.float(), -1)
     kl = (log_p.exp() * (log_p - log_q)).sum()
     return kl, (log_p.argmax(-1) == logits.argmax(-1)).float().mean().item() if len(log_p) else 0.0
 
 
 def chain_loss(net: ChainNet, features, ids, log_p, response_start: int, unroll: int, decay: float):
-    """features [T - 1, W] (f_0..f_{T-2}), ids [T], log_p [T - 1, V'] (log_p[u]: the target's
-    distribution of ids[u + 1]). The output at position t predicts ids[t + 2] (label log_p[t + 1])."""
+    """features [T - 1, W] (f_0..f_{T-2}), ids [T], log_p [T - response_start, V'] (row u: the
+    target's distribution of ids[response_start + u], a response token). The output at position t
+    predicts ids[t + 2]: response tokens from t = response_start - 2 on."""
     length = len(features)
-    outputs = net.unrolled(features, ids[1:], unroll)  # per step [T - 1, H]
+    from_row = max(0, response_start - 1 - unroll)  # later steps only where losses (and their keys) are
+    outputs = net.unrolled(features, ids[1:], unroll, from_row)  # [T - 1, H], then [T - 1 - from_row, H] per step
     total, agreement = 0.0, []
     for j, predicted in enumerate(outputs):
-        first = max(j, response_start - 2, 0)
-        rows = slice(first, length - 1)
-        kl, agree = _kl(log_p[first + 1 : length], net.logits(predicted[rows]))
+        first = max(j, response_start - 2)  # first position with a loss
+        offset = 0 if j == 0 else from_row  # position of the output's first row
+        kl, agree = _kl(log_p[first + 2 - response_start :], net.logits(predicted[first - offset : length - 1 - offset]))
         total = total + decay**j * kl
         agreement.append(agree)
     return total, agreement
 
 
 def multi_token_loss(net: MultiTokenNet, features, ids, log_p, response_start: int):
-    """Head k (0-based) at position t predicts ids[t + 2 + k] (label log_p[t + 1 + k])."""
+    """Head k (0-based) at position t predicts ids[t + 2 + k] (log_p row t + 2 + k - response_start)."""
     length = len(features)
+    first_input = max(response_start - 2 - (len(net.heads) - 1), 0)  # earliest position any head needs
+    heads = net.predicted(features[first_input : length - 1], ids[first_input + 1 : length])  # per head [.., H]
     total, agreement = 0.0, []
-    for k, predicted in enumerate(net.predicted(features[: length - 1], ids[1:length])):
+    for k, predicted in enumerate(heads):
         first = max(response_start - 2 - k, 0)
-        last = length - 1 - k  # exclusive: the label row t + 1 + k must exist
+        last = length - 1 - k  # exclusive: ids[t + 2 + k] must exist
         if last <= first:
             agreement.append(0.0)
             continue
-        kl, agree = _kl(log_p[first + 1 + k : last + 1 + k], net.logits(predicted[first:last]))
+        kl, agree = _kl(log_p[first + 2 + k - response_start : last + 2 + k - response_start], net.logits(predicted[first - first_input : last - first_input]))
         total = total + kl
         agreement.append(agree)
     return total, agreement
+
+
+def fast_dtype() -> str:
+    """The faster of float32 and bfloat16 for a training-sized product on this processor (AMX
+    makes bfloat16 about twice as fast; without AVX512-BF16 it is many times slower)."""
+    a, w = torch.randn(256, 576, requires_grad=True), torch.randn(4096, 576, requires_grad=True)
+
+    def seconds(enabled: bool) -> float:
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+                product = a @ w.T
+            product.float().sum().backward()
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    return "bfloat16" if seconds(True) < 0.8 * seconds(False) else "float32"
 
 
 def learning_rate(settings: TrainSettings, step: int, progress: float) -> float:
@@ -95,22 +119,25 @@ def learning_rate(settings: TrainSettings, step: int, progress: float) -> float:
 def train(
     trainees: list[Trainee],
     store: FeatureStore,
-    examples: list[FeatureExample],
+    examples: Callable[[], list[FeatureExample]],
     settings: TrainSettings,
     checkpoint: Path,
     report: Callable[[int, float, list[Trainee], int], None],
 ) -> dict:
     """Train the nets in place; returns {"steps", "seconds", "tokens", "epochs"} of this run and
-    the earlier ones it resumed."""
+    the earlier ones it resumed. `examples()` is read again at every epoch, so training can start
+    while the corpus is still being written (the store only appends)."""
     for t in trainees:
         t.net.train()
         t.optimizer = torch.optim.AdamW([p for p in t.net.parameters() if p.requires_grad], lr=settings.learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
     state = _resume(checkpoint, trainees)
-    examples = [e for e in examples if len(e.response_ids) >= 2 and len(e.prompt_ids) + 2 <= settings.max_sequence]
     started, last_checkpoint = time.monotonic() - state["seconds"], time.monotonic()
     labels_from = trainees[0].net
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bfloat16)
     while True:
-        order = examples[:]
+        usable = [e for e in examples() if len(e.response_ids) >= 2 and len(e.prompt_ids) + 2 <= settings.max_sequence]
+        order = usable[: state["epoch_size"] or None]  # a resumed epoch: the examples it began with
+        state["epoch_size"] = len(order)
         random.Random(settings.seed + state["epochs"]).shuffle(order)
         for example in order[state["position"] :]:
             elapsed = time.monotonic() - started
@@ -121,16 +148,17 @@ def train(
             ids = torch.tensor(example.ids[: settings.max_sequence])
             features = store.features(example)[: len(ids) - 1].float()  # [T - 1, W]
             start = len(example.prompt_ids)
-            with torch.no_grad():
-                log_p = labels_from.target_log_probs(features)  # [T - 1, V']
+            with torch.no_grad(), autocast:
+                log_p = labels_from.target_log_probs(features[start - 1 :]).float()  # [T - start, V']: the response tokens
             for t in trainees:
-                if isinstance(t.net, ChainNet):
-                    loss, agreement = chain_loss(t.net, features, ids, log_p, start, settings.unroll, settings.decay)
-                else:
-                    loss, agreement = multi_token_loss(t.net, features, ids, log_p, start)
+                with autocast:
+                    if isinstance(t.net, ChainNet):
+                        loss, agreement = chain_loss(t.net, features, ids, log_p, start, settings.unroll, settings.decay)
+                    else:
+                        loss, agreement = multi_token_loss(t.net, features, ids, log_p, start)
                 (loss / settings.batch_tokens).backward()
                 positions = max(1, len(ids) - start)
-                t.losses = (t.losses + [float(loss) / positions])[-200:]
+                t.losses = (t.losses + [float(loss.detach()) / positions])[-200:]
                 t.agreement = (t.agreement + [agreement])[-200:]
             state["position"] += 1
             state["pending"] += len(ids) - start
@@ -150,7 +178,7 @@ def train(
                     _save(checkpoint, trainees, state)
                     last_checkpoint = time.monotonic()
         state["epochs"] += 1
-        state["position"] = 0
+        state["position"], state["epoch_size"] = 0, 0
 
 
 def _save(path: Path, trainees: list[Trainee], state: dict) -> None:
@@ -161,7 +189,7 @@ def _save(path: Path, trainees: list[Trainee], state: dict) -> None:
 
 
 def _resume(path: Path, trainees: list[Trainee]) -> dict:
-    fresh = {"steps": 0, "seconds": 0.0, "tokens": 0, "epochs": 0, "position": 0, "pending": 0}
+    fresh = {"steps": 0, "seconds": 0.0, "tokens": 0, "epochs": 0, "position": 0, "epoch_size": 0, "pending": 0}
     if not path.exists():
         return fresh
     saved = torch.load(path, map_location="cpu", weights_only=False)

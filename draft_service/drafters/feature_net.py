@@ -17,7 +17,7 @@ Training (`distill.features.train`) unrolls `ChainNet` on its own predictions (E
 training-time test): step j's query at position t sees the step-0 keys of positions <= t - j and,
 for i = 1..j, the step-i key at position t - j + i: the very keys a j-th draft step sees at
 inference, where the cache holds true-feature entries up to the round's start and the chain's own
-entries after it. `chain_mask` builds that mask.
+entries after it. `chain_mask` builds that mask; a test checks the unroll against the serving path.
 """
 
 from __future__ import annotations
@@ -156,27 +156,41 @@ class ChainNet(_Borrowed):
         gate, up = self.gate_up(F.rms_norm(x, (self.config.hidden,), self.post_norm, self.config.eps)).chunk(2, -1)
         return x + self.down(F.silu(gate) * up)
 
-    def unrolled(self, features: torch.Tensor, next_tokens: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    def unrolled(self, features: torch.Tensor, next_tokens: torch.Tensor, steps: int, from_row: int = 0) -> list[torch.Tensor]:
         """Training: `steps` chained passes over one sequence. features [T, W] (f_0..f_{T-1}),
-        next_tokens [T] (x_1..x_T). Returns per step j [T, H]: at position t the prediction of
-        f_{t+1} after j steps on its own predictions (rows t < j have no such chain: mask them)."""
+        next_tokens [T] (x_1..x_T). Returns per step j the prediction of f_{t+1} at each position t
+        after j steps on its own predictions: [T, H] for step 0; steps j >= 1 run on rows from_row..
+        only ([T - from_row, H]), which is exact for rows from from_row + j on (earlier ones read
+        chain inputs that were not computed: leave them out of the loss, as rows t < j)."""
         length = len(features)
         positions = torch.arange(length, device=features.device)
-        inputs, keys, values, outputs = self.reduced(features), [], [], []
-        for j in range(steps):
-            x = self.fused(inputs, next_tokens)  # [T, H]
-            q, k, v = self._qkv(x, positions)
+        x = self.fused(self.reduced(features), next_tokens)  # [T, H]
+        q, k, v = self._qkv(x, positions)
+        keys, values = [k[from_row:]], [v[from_row:]]  # the chain's keys, rows from_row..
+        true_keys, true_values = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # step 0's, every row
+        predicted = self._finish(x, self._attend(q, true_keys, true_values, chain_mask(length, 0, device=x.device)))
+        outputs = [predicted]
+        previous = predicted[max(from_row - 1, 0) : length - 1]  # the prediction at t - 1 for rows t = from_row.. (row 0 reads its own)
+        previous = torch.cat([predicted[:1], previous]) if from_row == 0 else previous
+        for j in range(1, steps):
+            x = self.fused(own_input(previous, self.config.eps), next_tokens[from_row:])  # [T - from_row, H]
+            q, k, v = self._qkv(x, positions[from_row:])
             keys.append(k)
             values.append(v)
-            mask = chain_mask(length, j, features.device)  # [T, (j + 1) T]
-            attended = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], torch.cat(keys).transpose(0, 1)[None], torch.cat(values).transpose(0, 1)[None],
-                attn_mask=mask, enable_gqa=True,
-            )  # [1, heads, T, d]
-            predicted = self._finish(x, attended[0].transpose(0, 1).reshape(length, -1))
+            chain_keys = torch.cat(keys[1:]).transpose(0, 1)[None]
+            chain_values = torch.cat(values[1:]).transpose(0, 1)[None]
+            mask = chain_mask(length, j, from_row, x.device)  # [T - from_row, T + j (T - from_row)]
+            attended = self._attend(q, torch.cat([true_keys, chain_keys], 2), torch.cat([true_values, chain_values], 2), mask)
+            predicted = self._finish(x, attended)
             outputs.append(predicted)
-            inputs = own_input(torch.cat([predicted[:1], predicted[:-1]]), self.config.eps)  # position t reads the prediction made at t - 1
+            previous = torch.cat([predicted[:1], predicted[:-1]])  # position t reads the prediction made at t - 1
         return outputs
+
+    @staticmethod
+    def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Queries [N, heads, d] over keys and values [1, kv, S, d] where mask [N, S] allows -> [N, heads x d]."""
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask, enable_gqa=True)  # [1, heads, N, d]
+        return out[0].transpose(0, 1).reshape(len(q), -1)
 
     @torch.inference_mode()
     def extend(self, caches: list[SequenceCache], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -204,11 +218,16 @@ def own_input(predicted: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(predicted, (predicted.shape[-1],), eps=eps)
 
 
-def chain_mask(length: int, step: int, device=None) -> torch.Tensor:
-    """[T, (step + 1) T] bool: which keys of steps 0..step the step-`step` query at each position sees."""
-    t = torch.arange(length, device=device)
-    blocks = [t[None, :] <= t[:, None] - step]  # step 0: true-feature keys up to the chain's start
-    blocks += [t[None, :] == t[:, None] - step + i for i in range(1, step + 1)]  # the chain's own keys
+def chain_mask(length: int, step: int, from_row: int = 0, device=None) -> torch.Tensor:
+    """Which keys the step-`step` queries at positions from_row..length-1 see: [T - from_row,
+    T + step (T - from_row)] bool over step 0's keys (every position) and then those of steps
+    1..step (positions from_row..). Step 0 is the causal mask."""
+    t = torch.arange(from_row if step else 0, length, device=device)[:, None]  # query positions
+    blocks = [torch.arange(length, device=device)[None, :] <= t - step]  # true-feature keys up to the chain's start
+    if not step:
+        return blocks[0]
+    chain = torch.arange(from_row, length, device=device)[None, :]
+    blocks += [chain == t - step + i for i in range(1, step + 1)]  # the chain's own keys
     return torch.cat(blocks, 1)
 
 
