@@ -60,7 +60,7 @@ def resolve(model: str) -> str:
         return str(convert_gguf(embedded_gguf_path()))
     if model.endswith(".gguf"):
         return str(convert_gguf(Path(model)))
-    if "/" not in model and (SHIPPED_DRAFTS / model / "config.json").is_file():
+    if "/" not in model and (SHIPPED_DRAFTS / model).is_dir():
         return str(SHIPPED_DRAFTS / model)
     return model
 

@@ -225,6 +225,8 @@ def propose_items(draw, session: str, held: int) -> draft_pb2.ProposeItem:
         num_speculative_tokens=st.one_of(st.just(0), st.integers(17, 2**32 - 1)),
         sampling=wild_sampling,
         uniforms=st.lists(wild_floats, max_size=8),
+        # torn or well-formed rows, to a drafter that reads none
+        features=st.builds(common_pb2.Features, start=UINT32, rows=st.integers(0, 4), width=st.integers(0, 16), data=st.binary(max_size=128)),
     )
     return draft_pb2.ProposeItem(**with_defects(draw, valid, wild))
 
@@ -303,10 +305,11 @@ def test_megabyte_prompts(stubs, size, code):
         st.lists(small_ids, min_size=500, max_size=600),
     ),
     repeat=st.booleans(),
+    feature_layers=st.one_of(st.just([]), st.lists(st.one_of(st.integers(-3, 2), INT32), max_size=3)),
 )
-def test_start_session_answers_clearly_and_end_session_is_idempotent(stack, stubs, which, session_id, prompt, repeat):
+def test_start_session_answers_clearly_and_end_session_is_idempotent(stack, stubs, which, session_id, prompt, repeat, feature_layers):
     stub = stubs[which]
-    request = common_pb2.StartSessionRequest(session_id=session_id, prompt_token_ids=prompt)
+    request = common_pb2.StartSessionRequest(session_id=session_id, prompt_token_ids=prompt, feature_layers=feature_layers)
     started = call(stub.StartSession, request) is not None
     if repeat and started:
         with pytest.raises(grpc.RpcError) as reused:

@@ -30,7 +30,7 @@ from draft_service.drafters.model import draw
 from specdec import sampling
 from specdec.lm import SequenceCache
 from specdec.messages import Features, Proposal, ProposeWork
-from specdec.models import LoadedModel
+from specdec.models import EMBEDDED, LoadedModel, resolve
 
 
 @dataclass
@@ -161,14 +161,16 @@ DRAFTERS = {feature_net.CHAIN: ChainDrafter, feature_net.MULTI_TOKEN: MultiToken
 
 
 def is_feature_drafter(model: str) -> bool:
-    return (Path(model) / feature_net.CONFIG_FILE).is_file()
+    """Whether `model` (a directory, or a shipped draft's name) holds a feature drafter."""
+    return model != EMBEDDED and (Path(resolve(model)) / feature_net.CONFIG_FILE).is_file()
 
 
-def trained_on(directory: str) -> str:
+def trained_on(model: str) -> str:
     """The target a feature drafter was trained on (its features and head)."""
-    return feature_net.read_config(Path(directory)).target
+    return feature_net.read_config(Path(resolve(model))).target
 
 
-def load_feature_drafter(directory: str, target: LoadedModel, max_support: int = 64) -> FeatureDrafter:
-    net = feature_net.load(Path(directory), target.model)
-    return DRAFTERS[net.config.kind](net, target, Path(directory).name, max_support)
+def load_feature_drafter(model: str, target: LoadedModel, max_support: int = 64) -> FeatureDrafter:
+    directory = Path(resolve(model))
+    net = feature_net.load(directory, target.model)
+    return DRAFTERS[net.config.kind](net, target, directory.name, max_support)
