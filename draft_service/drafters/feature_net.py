@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from specdec import weights
 from specdec.lm import SequenceCache
 
 CONFIG_FILE = "feature_drafter.json"
@@ -91,6 +92,28 @@ class _Borrowed(nn.Module):
         # the width of the net's own predictions, which later draft steps read instead
         self.reduce = nn.Linear(config.feature_width, config.hidden, bias=False) if len(config.feature_layers) > 1 else None
         self.fuse = nn.Linear(2 * config.hidden, config.hidden)
+        self.format = "float32"
+        self._kernels: dict[nn.Module, weights.Linear] = {}  # serving products in another format
+
+    def use_format(self, format: str) -> None:
+        """Serve with every product in weight format `format` (specdec/weights.py; the nets are
+        memory-bound at one row, so int8 or bf16 weights roughly halve a step on CPUs with
+        VNNI/AMX). Training keeps the float32 modules."""
+        linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
+        self.format = format
+        self._activation = weights.activation_dtype(format)
+        if format == "float32":
+            self._kernels = {}
+            return
+        self._kernels = {m: weights.make_linear(format, m.weight) for m in linears}
+        self._kernels[self] = weights.make_linear(weights.HEAD_FORMAT.get(format, format), self.head)
+
+    def product(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """module(x) in the serving format (float32 out)."""
+        if not self._kernels:
+            return module(x)
+        y = self._kernels[module](x.to(self._activation)).float()
+        return y + module.bias if module.bias is not None else y
 
     def reduced(self, features: torch.Tensor) -> torch.Tensor:
         """[N, W] target features -> [N, H], each layer's RMS-normalized first: the residual stream
@@ -98,16 +121,17 @@ class _Borrowed(nn.Module):
         layer) that would dominate the fused input."""
         c = self.config
         features = F.rms_norm(features.to(self.fuse.weight.dtype).unflatten(-1, (-1, c.hidden)), (c.hidden,), eps=c.eps).flatten(-2)
-        return self.reduce(features) if self.reduce is not None else features
+        return self.product(self.reduce, features) if self.reduce is not None else features
 
     def fused(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         """[N, H] reduced target features (or the net's own predictions, normalized alike) and [N]
         tokens that follow them -> [N, H]."""
-        return self.fuse(torch.cat([hidden, self.embedding[next_tokens]], -1))
+        return self.product(self.fuse, torch.cat([hidden, self.embedding[next_tokens]], -1))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] predicted features -> [N, V'] logits over the draft vocabulary."""
-        return F.rms_norm(hidden, (hidden.shape[-1],), self.final_norm, self.config.eps) @ self.head.T
+        normed = F.rms_norm(hidden, (hidden.shape[-1],), self.final_norm, self.config.eps)
+        return self._kernels[self](normed.to(self._activation)).float() if self._kernels else normed @ self.head.T
 
     def target_log_probs(self, features: torch.Tensor) -> torch.Tensor:
         """The target's own next-token log-probabilities [N, V'] from its last-layer features,
@@ -143,7 +167,7 @@ class ChainNet(_Borrowed):
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
         """[N, H] -> rotated queries [N, heads, d], rotated keys and values [N, kv, d]."""
         c = self.config
-        h = self.qkv(F.rms_norm(x, (c.hidden,), self.input_norm, c.eps))
+        h = self.product(self.qkv, F.rms_norm(x, (c.hidden,), self.input_norm, c.eps))
         cos, sin = self._rope(positions)
         q, k, v = h.split([c.heads * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim], -1)
         q, k = (t.view(len(x), -1, c.head_dim) for t in (q, k))
@@ -152,9 +176,9 @@ class ChainNet(_Borrowed):
 
     def _finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """Residual attention output [N, heads x d], then the MLP: the predicted features [N, H]."""
-        x = x + self.out(attended)
-        gate, up = self.gate_up(F.rms_norm(x, (self.config.hidden,), self.post_norm, self.config.eps)).chunk(2, -1)
-        return x + self.down(F.silu(gate) * up)
+        x = x + self.product(self.out, attended)
+        gate, up = self.product(self.gate_up, F.rms_norm(x, (self.config.hidden,), self.post_norm, self.config.eps)).chunk(2, -1)
+        return x + self.product(self.down, F.silu(gate) * up)
 
     def unrolled(self, features: torch.Tensor, next_tokens: torch.Tensor, steps: int, from_row: int = 0) -> list[torch.Tensor]:
         """Training: `steps` chained passes over one sequence. features [T, W] (f_0..f_{T-1}),
@@ -241,7 +265,7 @@ class MultiTokenNet(_Borrowed):
         """[N, W] features f_t and [N] tokens x_{t+1} -> per head k (0-based) [N, H]: the
         prediction from which token x_{t+2+k} is read."""
         x = self.fused(self.reduced(features), next_tokens)
-        return [x + head(x) for head in self.heads]
+        return [x + self.product(second, F.silu(self.product(first, x))) for first, _, second in self.heads]
 
 
 NETS = {CHAIN: ChainNet, MULTI_TOKEN: MultiTokenNet}
