@@ -21,6 +21,7 @@ from bench.report import category_markdown, methods_markdown, summarize, write_o
 from bench.services import ServiceBench, service_configs
 from bench.specbench import default_prompts, load_prompts
 from bench.theory import verify_cost_curve
+from draft_service.drafters.feature import is_feature_drafter
 from specdec.weights import AUTO, FORMATS
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = load_prompts(args.prompts, args.limit, args.per_category)
     drafters = [d for d in args.drafters.split(",") if d]
     ks = [int(k) for k in args.k.split(",")]
-    draft_models = [d for d in drafters if d != "ngram"]
+    # Hugging Face's assisted generation takes draft models, not n-grams or feature drafters
+    draft_models = [d for d in drafters if d != "ngram" and not is_feature_drafter(d)]
     through_services, in_process_configs = service_configs(drafters, ks), (hf_configs(draft_models, ks) if args.hf else [])
     configs = through_services + in_process_configs
     records_path = args.out / "records.jsonl"
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = [(p, c) for i, p in enumerate(prompts) for c in _rotated(configs, i) if (p.question_id, c.name) not in done]
     print(f"{len(prompts)} prompts x {len(configs)} configurations; {len(todo)} runs to do", file=sys.stderr)
     with ServiceBench(drafters, args.target, args.device, args.dtype, args.out / "logs") as services, records_path.open("a") as out:
-        in_process = HFBench(args.target, draft_models, args.device, args.dtype)
+        in_process = HFBench(args.target, draft_models if args.hf else [], args.device, args.dtype)
         print("measuring the target's verify cost curve T(n)/T(1)", file=sys.stderr)
         curve = verify_cost_curve(in_process.target, max(ks) + 1)
         runners = {**{c: services for c in through_services}, **{c: in_process for c in in_process_configs}}
