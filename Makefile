@@ -38,13 +38,14 @@ COMPOSECHECK_SOURCES := tools/composecheck/go.mod tools/composecheck/go.sum tool
 COMPOSECHECK := $(TOOLS_DIR)/composecheck-$(shell cat $(COMPOSECHECK_SOURCES) | sha256sum | cut -c1-12)/composecheck
 export SPECDEC_COMPOSECHECK := $(COMPOSECHECK)
 
-.PHONY: deps tools demo test test-fast protos equality bench loadtest soak latency clean-venv help
+.PHONY: deps tools demo test test-fast protos docs equality bench loadtest soak latency clean-venv help
 
 help:
 	@echo "make demo       start the three services with the embedded models, stream a generation, print acceptance and speedup"
 	@echo "make test       run the whole test suite (slow end-to-end tests included)"
 	@echo "make test-fast  the suite without the slow-marked tests"
 	@echo "make protos     regenerate specdec/v1/*_pb2*.py and protos/specdec.protoset"
+	@echo "make docs       regenerate docs/configuration.md from the services' config dataclasses"
 	@echo "make equality   greedy equality over the 120 Spec-Bench dev prompts (resumable; well over an hour on 2 cores)"
 	@echo "make bench      python -m bench --quick: services, Hugging Face baselines, theory, plots (python -m bench --help for the full run)"
 	@echo "make loadtest   ghz against the three services (unary and streaming); JSON reports in bench/results/ghz/"
@@ -93,6 +94,10 @@ test-fast: deps tools
 
 protos: deps
 	$(PY) protos/generate.py
+
+# tests/test_docs.py fails when the committed page differs from what this writes.
+docs: deps
+	PYTHONPATH=$(CURDIR) $(PY) docs/generate.py
 
 bench: deps
 	PYTHONPATH=$(CURDIR) $(PY) -m bench --quick --drafters smollm2-draft-l6,ngram --out bench/results/quick

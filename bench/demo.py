@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 
+from harness.probes import free_port
 from harness.processes import ServiceStack, separate_cores
 from orchestrator.client import format_stats, stream
 from specdec.v1 import orchestrator_pb2
@@ -47,11 +48,13 @@ def main() -> int:
     print("starting target_service, draft_service and orchestrator on loopback (the first start converts the embedded GGUF model)...")
     started = time.monotonic()
     cores = separate_cores() if args.pin else None
-    with ServiceStack(draft_model=args.draft, cores=cores) as stack:
+    http_port = free_port()
+    with ServiceStack(draft_model=args.draft, cores=cores, extra_orchestrator_args=("--http-port", str(http_port))) as stack:
         if cores:
             print(f"pinned: {', '.join(f'{name} on CPU {sorted(cpus)}' for name, cpus in cores.items())}")
         print(f"all three SERVING after {time.monotonic() - started:.0f} s "
-              f"(target {stack.address('target')}, draft {stack.address('draft')}, orchestrator {stack.address('orchestrator')})\n")
+              f"(target {stack.address('target')}, draft {stack.address('draft')}, orchestrator {stack.address('orchestrator')}, "
+              f"its OpenAI-compatible HTTP API http://127.0.0.1:{http_port}/v1: docs/http-api.md)\n")
         stub = stack.orchestrator_stub()
         stub.Generate(generation_request(0, 8), timeout=300)  # warm-up: first-call costs stay out of the figures
         print(f"user: {PROMPT}\n\nassistant (speculative, K={args.k}, draft={args.draft}):")

@@ -24,10 +24,9 @@ class DraftConfig(ModelServiceConfig):
     port: int = option(50052, "port to listen on; 0 picks a free one")
     model: str = option(
         NGRAM,
-        "'ngram' (prompt lookup, no model), a draft model (a Hugging Face directory, a hub id, a .gguf file, 'embedded') "
-        "or a feature drafter's directory (python -m distill.features)",
+        "'ngram' (prompt lookup), a draft model (HF directory, hub id, .gguf, 'embedded') or a feature drafter's directory",
     )
-    feature_target: str = option("", "feature drafters: the target model whose embedding and head they borrow (default: the one they were trained on)")
+    feature_target: str = option("", "feature drafters: the target whose embedding and head they borrow (default: the one they were trained on)")
     ngram_max: int = option(3, "n-gram drafting: longest n-gram to match")
     ngram_min: int = option(2, "n-gram drafting: shortest n-gram to match (2 beat 1 in bench/tune_ngram.py: single-token matches mostly miss)")
     max_support: int = option(64, "model drafting when sampling: tokens of the draft distribution sent per position (it stays exact)")

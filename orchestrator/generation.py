@@ -130,7 +130,9 @@ class GenerationEngine:
             feature_layers=self.draft_info.feature_layers if self.draft_info is not None and policy.max_speculative_tokens > 0 else (),
         )
         adaptive = isinstance(policy, AdaptiveK)
-        stats = GenerationStats(num_speculative_tokens=0 if adaptive else policy.num_speculative_tokens, adaptive_k=adaptive)
+        stats = GenerationStats(
+            num_speculative_tokens=0 if adaptive else policy.num_speculative_tokens, adaptive_k=adaptive, prompt_tokens=len(prompt)
+        )
         draft = self.draft if policy.max_speculative_tokens > 0 else None
         text = TextStream(self.tokenizer, list(request.stop))
         eos = set(self.target_info.eos_token_ids)

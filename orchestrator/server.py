@@ -1,5 +1,6 @@
 """Configuration and start-up of the orchestrator: connect to the model services, check that
-tokenizer, target and draft share one vocabulary, then serve."""
+tokenizer, target and draft share one vocabulary, then serve: gRPC, and with --http-port the
+OpenAI-compatible HTTP API (orchestrator/http_api.py) in the same event loop."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from orchestrator.backends import GrpcDraft, GrpcTarget
 from orchestrator.breaker import CircuitBreaker, GuardedDraft
 from orchestrator.generation import GenerationEngine, check_compatible
 from orchestrator.health import RECONNECT_OPTIONS, follow_target_health, wait_until_serving
+from orchestrator.http_api import HttpApi, RunningHttp
+from orchestrator.http_api import serve as serve_http
 from orchestrator.policy import KSettings
 from orchestrator.servicer import METRICS_SERVICE, OrchestratorServicer
 from specdec import metrics
@@ -70,6 +73,30 @@ class OrchestratorConfig(ServerConfig):
     upstream_tls_server_name: str = option(
         "", "name the target's and draft's certificates must carry instead of the host in --target/--draft (e.g. for an IP address)"
     )
+    http_port: int = option(
+        0, "port of the OpenAI-compatible HTTP API (docs/http-api.md) on --host, with the gRPC port's TLS and tokens; 0 = off"
+    )
+    served_model_name: str = option("", "the model's name in the HTTP API (/v1/models; requests must name it); empty = the target's --model")
+
+
+@dataclass
+class Serving:
+    """The orchestrator's health as both ports report it: the status last set on the gRPC health
+    service (follow_target_health sets it through here), and whether the server drains."""
+
+    server: Server
+    serving: bool = False
+
+    async def set_serving(self, serving: bool) -> None:
+        self.serving = serving
+        await self.server.set_serving(serving)
+
+    @property
+    def draining(self) -> bool:
+        return self.server.gate.closed
+
+    def __call__(self) -> bool:
+        return self.serving and not self.draining
 
 
 @dataclass
@@ -80,6 +107,11 @@ class RunningOrchestrator:
     metrics: metrics.MetricsEndpoint | None = None
     untrack_sessions: Callable[[], None] = lambda: None
     target_watch: asyncio.Task | None = None  # follows the target's health (orchestrator/health.py)
+    http: RunningHttp | None = None  # the HTTP API (--http-port)
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port if self.http is not None else 0
 
     @property
     def port(self) -> int:
@@ -89,7 +121,9 @@ class RunningOrchestrator:
         """Drain (new generations refused, running ones finish within `grace_s`), then stop."""
         if self.target_watch is not None:
             self.target_watch.cancel()  # before draining: it would report SERVING again
-        await self.server.drain(grace_s, lambda: self.servicer.running)
+        await self.server.drain(grace_s, lambda: self.servicer.running)  # HTTP generations included
+        if self.http is not None:
+            await self.http.stop()  # before the channels close: cancelled generations end their sessions
         for channel in self.channels:
             await channel.close()
         self.untrack_sessions()
@@ -121,20 +155,30 @@ async def start(config: OrchestratorConfig, tokenizer=None) -> RunningOrchestrat
     """Serve the orchestrator: NOT_SERVING until both model services answered and agree on the
     vocabulary (FailedPrecondition otherwise)."""
     servicer = OrchestratorServicer(config.request_timeout_s)
+    tokens = read_tokens(config.auth_token_file)
     server = create_server(
         f"{config.host}:{config.port}",
         lambda s: orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, s),
         (SERVICE_NAME,),
-        replace(server_options(config), bearer_tokens=read_tokens(config.auth_token_file)),
+        replace(server_options(config), bearer_tokens=tokens),
         opening=tuple(f"/{SERVICE_NAME}/{method}" for method in ("Generate", "GenerateStream")),
     )
     await server.start()
+    serving = Serving(server)
     channels = [upstream_channel(config, config.target)]
     running = RunningOrchestrator(
         server, servicer, channels, metrics.serve(config.host, config.metrics_port),
         metrics.track_sessions(METRICS_SERVICE, lambda: servicer.running),
     )
     try:
+        if config.http_port:  # listening at once, as the gRPC port: /health answers 503 until SERVING
+            api = HttpApi(
+                servicer, serving, lambda: serving.draining, config.served_model_name, tokens, config.max_message_mb << 20
+            )
+            running.http = await serve_http(
+                api, config.host, config.http_port, config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file,
+                config.log_level,
+            )
         await wait_until_serving(channels[0], config.connect_timeout_s, f"target service at {config.target}")
         target = GrpcTarget(channels[0])
         target_info = await target.info(timeout=config.connect_timeout_s)
@@ -152,9 +196,9 @@ async def start(config: OrchestratorConfig, tokenizer=None) -> RunningOrchestrat
         raise
     k_settings = KSettings(config.num_speculative_tokens, config.adaptive_k, config.max_speculative_tokens)
     servicer.engine = GenerationEngine(tokenizer, target, target_info, draft, draft_info, k_settings, config.max_new_tokens)
-    await server.set_serving(True)
+    await serving.set_serving(True)
     running.target_watch = asyncio.create_task(
-        follow_target_health(channels[0], server, config.target_health_period_s, f"target service at {config.target}")
+        follow_target_health(channels[0], serving, config.target_health_period_s, f"target service at {config.target}")
     )
     log.info(
         "orchestrator SERVING on %s:%d: target %s (%s), draft %s (%s)",

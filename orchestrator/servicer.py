@@ -82,17 +82,21 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             left = self.default_timeout_s
         return None if left is None else time.monotonic() + left
 
-    async def _events(self, request, context) -> AsyncIterator[GenerationEvent]:
-        """The request's events; counted while running, and in the metrics at the end."""
+    async def events(self, request: GenerationRequest, deadline: float | None) -> AsyncIterator[GenerationEvent]:
+        """The request's events; counted while running, and in the metrics at the end. The gRPC
+        methods and the HTTP API (orchestrator/http_api.py) both run their generations through here."""
         self.running += 1
         try:
             with metrics.count_errors(METRICS_SERVICE):
-                async for event in self._ready().stream(request_from_proto(request), self._deadline(context)):
+                async for event in self._ready().stream(request, deadline):
                     if event.finish_reason is not None:
                         record_metrics(event.stats, event.finish_reason)
                     yield event
         finally:
             self.running -= 1
+
+    def _events(self, request, context) -> AsyncIterator[GenerationEvent]:
+        return self.events(request_from_proto(request), self._deadline(context))
 
     async def Generate(self, request, context):
         text, token_ids, last = [], [], None

@@ -267,7 +267,8 @@ def test_compose_services_ports_and_health_checks_agree_with_the_clis(path):
     for name, service in services.items():
         _, config = configs[name]
         container_ports = {int(interpolated(port).rsplit(":", 1)[1]) for port in service["ports"]}
-        assert container_ports == {config.port}, name
+        http_port = getattr(config, "http_port", 0)  # the orchestrator's HTTP API, when on
+        assert container_ports == {config.port} | ({http_port} if http_port else set()), name
         assert service["healthcheck"]["test"] == ["CMD", "grpc_health_probe", f"-addr=127.0.0.1:{config.port}"], name
     by_module = {module: (name, config) for name, (module, config) in configs.items()}
     orchestrator_name, orchestrator = by_module["orchestrator"]
@@ -380,6 +381,7 @@ def test_pod_ports_probes_and_service_agree_with_the_cli(module):
     ports = {port["name"]: port["containerPort"] for port in pod.container["ports"]}
     assert ports["grpc"] == pod.config.port
     assert ports.get("metrics", 0) == pod.config.metrics_port
+    assert ports.get("http", 0) == getattr(pod.config, "http_port", 0)  # the orchestrator's HTTP API, when on
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         if pod.config.tls_cert_file:  # Kubernetes' gRPC probes cannot speak TLS: the image's health check can
             assert pod.container[probe]["exec"] == {"command": IMAGES["Dockerfile.cuda"].healthcheck}, probe
@@ -387,6 +389,8 @@ def test_pod_ports_probes_and_service_agree_with_the_cli(module):
             assert pod.container[probe]["grpc"] == {"port": pod.config.port}, probe
     service_ports = {port["name"]: port for port in pod.service["spec"]["ports"]}
     assert service_ports["grpc"]["targetPort"] in ("grpc", pod.config.port)
+    if "http" in ports:
+        assert service_ports["http"]["targetPort"] in ("http", ports["http"])
     assert pod.container["securityContext"]["allowPrivilegeEscalation"] is False
     assert pod.deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     mounts = {mount["name"]: mount["mountPath"] for mount in pod.container["volumeMounts"]}
