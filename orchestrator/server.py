@@ -1,6 +1,6 @@
 """Configuration and start-up of the orchestrator: connect to the model services, check that
 tokenizer, target and draft share one vocabulary, then serve: gRPC, and with --http-port the
-OpenAI-compatible HTTP API (orchestrator/http_api.py) in the same event loop."""
+OpenAI-compatible HTTP API (orchestrator/openai_api/) in the same event loop."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from orchestrator.backends import GrpcDraft, GrpcTarget
 from orchestrator.breaker import CircuitBreaker, GuardedDraft
 from orchestrator.generation import GenerationEngine, check_compatible
 from orchestrator.health import RECONNECT_OPTIONS, follow_target_health, wait_until_serving
-from orchestrator.http_api import HttpApi, RunningHttp
-from orchestrator.http_api import serve as serve_http
+from orchestrator.openai_api.app import HttpApi, RunningHttp
+from orchestrator.openai_api.app import serve as serve_http
 from orchestrator.policy import KSettings
 from orchestrator.servicer import METRICS_SERVICE, OrchestratorServicer
 from specdec import metrics

@@ -84,7 +84,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
     async def events(self, request: GenerationRequest, deadline: float | None) -> AsyncIterator[GenerationEvent]:
         """The request's events; counted while running, and in the metrics at the end. The gRPC
-        methods and the HTTP API (orchestrator/http_api.py) both run their generations through here."""
+        methods and the HTTP API (orchestrator/openai_api/) both run their generations through here."""
         self.running += 1
         try:
             with metrics.count_errors(METRICS_SERVICE):

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API (orchestrator/http_api.py) against the real services (tiny models,
+"""The OpenAI-compatible HTTP API (orchestrator/openai_api/) against the real services (tiny models,
 in-process), with the official `openai` client: chat and completions, unary and streamed, greedy
 output with speculation equal to target-only output and to the gRPC API's, usage, stop strings,
 seeds; errors in OpenAI's shape naming the parameter; bearer tokens and TLS; 503 before the model

@@ -1,0 +1,108 @@
+"""The bodies the HTTP API answers a generation with, in OpenAI's shapes: a unary chat.completion
+or text_completion, or its server-sent events (chunks, a usage chunk when stream_options asks,
+`data: [DONE]`); `usage`, and the extension `specdec_stats` (GenerationStats of orchestrator.proto,
+same names). The text is the engine's, joined or passed on as it comes. After the headers an error
+can no longer change the HTTP status: it is the stream's last event, before `data: [DONE]`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, AsyncIterator
+
+from orchestrator.generation import GenerationEvent
+from orchestrator.openai_api.parameters import error_content
+from orchestrator.stats import GenerationStats
+from specdec.errors import SpecdecError
+from specdec.v1 import orchestrator_pb2
+
+if TYPE_CHECKING:
+    from orchestrator.openai_api.app import Generation
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = {"length": "length", "stop": "stop", "eos": "stop"}
+STATS_FIELDS = tuple(f.name for f in orchestrator_pb2.GenerationStats.DESCRIPTOR.fields)
+
+
+def stats_json(stats: GenerationStats) -> dict:
+    """`specdec_stats`: the fields of GenerationStats in orchestrator.proto, same names."""
+    return {name: (list(value) if isinstance(value := getattr(stats, name), list) else value) for name in STATS_FIELDS}
+
+
+def usage_json(stats: GenerationStats) -> dict:
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.generated_tokens,
+        "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+    }
+
+
+def _sse(data: dict | str) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+def unary_body(events: list[GenerationEvent], chat: bool, model: str) -> dict:
+    text, last = "".join(e.text for e in events), events[-1]
+    choice: dict = {"index": 0}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    choice |= {"logprobs": None, "finish_reason": FINISH_REASONS[last.finish_reason]}
+    return {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [choice],
+        "usage": usage_json(last.stats),
+        "specdec_stats": stats_json(last.stats),
+    }
+
+
+async def sse_chunks(generation: Generation, event: GenerationEvent, chat: bool, model: str, include_usage: bool,
+                     params: dict[str, str]) -> AsyncIterator[bytes]:
+    head = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": None,
+    }
+
+    def chunk(text: str | None, finish_reason: str | None = None, role: bool = False, **extra) -> bytes:
+        if chat:
+            delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
+            choice = {"index": 0, "delta": delta}
+        else:
+            choice = {"index": 0, "text": text or ""}
+        choice |= {"logprobs": None, "finish_reason": finish_reason}
+        return _sse(head | {"choices": [choice]} | ({"usage": None} if include_usage else {}) | extra)
+
+    try:
+        if chat:
+            yield chunk("", role=True)
+        while True:
+            if event.text:
+                yield chunk(event.text)
+            if event.finish_reason is not None:
+                break
+            event = await generation.next()
+        stats = event.stats
+        yield chunk(None if chat else "", FINISH_REASONS[event.finish_reason], specdec_stats=stats_json(stats))
+        if include_usage:
+            yield _sse(head | {"choices": [], "usage": usage_json(stats)})
+    except SpecdecError as error:  # after the headers: the error is the stream's last event
+        _, body, _ = error_content(error, params)
+        yield _sse(body)
+    except Exception as error:  # noqa: BLE001
+        log.error("internal error in a streamed generation", exc_info=error)
+        yield _sse({"error": {"message": f"internal error: {type(error).__name__}: {error}", "type": "server_error",
+                              "param": None, "code": "internal"}})
+    finally:
+        generation.cancel()  # a no-op once it finished; frees both sessions when the client went away
+    yield _sse("[DONE]")
