@@ -25,7 +25,7 @@ from orchestrator.text import TextStream
 from specdec import validation
 from specdec.chat import chat_token_ids
 from specdec.errors import FailedPrecondition, InvalidArgument, SpecdecError
-from specdec.messages import ModelInfo
+from specdec.messages import Logprobs, ModelInfo
 from specdec.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,8 @@ class GenerationRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     num_speculative_tokens: int | None = None
+    logprobs: int | None = None  # None: none; n: each output token's and the n most probable
+    warped_logprobs: bool = False  # from the warped distribution instead of the raw one
 
 
 @dataclass
@@ -70,6 +72,15 @@ class GenerationEvent:
     token_ids: list[int]
     finish_reason: str | None = None  # "length", "stop" or "eos"
     stats: GenerationStats | None = None
+    logprobs: Logprobs | None = None  # of token_ids, when the request asks for them
+
+    @staticmethod
+    def joined(events: list["GenerationEvent"]) -> "GenerationEvent":
+        """A whole generation's events as one (Generate's answer)."""
+        last = events[-1]
+        logprobs = None if last.logprobs is None else Logprobs.joined([e.logprobs for e in events if e.logprobs is not None])
+        token_ids = [t for e in events for t in e.token_ids]
+        return GenerationEvent("".join(e.text for e in events), token_ids, last.finish_reason, last.stats, logprobs)
 
 
 @dataclass
@@ -109,6 +120,7 @@ class GenerationEngine:
             )
         sampling = validation.sampling_params(request.temperature, request.top_k, request.top_p)
         policy = self.k_resolver.policy(request.num_speculative_tokens, request.seed is not None and not sampling.greedy, self.load)
+        validation.logprobs(request.logprobs, "logprobs")
         if len(request.stop) > MAX_STOPS or any(not s for s in request.stop):
             raise InvalidArgument(f"at most {MAX_STOPS} stop strings, none of them empty", "stop")
         return sampling, policy
@@ -128,6 +140,8 @@ class GenerationEngine:
             deadline=deadline,
             load=self.load,
             feature_layers=self.draft_info.feature_layers if self.draft_info is not None and policy.max_speculative_tokens > 0 else (),
+            logprobs=request.logprobs,
+            warped_logprobs=request.warped_logprobs,
         )
         adaptive = isinstance(policy, AdaptiveK)
         stats = GenerationStats(
@@ -138,9 +152,9 @@ class GenerationEngine:
         eos = set(self.target_info.eos_token_ids)
         try:
             draft = await self._start_sessions(spec, draft, stats)
-            finish, last_ids = "length", []
+            finish, last_ids, last_logprobs = "length", [], None
             async with contextlib.aclosing(speculate(spec, self.target, draft, stats)) as rounds:
-                async for tokens in rounds:
+                async for tokens, logprobs in rounds:
                     released_ids = []
                     for token in tokens:
                         if token in eos:
@@ -153,13 +167,16 @@ class GenerationEngine:
                     stats.generated_tokens += len(released_ids)
                     if released_ids and not stats.time_to_first_token_seconds:
                         stats.time_to_first_token_seconds = time.monotonic() - started
+                    released_logprobs = None if logprobs is None else logprobs[: len(released_ids)]
                     if finish != "length":
-                        last_ids = released_ids
+                        last_ids, last_logprobs = released_ids, released_logprobs
                         break
-                    yield GenerationEvent(text.release(), released_ids)
+                    yield GenerationEvent(text.release(), released_ids, logprobs=released_logprobs)
             stats.total_seconds = time.monotonic() - started
             log.info("generation %s", json.dumps(stats.summary(spec.session_id, len(prompt), finish)))
-            yield GenerationEvent(text.release(final=True), last_ids, finish, stats)
+            if request.logprobs is not None and last_logprobs is None:
+                last_logprobs = Logprobs([], [], [])
+            yield GenerationEvent(text.release(final=True), last_ids, finish, stats, last_logprobs)
         finally:
             await _shielded(self._end_sessions(spec.session_id, draft if spec.draft_started else None))
 

@@ -30,6 +30,8 @@ def request_from_proto(message: orchestrator_pb2.GenerateRequest) -> GenerationR
         seed=message.seed if message.HasField("seed") else None,
         stop=tuple(message.stop),
         num_speculative_tokens=message.num_speculative_tokens if message.HasField("num_speculative_tokens") else None,
+        logprobs=message.logprobs if message.HasField("logprobs") else None,
+        warped_logprobs=message.warped_logprobs,
     )
 
 
@@ -58,6 +60,9 @@ def record_metrics(stats: GenerationStats, finish_reason: str) -> None:
 
 def event_to_proto(event: GenerationEvent) -> orchestrator_pb2.GenerateResponse:
     response = orchestrator_pb2.GenerateResponse(text=event.text, token_ids=event.token_ids)
+    if event.logprobs is not None:
+        for logprob, ids, values in zip(event.logprobs.logprobs, event.logprobs.top_token_ids, event.logprobs.top_logprobs):
+            response.logprobs.add(logprob=logprob, top_token_ids=ids, top_logprobs=values)
     if event.finish_reason is not None:
         response.finish_reason = FINISH_REASONS[event.finish_reason]
         response.stats.CopyFrom(event.stats.to_proto())
@@ -99,12 +104,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         return self.events(request_from_proto(request), self._deadline(context))
 
     async def Generate(self, request, context):
-        text, token_ids, last = [], [], None
-        async for event in self._events(request, context):
-            text.append(event.text)
-            token_ids.extend(event.token_ids)
-            last = event
-        return event_to_proto(GenerationEvent("".join(text), token_ids, last.finish_reason, last.stats))
+        events = [event async for event in self._events(request, context)]
+        return event_to_proto(GenerationEvent.joined(events))
 
     async def GenerateStream(self, request, context):
         async for event in self._events(request, context):

@@ -31,7 +31,7 @@ from orchestrator.backends import DraftBackend, TargetBackend, is_draft_failure
 from orchestrator.policy import LoadEstimates, Policy
 from orchestrator.stats import GenerationStats
 from specdec.errors import DeadlineExceeded, SpecdecError
-from specdec.messages import Features, ProposeWork, VerifyWork
+from specdec.messages import Features, Logprobs, ProposeWork, VerifyWork
 from specdec.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ class Speculation:
     # starts at K = 0 starts it at its first round that drafts, with the sequence so far.
     draft_started: bool = False
     feature_layers: tuple[int, ...] = ()  # the target layers the draft reads; () for token drafters
+    logprobs: int | None = None  # VerifyWork.logprobs of every round
+    warped_logprobs: bool = False
 
 
 def remaining(deadline: float | None) -> float | None:
@@ -73,9 +75,10 @@ def _uniforms(spec: Speculation, count: int) -> list[float]:
 
 async def speculate(
     spec: Speculation, target: TargetBackend, draft: DraftBackend | None, stats: GenerationStats
-) -> AsyncIterator[list[int]]:
-    """Yield the tokens committed by each round until max_new_tokens; the caller stops early on
-    EOS or a stop string. Sessions must already be started on both services."""
+) -> AsyncIterator[tuple[list[int], Logprobs | None]]:
+    """Yield the tokens committed by each round, with their logprobs when spec asks for them, until
+    max_new_tokens; the caller stops early on EOS or a stop string. Sessions must already be
+    started on both services."""
     sequence = list(spec.prompt)  # the prompt and every committed token; the last one is pending
     committed = len(sequence) - 1  # tokens in the target's cache
     drafted_to = committed  # tokens in the draft's cache: rounds at K = 0 leave the draft behind
@@ -119,6 +122,8 @@ async def speculate(
             distributions[: len(proposal_tokens)] if distributions else None,
             spec.sampling,
             _uniforms(spec, len(proposal_tokens) + 1),
+            spec.logprobs,
+            spec.warped_logprobs,
         )
         verdict, cost = await target.verify(verify, remaining(spec.deadline))
         calls_s += cost.wall_s + cost.conversion_s
@@ -139,4 +144,4 @@ async def speculate(
         now = time.perf_counter()
         stats.orchestrator_seconds += max(now - mark - calls_s, 0.0)
         mark = now  # the caller's work on these tokens (text, stops, streaming) counts in the next round
-        yield new_tokens
+        yield new_tokens, verdict.logprobs

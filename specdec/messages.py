@@ -38,6 +38,27 @@ class Features:
 
 
 @dataclass(frozen=True)
+class Logprobs:
+    """Log-probabilities under the target of consecutive committed tokens (Logprobs in
+    target.proto): per token its own, and the top most probable tokens at its position."""
+
+    logprobs: list[float]
+    top_token_ids: list[list[int]]  # per token, most probable first
+    top_logprobs: list[list[float]]
+
+    def __getitem__(self, part: slice) -> "Logprobs":
+        return Logprobs(self.logprobs[part], self.top_token_ids[part], self.top_logprobs[part])
+
+    @staticmethod
+    def joined(parts: list["Logprobs"]) -> "Logprobs | None":
+        """The parts one after the other (None for none)."""
+        if not parts:
+            return None
+        return Logprobs([v for p in parts for v in p.logprobs], [r for p in parts for r in p.top_token_ids],
+                        [r for p in parts for r in p.top_logprobs])
+
+
+@dataclass(frozen=True)
 class VerifyWork:
     """One sequence of a Verify batch (VerifyItem in target.proto)."""
 
@@ -49,6 +70,8 @@ class VerifyWork:
     draft_probs: list[SparseDistribution] | None
     sampling: SamplingParams
     uniforms: list[float]
+    logprobs: int | None = None  # None: none; n: the committed tokens' and the n most probable
+    warped_logprobs: bool = False  # from the warped p instead of log_softmax(logits)
 
 
 @dataclass(frozen=True)

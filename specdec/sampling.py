@@ -105,6 +105,8 @@ class Verdict:
     next_token: int  # recovered token (a draft was rejected) or bonus token (all accepted)
     # messages.Features the target returns with it for sessions that feed a feature drafter
     features: object = None
+    # messages.Logprobs of the committed tokens, when the work asked for them
+    logprobs: object = None
 
 
 def rejection_sample(

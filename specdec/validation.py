@@ -22,6 +22,16 @@ def sampling_params(temperature: float, top_k: int, top_p: float, prefix: str = 
     return SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
 
 
+MAX_TOP_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's limit)
+
+
+def logprobs(value: int | None, field: str) -> int | None:
+    """The number of top alternatives asked for: None (no logprobs) or in [0, MAX_TOP_LOGPROBS]."""
+    if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {value}", field)
+    return value
+
+
 def token_ids(ids: Iterable[int], vocab_size: int, field: str, allow_empty: bool = False) -> list[int]:
     """The ids as a list, each in [0, vocab_size) (any id >= 0 when vocab_size is 0: unknown)."""
     ids = list(ids)

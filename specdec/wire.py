@@ -12,7 +12,7 @@ import torch
 
 from specdec import validation
 from specdec.errors import InvalidArgument
-from specdec.messages import Features, ModelInfo, Proposal, ProposeWork, SparseDistribution, VerifyWork
+from specdec.messages import Features, Logprobs, ModelInfo, Proposal, ProposeWork, SparseDistribution, VerifyWork
 from specdec.sampling import SamplingParams, Verdict
 from specdec.v1 import common_pb2, draft_pb2, target_pb2
 
@@ -64,6 +64,28 @@ def features_from_proto(message, present: bool, field: str) -> Features | None:
     return Features(message.start, torch.from_numpy(bits).view(torch.bfloat16).view(message.rows, message.width))
 
 
+def logprobs_to_proto(logprobs: Logprobs | None) -> target_pb2.Logprobs | None:
+    if logprobs is None:
+        return None
+    return target_pb2.Logprobs(
+        logprobs=np.asarray(logprobs.logprobs, dtype="<f4").tobytes(),
+        top_token_ids=np.asarray(logprobs.top_token_ids, dtype="<i4").tobytes(),
+        top_logprobs=np.asarray(logprobs.top_logprobs, dtype="<f4").tobytes(),
+    )
+
+
+def logprobs_from_proto(message: target_pb2.Logprobs, present: bool, field: str) -> Logprobs | None:
+    """None when the field is unset; INVALID_ARGUMENT when the bytes do not hold n and n x top values."""
+    if not present:
+        return None
+    rows, top = len(message.logprobs) // 4, len(message.top_token_ids)
+    if not rows or len(message.logprobs) % 4 or top != len(message.top_logprobs) or top % (4 * rows):
+        raise InvalidArgument("logprobs must hold n float32 values, top_token_ids and top_logprobs n x top each", field)
+    ids = np.frombuffer(message.top_token_ids, dtype="<i4").reshape(rows, -1)
+    values = np.frombuffer(message.top_logprobs, dtype="<f4").reshape(rows, -1)
+    return Logprobs(np.frombuffer(message.logprobs, dtype="<f4").tolist(), ids.tolist(), values.tolist())
+
+
 def verify_item_to_proto(work: VerifyWork) -> target_pb2.VerifyItem:
     return target_pb2.VerifyItem(
         session_id=work.session_id,
@@ -73,6 +95,8 @@ def verify_item_to_proto(work: VerifyWork) -> target_pb2.VerifyItem:
         draft_probs=[distribution_to_proto(d) for d in work.draft_probs or []],
         sampling=sampling_to_proto(work.sampling),
         uniforms=work.uniforms,
+        logprobs=work.logprobs,
+        warped_logprobs=work.warped_logprobs,
     )
 
 
@@ -86,18 +110,22 @@ def verify_item_from_proto(item: target_pb2.VerifyItem, index: int) -> VerifyWor
         draft_probs=_distributions(item.draft_probs, prefix + "draft_probs"),
         sampling=sampling_from_proto(item.sampling, prefix + "sampling."),
         uniforms=list(item.uniforms),
+        logprobs=item.logprobs if item.HasField("logprobs") else None,
+        warped_logprobs=item.warped_logprobs,
     )
 
 
 def verdict_to_proto(session_id: str, verdict: Verdict) -> target_pb2.VerifyResult:
     return target_pb2.VerifyResult(
-        session_id=session_id, accepted=verdict.accepted, next_token=verdict.next_token, features=features_to_proto(verdict.features)
+        session_id=session_id, accepted=verdict.accepted, next_token=verdict.next_token, features=features_to_proto(verdict.features),
+        logprobs=logprobs_to_proto(verdict.logprobs),
     )
 
 
 def verdict_from_proto(result: target_pb2.VerifyResult) -> Verdict:
     features = features_from_proto(result.features, result.HasField("features"), "features")
-    return Verdict(accepted=result.accepted, next_token=result.next_token, features=features)
+    logprobs = logprobs_from_proto(result.logprobs, result.HasField("logprobs"), "logprobs")
+    return Verdict(accepted=result.accepted, next_token=result.next_token, features=features, logprobs=logprobs)
 
 
 def propose_item_to_proto(work: ProposeWork) -> draft_pb2.ProposeItem:

@@ -21,6 +21,7 @@ nothing, so no model code is loaded).
 from specdec_client.aio import AsyncClient
 from specdec_client.connection import FieldViolation, RequestError
 from specdec_client.sync import Client
-from specdec_client.types import Completion, Delta, FinishReason, Request, Stats
+from specdec_client.types import Completion, Delta, FinishReason, Request, Stats, TokenLogprobs
 
-__all__ = ["AsyncClient", "Client", "Completion", "Delta", "FieldViolation", "FinishReason", "Request", "RequestError", "Stats"]
+__all__ = ["AsyncClient", "Client", "Completion", "Delta", "FieldViolation", "FinishReason", "Request", "RequestError", "Stats",
+           "TokenLogprobs"]

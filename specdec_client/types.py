@@ -43,6 +43,8 @@ class Request:
     seed: int | None = None
     stop: Sequence[str] = ()
     num_speculative_tokens: int | None = None
+    logprobs: int | None = None  # None: none; n in [0, 20]: each token's and the n most probable
+    warped_logprobs: bool = False
 
     def to_proto(self) -> orchestrator_pb2.GenerateRequest:
         message = orchestrator_pb2.GenerateRequest(
@@ -51,12 +53,13 @@ class Request:
             temperature=self.temperature,
             top_k=self.top_k,
             stop=list(self.stop),
+            warped_logprobs=self.warped_logprobs,
         )
         for turn in self.messages:
             role, content = (turn["role"], turn["content"]) if isinstance(turn, Mapping) else turn
             message.messages.add(role=role, content=content)
         # unset optional fields mean "the server's default", so None must stay unset, not 0
-        for name in ("top_p", "seed", "num_speculative_tokens"):
+        for name in ("top_p", "seed", "num_speculative_tokens", "logprobs"):
             if getattr(self, name) is not None:
                 setattr(message, name, getattr(self, name))
         return message
@@ -99,32 +102,51 @@ Stats.__doc__ = "Per-request statistics: the fields of GenerationStats in protos
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """One output token's log-probability and the most probable tokens at its position (most
+    probable first): `TokenLogprobs` of orchestrator.proto."""
+
+    logprob: float
+    top_token_ids: tuple[int, ...]
+    top_logprobs: tuple[float, ...]
+
+
+def _logprobs(message: orchestrator_pb2.GenerateResponse) -> tuple[TokenLogprobs, ...]:
+    return tuple(TokenLogprobs(t.logprob, tuple(t.top_token_ids), tuple(t.top_logprobs)) for t in message.logprobs)
+
+
+@dataclass(frozen=True)
 class Delta:
-    """One message of a stream: the new text and token ids since the previous one. The last
-    delta carries `finish_reason` and `stats`; on the others they are None."""
+    """One message of a stream: the new text and token ids since the previous one (with their
+    logprobs when the request asks for them). The last delta carries `finish_reason` and `stats`;
+    on the others they are None."""
 
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
     stats: Stats | None = None
+    logprobs: tuple[TokenLogprobs, ...] = ()
 
     @classmethod
     def from_proto(cls, message: orchestrator_pb2.GenerateResponse) -> Delta:
         if message.finish_reason == orchestrator_pb2.FINISH_REASON_UNSPECIFIED:
-            return cls(message.text, tuple(message.token_ids))
-        return cls(message.text, tuple(message.token_ids), _FINISH[message.finish_reason], Stats.from_proto(message.stats))
+            return cls(message.text, tuple(message.token_ids), logprobs=_logprobs(message))
+        return cls(message.text, tuple(message.token_ids), _FINISH[message.finish_reason], Stats.from_proto(message.stats),
+                   _logprobs(message))
 
 
 @dataclass(frozen=True)
 class Completion:
-    """A whole generation: the output text and token ids, why it ended, and its statistics."""
+    """A whole generation: the output text and token ids, why it ended, its statistics, and per
+    token its logprobs when the request asks for them."""
 
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason
     stats: Stats = field(repr=False)
+    logprobs: tuple[TokenLogprobs, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_proto(cls, message: orchestrator_pb2.GenerateResponse) -> Completion:
         delta = Delta.from_proto(message)
-        return cls(delta.text, delta.token_ids, delta.finish_reason, delta.stats)
+        return cls(delta.text, delta.token_ids, delta.finish_reason, delta.stats, delta.logprobs)

@@ -3,7 +3,8 @@
 No gRPC here: the servicer converts protobuf into `VerifyWork` and calls `verify`. The acceptance
 test runs here, where the target's distribution p lives, so that p ([K+1, V] floats per sequence)
 never crosses the network; what comes in is the draft tokens plus, when sampling, the draft's
-sparse q and K+1 uniform numbers; what goes out is two integers per sequence.
+sparse q and K+1 uniform numbers; what goes out is two integers per sequence (and, when the item asks,
+the committed tokens' logprobs: rows 0..accepted of the scored K+1).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from specdec import lm, sampling, validation
 from specdec.errors import FailedPrecondition, InvalidArgument, SpecdecError
 from specdec.lean_llama import supports_lean_path
-from specdec.messages import Features, ModelInfo, VerifyWork
+from specdec.messages import Features, Logprobs, ModelInfo, VerifyWork
 from specdec.model_service.batching import admit_calls, per_call
 from specdec.models import LoadedModel
 from specdec.sampling import Verdict
@@ -194,7 +195,11 @@ class TargetEngine:
 
     def _commit(self, work: VerifyWork, session: TargetSession, logits: torch.Tensor) -> Verdict:
         k = len(work.draft_tokens)
-        verdict = self._decide(work, logits[-(k + 1) :])  # [K+1, V]: predictions for each draft and the bonus
+        scored = logits[-(k + 1) :]  # [K+1, V]: predictions for each draft and the bonus
+        verdict = self._decide(work, scored)
+        if work.logprobs is not None:
+            committed = work.draft_tokens[: verdict.accepted] + [verdict.next_token]
+            verdict = replace(verdict, logprobs=_logprobs(scored[: verdict.accepted + 1], committed, work))
         keep = work.prefix_len + len(work.tokens) + verdict.accepted
         session.ids = (session.ids + work.tokens + work.draft_tokens)[:keep]
         session.cache.truncate(keep)
@@ -214,6 +219,7 @@ class TargetEngine:
     def _checked(self, index: int, work: VerifyWork) -> TargetSession:
         prefix = f"items[{index}]."
         session = self.sessions.get(work.session_id, prefix + "session_id")
+        validation.logprobs(work.logprobs, prefix + "logprobs")
         validation.token_ids(work.tokens, self.vocab_size, prefix + "tokens")
         validation.token_ids(work.draft_tokens, self.vocab_size, prefix + "draft_tokens", allow_empty=True)
         k = validation.num_speculative_tokens(len(work.draft_tokens), self.max_speculative_tokens, prefix + "draft_tokens")
@@ -231,3 +237,15 @@ class TargetEngine:
             if work.draft_probs is not None:
                 validation.sparse_distributions(work.draft_probs, work.draft_tokens, self.vocab_size, prefix + "draft_probs")
         return session
+
+
+def _logprobs(rows: torch.Tensor, tokens: list[int], work: VerifyWork) -> Logprobs:
+    """The committed tokens' log-probabilities at their positions (rows [n, V] of logits) and the
+    work.logprobs most probable tokens of each: raw (log_softmax) or warped as sampled."""
+    if work.warped_logprobs:
+        values = sampling.warp(rows, work.sampling).log()
+    else:
+        values = torch.log_softmax(rows.float(), dim=-1)
+    top = torch.topk(values, work.logprobs, dim=-1)  # sorted, most probable first
+    chosen = values.gather(1, torch.tensor(tokens, device=values.device).unsqueeze(1)).squeeze(1)
+    return Logprobs(chosen.tolist(), top.indices.tolist(), top.values.tolist())

@@ -189,7 +189,7 @@ async def _sample_many(target, drafter, prompt, params, steps, trials):
         draft_engine.start_session(sid, prompt)
         spec = Speculation(sid, prompt, params, _Ks([2, 0, 1, 3]), steps, torch.Generator().manual_seed(trial),
                            draft_started=True, feature_layers=drafter.feature_layers)
-        tokens = [t async for round_tokens in speculate(spec, target_backend, draft_backend, stats) for t in round_tokens]
+        tokens = [t async for round_tokens, _ in speculate(spec, target_backend, draft_backend, stats) for t in round_tokens]
         for step, token in enumerate(tokens):
             counts[step, token] += 1
         target_engine.end_session(sid)

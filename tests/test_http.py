@@ -146,6 +146,39 @@ def test_stop_strings_seeds_and_no_op_parameters(client):
     assert chat(client, **no_ops).choices[0].message.content == chat(client).choices[0].message.content
 
 
+def test_logprobs_in_chat_and_completions_unary_and_streamed(stack, client, tokenizer):
+    """OpenAI's shapes, equal with and without speculation and between unary and streamed; the
+    values are the gRPC API's (test_logprobs.py proves those exact)."""
+    baseline = chat(client, k=0, logprobs=True, top_logprobs=3).choices[0]
+    speculative = chat(client, k=4, logprobs=True, top_logprobs=3).choices[0]
+    content = speculative.logprobs.content
+    assert len(content) == 20 and "".join(t.token for t in content) == speculative.message.content
+    for entry, base in zip(content, baseline.logprobs.content):
+        assert entry.token == base.token and abs(entry.logprob - base.logprob) < 1e-4 and entry.logprob <= 0
+        assert entry.bytes == list(entry.token.encode()) and len(entry.top_logprobs) == 3
+        values = [t.logprob for t in entry.top_logprobs]
+        assert values == sorted(values, reverse=True) and entry.top_logprobs[0].token == entry.token  # greedy: the argmax
+    assert chat(client, logprobs=True).choices[0].logprobs.content[0].top_logprobs == []
+    assert chat(client).choices[0].logprobs is None
+    chunks = list(chat(client, k=4, stream=True, logprobs=True, top_logprobs=3))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in streamed] == [
+        (t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in content]
+
+    completion = complete(client, k=4, logprobs=2).choices[0]
+    logprobs = completion.logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 20
+    assert "".join(logprobs.tokens) == completion.text and logprobs.text_offset[0] == 0
+    assert all(len(top) <= 2 and max(top.values()) == top[token] for top, token in zip(logprobs.top_logprobs, logprobs.tokens))
+    target_only = complete(client, k=0, logprobs=2).choices[0].logprobs
+    assert all(abs(a - b) < 1e-4 for a, b in zip(logprobs.token_logprobs, target_only.token_logprobs))
+    chunks = list(complete(client, k=4, stream=True, logprobs=2))
+    assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs] == logprobs.token_logprobs
+    assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == logprobs.text_offset
+    warped = chat(client, k=4, temperature=0.8, seed=1, logprobs=True, extra_body={"warped_logprobs": True, "top_k": 5}).choices[0]
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 0 for t in warped.logprobs.content)
+
+
 BAD = {
     "temperature negative": (chat, dict(temperature=-1), "temperature", "invalid_argument"),
     "max_tokens 0": (chat, dict(max_tokens=0), "max_tokens", "invalid_argument"),
@@ -158,7 +191,10 @@ BAD = {
     "empty stop": (chat, dict(stop=[""]), "stop", "invalid_argument"),
     "seed negative": (chat, dict(seed=-1), "seed", "invalid_value"),
     "frequency_penalty": (chat, dict(frequency_penalty=0.5), "frequency_penalty", "unsupported_parameter"),
-    "logprobs": (chat, dict(logprobs=True), "logprobs", "unsupported_parameter"),
+    "top_logprobs over 20": (chat, dict(logprobs=True, top_logprobs=21), "top_logprobs", "invalid_value"),
+    "top_logprobs negative": (chat, dict(logprobs=True, top_logprobs=-1), "top_logprobs", "invalid_value"),
+    "top_logprobs without logprobs": (chat, dict(top_logprobs=2), "top_logprobs", "invalid_value"),
+    "completion logprobs over 20": (complete, dict(logprobs=21), "logprobs", "invalid_value"),
     "echo": (complete, dict(echo=True), "echo", "unsupported_parameter"),
     "unknown parameter": (chat, dict(extra_body={"temprature": 0.5}), "temprature", "unknown_parameter"),
     "unknown role": (chat, dict(messages=[{"role": "wizard", "content": "hi"}]), "messages[0].role", "invalid_argument"),

@@ -198,7 +198,7 @@ async def sample_many(target, drafter, prompt, params, k, steps, trials, make_po
         draft_engine.start_session(sid, prompt)
         policy = make_policy() if make_policy else FixedK(k)
         spec = Speculation(sid, prompt, params, policy, steps, torch.Generator().manual_seed(trial), draft_started=True)
-        tokens = [t async for round_tokens in speculate(spec, target_backend, draft_backend, stats) for t in round_tokens]
+        tokens = [t async for round_tokens, _ in speculate(spec, target_backend, draft_backend, stats) for t in round_tokens]
         for step, token in enumerate(tokens):
             counts[step, token] += 1
         target_engine.end_session(sid)
@@ -305,7 +305,7 @@ def test_after_rounds_at_k_zero_the_draft_is_sent_what_it_lacks_and_keeps_the_re
         spec = Speculation("s", prompt, sampling.GREEDY, ScriptedK([0, 0, 2, 0, 0, 0, 3, 1, 0, 2]), steps, torch.Generator())
         stats = GenerationStats()
         rounds = speculate(spec, InProcessTarget(target_engine), Recorded(draft_engine), stats)
-        return [t async for tokens in rounds for t in tokens], stats
+        return [t async for tokens, _ in rounds for t in tokens], stats
 
     tokens, stats = asyncio.run(generate())
     sequence = prompt + tokens

@@ -280,7 +280,7 @@ class HttpApi:
             generation = self._start(parsed)
             if not parsed.stream:
                 events = await unless_disconnected(request, generation.collect())
-                return JSONResponse(unary_body(events, chat, model))
+                return JSONResponse(unary_body(events, chat, model, self.servicer.engine.tokenizer))
             # The first event before the headers: errors at the start (validation, RESOURCE_EXHAUSTED
             # from a model service) get their HTTP status, which clients retry on, not an SSE error.
             first = await unless_disconnected(request, generation.next())
@@ -299,7 +299,7 @@ class HttpApi:
             if generation is not None:
                 generation.cancel()
             raise
-        chunks = sse_chunks(generation, first, chat, model, parsed.include_usage, params)
+        chunks = sse_chunks(generation, first, chat, model, parsed.include_usage, params, self.servicer.engine.tokenizer)
         return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
 
 

@@ -3,8 +3,8 @@
 and HTTP status (the engine's field names become the request's parameter names).
 
 Parameters: the ones this engine implements are mapped to a GenerationRequest; commonly sent ones
-it does not implement yet are accepted at their no-op values (`frequency_penalty: 0`, `logprobs:
-false`, ...) and refused with 400 naming the parameter otherwise; parameters that change nothing
+it does not implement yet are accepted at their no-op values (`frequency_penalty: 0`, `min_p: 0`,
+...) and refused with 400 naming the parameter otherwise; parameters that change nothing
 about the output (`user`, `metadata`, ...) are accepted and ignored; anything else is an unknown
 parameter, 400. Nothing is ignored silently that would change what the model generates.
 """
@@ -19,6 +19,7 @@ from typing import Any, Callable
 from starlette.responses import JSONResponse
 
 from orchestrator.generation import GenerationRequest
+from specdec import validation
 from specdec.errors import InvalidArgument, SpecdecError
 
 # gRPC status code name -> HTTP status and OpenAI error type
@@ -109,10 +110,9 @@ NO_OPS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "verbosity": (_no_value, "null"),
     "web_search_options": (_no_value, "null"),
 }
-CHAT_NO_OPS = {**NO_OPS, "logprobs": (lambda v: v is False, "false"), "top_logprobs": (lambda v: v == 0, "0")}
+CHAT_NO_OPS = NO_OPS
 COMPLETION_NO_OPS = {
     **NO_OPS,
-    "logprobs": (_no_value, "null"),
     "echo": (lambda v: v is False, "false"),
     "best_of": (lambda v: v == 1, "1"),
     "suffix": (lambda v: v == "", '""'),
@@ -120,8 +120,8 @@ COMPLETION_NO_OPS = {
 # Parameters that do not change the output: accepted, whatever their value, and ignored.
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"})
 COMMON = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream", "stream_options",
-                    "num_speculative_tokens"})
-CHAT_PARAMETERS = COMMON | {"messages", "max_completion_tokens"}
+                    "num_speculative_tokens", "logprobs", "warped_logprobs"})
+CHAT_PARAMETERS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_PARAMETERS = COMMON | {"prompt"}
 MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "refusal", "function_call"}
 
@@ -169,6 +169,24 @@ def _check_names(body: dict, known: frozenset, no_ops: dict) -> None:
                 )
             continue
         raise ParameterError(f"unknown parameter {name!r}", name, "unknown_parameter")
+
+
+def _logprobs(body: dict, chat: bool) -> tuple[int | None, str]:
+    """The number of top alternatives per token (None: no logprobs) and the parameter that says it:
+    chat, `logprobs: true` with `top_logprobs` (default 0); completions, `logprobs` (an integer)."""
+    name = "top_logprobs" if chat else "logprobs"
+    if chat:
+        top = _integer(body, "top_logprobs")
+        if not _boolean(body, "logprobs"):
+            if top:
+                raise ParameterError("top_logprobs needs logprobs: true", "top_logprobs")
+            return None, name
+        value = 0 if top is None else top
+    else:
+        value = _integer(body, "logprobs")
+    if value is not None and not 0 <= value <= validation.MAX_TOP_LOGPROBS:
+        raise ParameterError(f"{name} must be in [0, {validation.MAX_TOP_LOGPROBS}], got {value}", name)
+    return value, name
 
 
 def _stops(body: dict) -> tuple[str, ...]:
@@ -266,6 +284,7 @@ def parse_request(body: dict, chat: bool) -> ParsedRequest:
         raise ParameterError(
             "continuous_usage_stats is not supported", "stream_options.continuous_usage_stats", "unsupported_parameter"
         )
+    logprobs, logprobs_param = _logprobs(body, chat)
     generation = GenerationRequest(
         prompt="" if chat else _prompt(body),
         messages=_messages(body) if chat else (),
@@ -276,6 +295,8 @@ def parse_request(body: dict, chat: bool) -> ParsedRequest:
         seed=seed,
         stop=_stops(body),
         num_speculative_tokens=_integer(body, "num_speculative_tokens"),
+        logprobs=logprobs,
+        warped_logprobs=_boolean(body, "warped_logprobs"),
     )
-    params = {"max_new_tokens": max_param, "prompt": "messages" if chat else "prompt"}
+    params = {"max_new_tokens": max_param, "prompt": "messages" if chat else "prompt", "logprobs": logprobs_param}
     return ParsedRequest(generation, stream, include_usage, params, chat and max_tokens is None)

@@ -1,7 +1,7 @@
 """The bodies the HTTP API answers a generation with, in OpenAI's shapes: a unary chat.completion
 or text_completion, or its server-sent events (chunks, a usage chunk when stream_options asks,
-`data: [DONE]`); `usage`, and the extension `specdec_stats` (GenerationStats of orchestrator.proto,
-same names). The text is the engine's, joined or passed on as it comes. After the headers an error
+`data: [DONE]`); `usage`, `logprobs` when asked (LogprobsJson), and the extension `specdec_stats`
+(GenerationStats of orchestrator.proto, same names). The text is the engine's, joined or passed on as it comes. After the headers an error
 can no longer change the HTTP status: it is the stream's last event, before `data: [DONE]`."""
 
 from __future__ import annotations
@@ -40,18 +40,62 @@ def usage_json(stats: GenerationStats) -> dict:
     }
 
 
+UNLIKELY = -9999.0  # what JSON gets for a logprob of -inf (a token the warped distribution excludes), as vLLM
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, UNLIKELY)
+
+
+class LogprobsJson:
+    """A generation's logprobs in OpenAI's shapes, event by event: chat's `{"content": [...]}` or
+    completions' `tokens` / `token_logprobs` / `top_logprobs` / `text_offset`. A token's text is
+    its own decoding (a part of a character decodes to U+FFFD); `bytes` its UTF-8."""
+
+    def __init__(self, tokenizer, chat: bool):
+        self.tokenizer, self.chat, self.offset = tokenizer, chat, 0
+
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _entry(self, token_id: int, logprob: float) -> dict:
+        text = self._token(token_id)
+        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode())}
+
+    def of(self, event: GenerationEvent) -> dict | None:
+        if event.logprobs is None:
+            return None
+        rows = list(zip(event.token_ids, event.logprobs.logprobs, event.logprobs.top_token_ids, event.logprobs.top_logprobs))
+        if self.chat:
+            content = [self._entry(t, v) | {"top_logprobs": [self._entry(i, w) for i, w in zip(ids, values)]}
+                       for t, v, ids, values in rows]
+            return {"content": content, "refusal": None}
+        tokens = [self._token(t) for t, *_ in rows]
+        offsets = []
+        for token in tokens:
+            offsets.append(self.offset)
+            self.offset += len(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [_finite(v) for _, v, _, _ in rows],
+            "top_logprobs": [{self._token(i): _finite(w) for i, w in zip(ids, values)} for *_, ids, values in rows],
+            "text_offset": offsets,
+        }
+
+
 def _sse(data: dict | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-def unary_body(events: list[GenerationEvent], chat: bool, model: str) -> dict:
-    text, last = "".join(e.text for e in events), events[-1]
+def unary_body(events: list[GenerationEvent], chat: bool, model: str, tokenizer=None) -> dict:
+    whole = GenerationEvent.joined(events)
+    text, last = whole.text, events[-1]
     choice: dict = {"index": 0}
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
         choice["text"] = text
-    choice |= {"logprobs": None, "finish_reason": FINISH_REASONS[last.finish_reason]}
+    choice |= {"logprobs": LogprobsJson(tokenizer, chat).of(whole), "finish_reason": FINISH_REASONS[last.finish_reason]}
     return {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
         "object": "chat.completion" if chat else "text_completion",
@@ -65,7 +109,7 @@ def unary_body(events: list[GenerationEvent], chat: bool, model: str) -> dict:
 
 
 async def sse_chunks(generation: Generation, event: GenerationEvent, chat: bool, model: str, include_usage: bool,
-                     params: dict[str, str]) -> AsyncIterator[bytes]:
+                     params: dict[str, str], tokenizer=None) -> AsyncIterator[bytes]:
     head = {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
         "object": "chat.completion.chunk" if chat else "text_completion",
@@ -74,21 +118,23 @@ async def sse_chunks(generation: Generation, event: GenerationEvent, chat: bool,
         "system_fingerprint": None,
     }
 
-    def chunk(text: str | None, finish_reason: str | None = None, role: bool = False, **extra) -> bytes:
+    logprobs_json = LogprobsJson(tokenizer, chat)
+
+    def chunk(text: str | None, finish_reason: str | None = None, role: bool = False, logprobs: dict | None = None, **extra) -> bytes:
         if chat:
             delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
             choice = {"index": 0, "delta": delta}
         else:
             choice = {"index": 0, "text": text or ""}
-        choice |= {"logprobs": None, "finish_reason": finish_reason}
+        choice |= {"logprobs": logprobs, "finish_reason": finish_reason}
         return _sse(head | {"choices": [choice]} | ({"usage": None} if include_usage else {}) | extra)
 
     try:
         if chat:
             yield chunk("", role=True)
         while True:
-            if event.text:
-                yield chunk(event.text)
+            if event.text or (event.logprobs is not None and event.token_ids):  # a token's logprobs may come before its text
+                yield chunk(event.text, logprobs=logprobs_json.of(event))
             if event.finish_reason is not None:
                 break
             event = await generation.next()

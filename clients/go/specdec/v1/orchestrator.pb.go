@@ -157,8 +157,14 @@ type GenerateRequest struct {
 	// default K), or that default K fixed when the server runs without adaptive K or the request
 	// samples with a seed. Must be in [0, the server's limit].
 	NumSpeculativeTokens *int32 `protobuf:"varint,9,opt,name=num_speculative_tokens,json=numSpeculativeTokens,proto3,oneof" json:"num_speculative_tokens,omitempty"`
-	unknownFields        protoimpl.UnknownFields
-	sizeCache            protoimpl.SizeCache
+	// Unset: no logprobs. n in [0, 20]: GenerateResponse.logprobs, each output token's log-probability
+	// under the target and the n most probable tokens at its position. Speculation changes nothing.
+	Logprobs *int32 `protobuf:"varint,10,opt,name=logprobs,proto3,oneof" json:"logprobs,omitempty"`
+	// Logprobs from the warped distribution the tokens are sampled from (temperature, top_k, top_p;
+	// greedy: 0 for the argmax, -inf elsewhere) instead of the raw one (log_softmax of the logits).
+	WarpedLogprobs bool `protobuf:"varint,11,opt,name=warped_logprobs,json=warpedLogprobs,proto3" json:"warped_logprobs,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *GenerateRequest) Reset() {
@@ -254,6 +260,82 @@ func (x *GenerateRequest) GetNumSpeculativeTokens() int32 {
 	return 0
 }
 
+func (x *GenerateRequest) GetLogprobs() int32 {
+	if x != nil && x.Logprobs != nil {
+		return *x.Logprobs
+	}
+	return 0
+}
+
+func (x *GenerateRequest) GetWarpedLogprobs() bool {
+	if x != nil {
+		return x.WarpedLogprobs
+	}
+	return false
+}
+
+// Log-probabilities of one output token and of the most probable tokens at its position.
+type TokenLogprobs struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Logprob float32                `protobuf:"fixed32,1,opt,name=logprob,proto3" json:"logprob,omitempty"`
+	// Most probable first; GenerateRequest.logprobs of them.
+	TopTokenIds   []int32   `protobuf:"varint,2,rep,packed,name=top_token_ids,json=topTokenIds,proto3" json:"top_token_ids,omitempty"`
+	TopLogprobs   []float32 `protobuf:"fixed32,3,rep,packed,name=top_logprobs,json=topLogprobs,proto3" json:"top_logprobs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TokenLogprobs) Reset() {
+	*x = TokenLogprobs{}
+	mi := &file_specdec_v1_orchestrator_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TokenLogprobs) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TokenLogprobs) ProtoMessage() {}
+
+func (x *TokenLogprobs) ProtoReflect() protoreflect.Message {
+	mi := &file_specdec_v1_orchestrator_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TokenLogprobs.ProtoReflect.Descriptor instead.
+func (*TokenLogprobs) Descriptor() ([]byte, []int) {
+	return file_specdec_v1_orchestrator_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *TokenLogprobs) GetLogprob() float32 {
+	if x != nil {
+		return x.Logprob
+	}
+	return 0
+}
+
+func (x *TokenLogprobs) GetTopTokenIds() []int32 {
+	if x != nil {
+		return x.TopTokenIds
+	}
+	return nil
+}
+
+func (x *TokenLogprobs) GetTopLogprobs() []float32 {
+	if x != nil {
+		return x.TopLogprobs
+	}
+	return nil
+}
+
 type GenerationStats struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Tokens in the output (an EOS token that ended generation is not counted).
@@ -315,7 +397,7 @@ type GenerationStats struct {
 
 func (x *GenerationStats) Reset() {
 	*x = GenerationStats{}
-	mi := &file_specdec_v1_orchestrator_proto_msgTypes[2]
+	mi := &file_specdec_v1_orchestrator_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -327,7 +409,7 @@ func (x *GenerationStats) String() string {
 func (*GenerationStats) ProtoMessage() {}
 
 func (x *GenerationStats) ProtoReflect() protoreflect.Message {
-	mi := &file_specdec_v1_orchestrator_proto_msgTypes[2]
+	mi := &file_specdec_v1_orchestrator_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -340,7 +422,7 @@ func (x *GenerationStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerationStats.ProtoReflect.Descriptor instead.
 func (*GenerationStats) Descriptor() ([]byte, []int) {
-	return file_specdec_v1_orchestrator_proto_rawDescGZIP(), []int{2}
+	return file_specdec_v1_orchestrator_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *GenerationStats) GetGeneratedTokens() uint32 {
@@ -528,14 +610,16 @@ type GenerateResponse struct {
 	// Set on the last message only.
 	FinishReason FinishReason `protobuf:"varint,3,opt,name=finish_reason,json=finishReason,proto3,enum=specdec.v1.FinishReason" json:"finish_reason,omitempty"`
 	// Set on the last message only.
-	Stats         *GenerationStats `protobuf:"bytes,4,opt,name=stats,proto3" json:"stats,omitempty"`
+	Stats *GenerationStats `protobuf:"bytes,4,opt,name=stats,proto3" json:"stats,omitempty"`
+	// With GenerateRequest.logprobs: one per token_ids entry.
+	Logprobs      []*TokenLogprobs `protobuf:"bytes,5,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GenerateResponse) Reset() {
 	*x = GenerateResponse{}
-	mi := &file_specdec_v1_orchestrator_proto_msgTypes[3]
+	mi := &file_specdec_v1_orchestrator_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -547,7 +631,7 @@ func (x *GenerateResponse) String() string {
 func (*GenerateResponse) ProtoMessage() {}
 
 func (x *GenerateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_specdec_v1_orchestrator_proto_msgTypes[3]
+	mi := &file_specdec_v1_orchestrator_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -560,7 +644,7 @@ func (x *GenerateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateResponse.ProtoReflect.Descriptor instead.
 func (*GenerateResponse) Descriptor() ([]byte, []int) {
-	return file_specdec_v1_orchestrator_proto_rawDescGZIP(), []int{3}
+	return file_specdec_v1_orchestrator_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *GenerateResponse) GetText() string {
@@ -591,6 +675,13 @@ func (x *GenerateResponse) GetStats() *GenerationStats {
 	return nil
 }
 
+func (x *GenerateResponse) GetLogprobs() []*TokenLogprobs {
+	if x != nil {
+		return x.Logprobs
+	}
+	return nil
+}
+
 var File_specdec_v1_orchestrator_proto protoreflect.FileDescriptor
 
 const file_specdec_v1_orchestrator_proto_rawDesc = "" +
@@ -599,7 +690,7 @@ const file_specdec_v1_orchestrator_proto_rawDesc = "" +
 	"specdec.v1\";\n" +
 	"\vChatMessage\x12\x12\n" +
 	"\x04role\x18\x01 \x01(\tR\x04role\x12\x18\n" +
-	"\acontent\x18\x02 \x01(\tR\acontent\"\xeb\x02\n" +
+	"\acontent\x18\x02 \x01(\tR\acontent\"\xc2\x03\n" +
 	"\x0fGenerateRequest\x12\x16\n" +
 	"\x06prompt\x18\x01 \x01(\tR\x06prompt\x123\n" +
 	"\bmessages\x18\x02 \x03(\v2\x17.specdec.v1.ChatMessageR\bmessages\x12$\n" +
@@ -609,10 +700,18 @@ const file_specdec_v1_orchestrator_proto_rawDesc = "" +
 	"\x05top_k\x18\x06 \x01(\x05R\x04topK\x12\x17\n" +
 	"\x04seed\x18\a \x01(\x04H\x01R\x04seed\x88\x01\x01\x12\x12\n" +
 	"\x04stop\x18\b \x03(\tR\x04stop\x129\n" +
-	"\x16num_speculative_tokens\x18\t \x01(\x05H\x02R\x14numSpeculativeTokens\x88\x01\x01B\b\n" +
+	"\x16num_speculative_tokens\x18\t \x01(\x05H\x02R\x14numSpeculativeTokens\x88\x01\x01\x12\x1f\n" +
+	"\blogprobs\x18\n" +
+	" \x01(\x05H\x03R\blogprobs\x88\x01\x01\x12'\n" +
+	"\x0fwarped_logprobs\x18\v \x01(\bR\x0ewarpedLogprobsB\b\n" +
 	"\x06_top_pB\a\n" +
 	"\x05_seedB\x19\n" +
-	"\x17_num_speculative_tokens\"\xbf\t\n" +
+	"\x17_num_speculative_tokensB\v\n" +
+	"\t_logprobs\"p\n" +
+	"\rTokenLogprobs\x12\x18\n" +
+	"\alogprob\x18\x01 \x01(\x02R\alogprob\x12\"\n" +
+	"\rtop_token_ids\x18\x02 \x03(\x05R\vtopTokenIds\x12!\n" +
+	"\ftop_logprobs\x18\x03 \x03(\x02R\vtopLogprobs\"\xbf\t\n" +
 	"\x0fGenerationStats\x12)\n" +
 	"\x10generated_tokens\x18\x01 \x01(\rR\x0fgeneratedTokens\x12\x16\n" +
 	"\x06rounds\x18\x02 \x01(\rR\x06rounds\x12!\n" +
@@ -640,12 +739,13 @@ const file_specdec_v1_orchestrator_proto_rawDesc = "" +
 	"\x17draft_transport_seconds\x18\x16 \x01(\x01R\x15draftTransportSeconds\x128\n" +
 	"\x18target_transport_seconds\x18\x17 \x01(\x01R\x16targetTransportSeconds\x12C\n" +
 	"\x1edraft_service_overhead_seconds\x18\x18 \x01(\x01R\x1bdraftServiceOverheadSeconds\x12E\n" +
-	"\x1ftarget_service_overhead_seconds\x18\x19 \x01(\x01R\x1ctargetServiceOverheadSeconds\"\xb5\x01\n" +
+	"\x1ftarget_service_overhead_seconds\x18\x19 \x01(\x01R\x1ctargetServiceOverheadSeconds\"\xec\x01\n" +
 	"\x10GenerateResponse\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\x12\x1b\n" +
 	"\ttoken_ids\x18\x02 \x03(\x05R\btokenIds\x12=\n" +
 	"\rfinish_reason\x18\x03 \x01(\x0e2\x18.specdec.v1.FinishReasonR\ffinishReason\x121\n" +
-	"\x05stats\x18\x04 \x01(\v2\x1b.specdec.v1.GenerationStatsR\x05stats*v\n" +
+	"\x05stats\x18\x04 \x01(\v2\x1b.specdec.v1.GenerationStatsR\x05stats\x125\n" +
+	"\blogprobs\x18\x05 \x03(\v2\x19.specdec.v1.TokenLogprobsR\blogprobs*v\n" +
 	"\fFinishReason\x12\x1d\n" +
 	"\x19FINISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14FINISH_REASON_LENGTH\x10\x01\x12\x16\n" +
@@ -668,27 +768,29 @@ func file_specdec_v1_orchestrator_proto_rawDescGZIP() []byte {
 }
 
 var file_specdec_v1_orchestrator_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_specdec_v1_orchestrator_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_specdec_v1_orchestrator_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
 var file_specdec_v1_orchestrator_proto_goTypes = []any{
 	(FinishReason)(0),        // 0: specdec.v1.FinishReason
 	(*ChatMessage)(nil),      // 1: specdec.v1.ChatMessage
 	(*GenerateRequest)(nil),  // 2: specdec.v1.GenerateRequest
-	(*GenerationStats)(nil),  // 3: specdec.v1.GenerationStats
-	(*GenerateResponse)(nil), // 4: specdec.v1.GenerateResponse
+	(*TokenLogprobs)(nil),    // 3: specdec.v1.TokenLogprobs
+	(*GenerationStats)(nil),  // 4: specdec.v1.GenerationStats
+	(*GenerateResponse)(nil), // 5: specdec.v1.GenerateResponse
 }
 var file_specdec_v1_orchestrator_proto_depIdxs = []int32{
 	1, // 0: specdec.v1.GenerateRequest.messages:type_name -> specdec.v1.ChatMessage
 	0, // 1: specdec.v1.GenerateResponse.finish_reason:type_name -> specdec.v1.FinishReason
-	3, // 2: specdec.v1.GenerateResponse.stats:type_name -> specdec.v1.GenerationStats
-	2, // 3: specdec.v1.Orchestrator.Generate:input_type -> specdec.v1.GenerateRequest
-	2, // 4: specdec.v1.Orchestrator.GenerateStream:input_type -> specdec.v1.GenerateRequest
-	4, // 5: specdec.v1.Orchestrator.Generate:output_type -> specdec.v1.GenerateResponse
-	4, // 6: specdec.v1.Orchestrator.GenerateStream:output_type -> specdec.v1.GenerateResponse
-	5, // [5:7] is the sub-list for method output_type
-	3, // [3:5] is the sub-list for method input_type
-	3, // [3:3] is the sub-list for extension type_name
-	3, // [3:3] is the sub-list for extension extendee
-	0, // [0:3] is the sub-list for field type_name
+	4, // 2: specdec.v1.GenerateResponse.stats:type_name -> specdec.v1.GenerationStats
+	3, // 3: specdec.v1.GenerateResponse.logprobs:type_name -> specdec.v1.TokenLogprobs
+	2, // 4: specdec.v1.Orchestrator.Generate:input_type -> specdec.v1.GenerateRequest
+	2, // 5: specdec.v1.Orchestrator.GenerateStream:input_type -> specdec.v1.GenerateRequest
+	5, // 6: specdec.v1.Orchestrator.Generate:output_type -> specdec.v1.GenerateResponse
+	5, // 7: specdec.v1.Orchestrator.GenerateStream:output_type -> specdec.v1.GenerateResponse
+	6, // [6:8] is the sub-list for method output_type
+	4, // [4:6] is the sub-list for method input_type
+	4, // [4:4] is the sub-list for extension type_name
+	4, // [4:4] is the sub-list for extension extendee
+	0, // [0:4] is the sub-list for field type_name
 }
 
 func init() { file_specdec_v1_orchestrator_proto_init() }
@@ -703,7 +805,7 @@ func file_specdec_v1_orchestrator_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_specdec_v1_orchestrator_proto_rawDesc), len(file_specdec_v1_orchestrator_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   4,
+			NumMessages:   5,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
