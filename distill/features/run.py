@@ -60,6 +60,7 @@ class FeatureDistillConfig:
     train_dtype: str = option("auto", "precision of training's matrix products (auto: the faster here)", ("auto", "float32", "bfloat16"))
     checkpoint_minutes: float = option(5.0, "minutes between checkpoints")
     eval_k: str = option("4", "draft lengths K replayed in the held-out acceptance report")
+    eval_per_source: int = option(0, "held-out responses replayed per source (0: all)")
     seed: int = option(0, "seed for initialization and data order")
 
     @property
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     progress.restart()
     state = train(trainees, store, lambda: [e for e in store.examples() if e.split == prompts.TRAIN], settings, work / "checkpoint.pt", progress_line(progress))
     held_out = [e for e in store.examples() if e.split == prompts.HELD_OUT]
+    if config.eval_per_source:
+        kept = Counter()
+        held_out = [e for e in held_out if (kept.update([e.source]) or kept[e.source] <= config.eval_per_source)]
     report = {"config": asdict(config), "corpus": describe(store), "training": state, "drafters": {}}
     k_values = tuple(int(k) for k in config.eval_k.split(","))
     for trainee in trainees:
