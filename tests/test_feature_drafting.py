@@ -15,15 +15,12 @@ from draft_service.drafters.feature import ChainDrafter, MultiTokenDrafter, load
 from draft_service.engine import DraftEngine
 from harness.inprocess import in_process_engine
 from harness.tiny import tiny_lm, with_eos
-from orchestrator.backends import InProcessDraft, InProcessTarget
 from orchestrator.policy import FixedK
-from orchestrator.speculation import Speculation, speculate
-from orchestrator.stats import GenerationStats
 from specdec import lm, sampling, wire
 from specdec.errors import FailedPrecondition, InvalidArgument
 from specdec.messages import Features, ProposeWork, VerifyWork
 from target_service.engine import TargetEngine
-from tests.test_speculation import chisquare_pvalue, exact_target_marginals, greedy
+from tests.test_speculation import chisquare_pvalue, exact_target_marginals, greedy, sample_many
 
 LAYERS = {"last": (-1,), "three": (0, 1, -1)}
 
@@ -179,24 +176,6 @@ class _Ks(FixedK):
         return self.ks[(self.round - 1) % len(self.ks)]
 
 
-async def _sample_many(target, drafter, prompt, params, steps, trials):
-    target_engine, draft_engine = TargetEngine(target), DraftEngine(drafter, max_context=target.max_context)
-    target_backend, draft_backend = InProcessTarget(target_engine), InProcessDraft(draft_engine)
-    counts, stats = torch.zeros(steps, target.vocab_size), GenerationStats()
-    for trial in range(trials):
-        sid = f"s{trial}"
-        target_engine.start_session(sid, prompt, drafter.feature_layers)
-        draft_engine.start_session(sid, prompt)
-        spec = Speculation(sid, prompt, params, _Ks([2, 0, 1, 3]), steps, torch.Generator().manual_seed(trial),
-                           draft_started=True, feature_layers=drafter.feature_layers)
-        tokens = [t async for round_tokens, _ in speculate(spec, target_backend, draft_backend, stats) for t in round_tokens]
-        for step, token in enumerate(tokens):
-            counts[step, token] += 1
-        target_engine.end_session(sid)
-        draft_engine.end_session(sid)
-    return counts, stats
-
-
 @pytest.mark.slow  # about 30 s each on 2 cores
 @pytest.mark.parametrize("kind", [feature_net.CHAIN, feature_net.MULTI_TOKEN])
 def test_sampled_output_with_a_feature_drafter_has_the_targets_distribution(kind):
@@ -206,7 +185,7 @@ def test_sampled_output_with_a_feature_drafter_has_the_targets_distribution(kind
     params = sampling.SamplingParams(0.8, top_k=6, top_p=0.9)
     prompt, steps = [3, 1, 4, 1, 5], 4
     drafter = make_drafter(target, kind, init=0.3)
-    counts, stats = asyncio.run(_sample_many(target, drafter, prompt, params, steps, trials=2000))
+    counts, stats = asyncio.run(sample_many(target, drafter, prompt, params, 0, steps, trials=2000, make_policy=lambda: _Ks([2, 0, 1, 3])))
     assert stats.accepted_tokens > 50 and stats.draft_tokens - stats.accepted_tokens > 50
     for step, exact in enumerate(exact_target_marginals(target, prompt, params, steps)):
         support = exact > 1e-9

@@ -187,17 +187,19 @@ def chisquare_pvalue(observed: torch.Tensor, probabilities: torch.Tensor) -> flo
 
 async def sample_many(target, drafter, prompt, params, k, steps, trials, make_policy=None):
     """Histograms of `trials` sampled generations; each round drafts `k` tokens, or as many as
-    `make_policy()`'s policy says (one policy per trial)."""
+    `make_policy()`'s policy says (one policy per trial). A feature drafter gets the target's
+    features as through the orchestrator."""
     target_engine, draft_engine = TargetEngine(target), DraftEngine(drafter, max_context=target.max_context)
     target_backend, draft_backend = InProcessTarget(target_engine), InProcessDraft(draft_engine)
     counts = torch.zeros(steps, target.vocab_size)
     stats = GenerationStats()
     for trial in range(trials):
         sid = f"s{trial}"
-        target_engine.start_session(sid, prompt)
+        target_engine.start_session(sid, prompt, drafter.feature_layers)
         draft_engine.start_session(sid, prompt)
         policy = make_policy() if make_policy else FixedK(k)
-        spec = Speculation(sid, prompt, params, policy, steps, torch.Generator().manual_seed(trial), draft_started=True)
+        spec = Speculation(sid, prompt, params, policy, steps, torch.Generator().manual_seed(trial), draft_started=True,
+                           feature_layers=drafter.feature_layers)
         tokens = [t async for round_tokens, _ in speculate(spec, target_backend, draft_backend, stats) for t in round_tokens]
         for step, token in enumerate(tokens):
             counts[step, token] += 1
