@@ -322,6 +322,21 @@ def test_start_session_answers_clearly_and_end_session_is_idempotent(stack, stub
 
 
 @pytest.mark.parametrize("which", ["target", "draft"])
+def test_an_error_quoting_a_huge_session_id_stays_a_clear_status(stubs, which):
+    """The unknown-session message quotes the id: 5,000 characters of it would overflow the
+    client's 8 KiB metadata limit (RESOURCE_EXHAUSTED) unless the message is bounded."""
+    item = dict(session_id="0" * 5000, prefix_len=0, tokens=[0], sampling=common_pb2.SamplingParams(top_p=1.0))
+    if which == "target":
+        request, method = target_pb2.VerifyRequest(items=[target_pb2.VerifyItem(**item)]), stubs["target"].Verify
+    else:
+        request, method = draft_pb2.ProposeRequest(items=[draft_pb2.ProposeItem(**item, num_speculative_tokens=1)]), stubs["draft"].Propose
+    with pytest.raises(grpc.RpcError) as error:
+        method(request, timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(error.value.details()) <= 1000
+    assert_clear(error.value, request)
+
+
+@pytest.mark.parametrize("which", ["target", "draft"])
 def test_megabyte_token_prompts_are_refused(stubs, which):
     """A million token ids is over any context; four million 5-byte varints (20 MB) are over the
     message limit."""

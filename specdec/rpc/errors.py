@@ -25,12 +25,24 @@ from specdec.errors import ResourceExhausted, SpecdecError
 
 log = logging.getLogger(__name__)
 
+# Messages may quote what the request sent (a session id of thousands of characters); a status
+# travels in trailing metadata, where the message and the BadRequest description together must
+# stay under the 8 KiB a client accepts by default, or the client sees RESOURCE_EXHAUSTED instead.
+MAX_MESSAGE_CHARS = 1000
+
+
+def bounded(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[: MAX_MESSAGE_CHARS - 40] + f"... ({len(message)} characters in all)"
+
 
 def error_status(error: SpecdecError) -> grpc.Status:
     """The gRPC status of a domain error, with its details."""
-    status = status_pb2.Status(code=getattr(code_pb2, error.code_name), message=error.message)
+    message = bounded(error.message)
+    status = status_pb2.Status(code=getattr(code_pb2, error.code_name), message=message)
     if error.field:
-        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
+        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=message)
         status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
     if isinstance(error, ResourceExhausted):
         delay = duration_pb2.Duration()
