@@ -185,6 +185,15 @@ def chisquare_pvalue(observed: torch.Tensor, probabilities: torch.Tensor) -> flo
     return chisquare(observed, expected).pvalue
 
 
+def assert_target_marginals(counts: torch.Tensor, target, prompt, params) -> None:
+    """Each step's histogram (counts [steps, V]) stays on the target's support and matches its
+    exact marginal (chi-square)."""
+    for step, exact in enumerate(exact_target_marginals(target, prompt, params, len(counts))):
+        support = exact > 1e-9
+        assert counts[step][~support].sum() == 0
+        assert chisquare_pvalue(counts[step][support], exact[support]) > 1e-3, f"step {step}"
+
+
 async def sample_many(target, drafter, prompt, params, k, steps, trials, make_policy=None):
     """Histograms of `trials` sampled generations; each round drafts `k` tokens, or as many as
     `make_policy()`'s policy says (one policy per trial). A feature drafter gets the target's
@@ -228,10 +237,7 @@ def test_sampled_output_distribution_equals_the_targets(params, max_support, hea
     drafter = ModelDrafter(draft, max_support, torch.tensor(head_ids) if head_ids else None)
     counts, stats = asyncio.run(sample_many(target, drafter, prompt, params, 2, steps, trials=2000))
     assert stats.accepted_tokens > 50 and stats.draft_tokens - stats.accepted_tokens > 50  # both paths are exercised
-    for step, exact in enumerate(exact_target_marginals(target, prompt, params, steps)):
-        support = exact > 1e-9
-        assert counts[step][~support].sum() == 0
-        assert chisquare_pvalue(counts[step][support], exact[support]) > 1e-3, f"step {step}"
+    assert_target_marginals(counts, target, prompt, params)
 
 
 @pytest.mark.slow  # 15-20 s each; the fast suite keeps the float32 cases above and test_weights' greedy checks
@@ -250,10 +256,7 @@ def test_sampled_output_distribution_equals_the_targets_in_every_weight_format(f
     prompt, steps = [3, 1, 4, 1, 5], 3
     counts, stats = asyncio.run(sample_many(target, ModelDrafter(draft), prompt, params, 2, steps, trials=2000))
     assert stats.accepted_tokens > 50 and stats.draft_tokens - stats.accepted_tokens > 50
-    for step, exact in enumerate(exact_target_marginals(target, prompt, params, steps)):
-        support = exact > 1e-9
-        assert counts[step][~support].sum() == 0
-        assert chisquare_pvalue(counts[step][support], exact[support]) > 1e-3, f"step {step}"
+    assert_target_marginals(counts, target, prompt, params)
 
 
 def test_drafts_without_distributions_are_point_masses_when_sampling():
