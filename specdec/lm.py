@@ -27,6 +27,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from specdec import weights
 from specdec.lean_llama import LeanLlama, format_of, supports_lean_path
+from specdec.native import model as native_model
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +62,29 @@ class SequenceCache:
             self.keys.append(keys.new_empty(1, keys.shape[1], max(end, 16), keys.shape[3]))
             self.values.append(values.new_empty(1, values.shape[1], max(end, 16), values.shape[3]))
         elif end > self.keys[index].shape[2]:
-            self.keys[index] = _grown(self.keys[index], self.length, end)
-            self.values[index] = _grown(self.values[index], self.length, end)
+            self._grow(index, end)
         self.keys[index][:, :, self.length : end] = keys
         self.values[index][:, :, self.length : end] = values
         return self.layer(index, end)
 
+    def reserve(self, layers: int, heads: int, head_dim: int, needed: int, dtype: torch.dtype) -> None:
+        """Room for `needed` positions in every layer, all layers at one capacity (the native
+        forward pass writes the new keys and values in place, see specdec/native/model.py)."""
+        if not self.keys:
+            capacity = max(needed, 16)
+            self.keys = [torch.empty(1, heads, capacity, head_dim, dtype=dtype) for _ in range(layers)]
+            self.values = [torch.empty(1, heads, capacity, head_dim, dtype=dtype) for _ in range(layers)]
+        elif needed > self.keys[0].shape[2]:
+            for index in range(layers):
+                self._grow(index, needed)
 
-def _grown(buffer: torch.Tensor, valid: int, needed: int) -> torch.Tensor:
-    bigger = buffer.new_empty(*buffer.shape[:2], max(needed, 2 * buffer.shape[2]), buffer.shape[3])
-    bigger[:, :, :valid] = buffer[:, :, :valid]
-    return bigger
+    def _grow(self, index: int, needed: int) -> None:
+        """Doubles (at least) one layer's buffers, keeping the valid prefix."""
+        for buffers in (self.keys, self.values):
+            buffer = buffers[index]
+            bigger = buffer.new_empty(*buffer.shape[:2], max(needed, 2 * buffer.shape[2]), buffer.shape[3])
+            bigger[:, :, : self.length] = buffer[:, :, : self.length]
+            buffers[index] = bigger
 
 
 class _SessionLayer(DynamicLayer):
@@ -176,8 +189,18 @@ def _lean_path(model: torch.nn.Module) -> LeanLlama | None:
         return None
     lean = _lean_paths.get(model)
     if lean is None or lean.head_source is not model.get_output_embeddings().weight:
-        lean = _lean_paths[model] = LeanLlama(model, lean.format if lean else None)
+        lean = _lean_paths[model] = _path_for(model, lean.format if lean else format_of(model))
     return lean
+
+
+def _path_for(model: torch.nn.Module, format: str):
+    """The forward path that runs `format`: our native one for GGUF block formats, else the lean one."""
+    if format in weights.NATIVE_FORMATS:
+        ready, why = native_model.supports(model)
+        if not ready:
+            raise ValueError(f"weight format {format} is not available for this model: {why}")
+        return native_model.NativeLlama(model, format)
+    return LeanLlama(model, format)
 
 
 def use_format(model: torch.nn.Module, format: str) -> None:
@@ -187,7 +210,7 @@ def use_format(model: torch.nn.Module, format: str) -> None:
         if format != weight_format(model):
             raise ValueError(f"weight format {format} needs a Llama-architecture model; this one runs as {weight_format(model)}")
         return
-    _lean_paths[model] = LeanLlama(model, format)
+    _lean_paths[model] = _path_for(model, format)
 
 
 def weight_format(model: torch.nn.Module) -> str:
@@ -282,6 +305,8 @@ def _timed_choice(loaded, max_k: int) -> weights.FormatChoice:
         return replace(known[key], reason=known[key].reason + f" (timed earlier on this machine; cached in {store})")
     formats = weights.candidates(loaded.device) if supports_lean_path(model) else (format_of(model),)
     formats = tuple(f for f in formats if weights.supported(f, model.get_output_embeddings().weight))
+    if loaded.device.type == "cpu" and native_model.supports(model)[0]:
+        formats += weights.NATIVE_FORMATS
 
     def timed(format: str, tokens: int) -> float:
         if weight_format(model) != format:

@@ -10,6 +10,12 @@
 | int8     | int8 per output channel, weight-only            | bfloat16    | aten._weight_int8pack_mm              |
 | int4     | int4 in groups of 32 with a scale and a minimum | bfloat16    | aten._weight_int4pack_mm_for_cpu      |
 |          | (the output head in int8, see HEAD_FORMAT)      |             |                                       |
+| q4_1     | GGUF's Q4_1 blocks, the output head in Q8_0     | int8 per 32 | our native forward pass (whole model) |
+| q8_0     | GGUF's Q8_0 blocks                              | int8 per 32 | our native forward pass (whole model) |
+
+q4_1 and q8_0 are not products here but whole models run in one C call (specdec/native: the
+per-operation dispatch of the torch path cost as much as its products); they are offered where a C
+compiler is at hand, on CPUs, for Llama architectures with widths in whole blocks of 32.
 
 Why these: on a single core the forward pass of a small model is bound by the bytes of weights it
 reads (the embedded 135M target: 540 MB per step in float32, 270 in bf16, 67 in int4), so fewer
@@ -47,7 +53,9 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("float32", "bfloat16", "float16", "int8", "int4")
+FORMATS = ("float32", "bfloat16", "float16", "int8", "int4", "q4_1", "q8_0")
+# Formats of whole models run by our own forward pass (specdec/native), not by products here.
+NATIVE_FORMATS = ("q4_1", "q8_0")
 AUTO = "auto"
 INT4_GROUP = 32
 # Acceptance assumed when `auto` weighs a verify of K+1 tokens against single steps: about what
@@ -63,7 +71,7 @@ HEAD_FORMAT = {"int4": "int8"}
 
 def activation_dtype(format: str) -> torch.dtype:
     """The dtype of activations (and of the KV cache) under a weight format."""
-    return {"float32": torch.float32, "float16": torch.float16}.get(format, torch.bfloat16)
+    return {"float32": torch.float32, "float16": torch.float16, "q4_1": torch.float32, "q8_0": torch.float32}.get(format, torch.bfloat16)
 
 
 def _dense(weight: torch.Tensor, dtype: torch.dtype) -> Linear:

@@ -243,8 +243,9 @@ def test_sampled_output_distribution_equals_the_targets(params, max_support, hea
 @pytest.mark.slow  # 15-20 s each; the fast suite keeps the float32 cases above and test_weights' greedy checks
 @pytest.mark.parametrize(
     "format,params",
-    [(f, sampling.SamplingParams(1.0)) for f in ("bfloat16", "int8", "int4")] + [("int4", sampling.SamplingParams(0.8, top_k=6, top_p=0.9))],
-    ids=["bfloat16", "int8", "int4", "int4-warped"],
+    [(f, sampling.SamplingParams(1.0)) for f in ("bfloat16", "int8", "int4", "q4_1", "q8_0")]
+    + [(f, sampling.SamplingParams(0.8, top_k=6, top_p=0.9)) for f in ("int4", "q4_1")],
+    ids=["bfloat16", "int8", "int4", "q4_1", "q8_0", "int4-warped", "q4_1-warped"],
 )
 def test_sampled_output_distribution_equals_the_targets_in_every_weight_format(format, params):
     """The chi-square test above with target and draft in a quantized weight format: the output
