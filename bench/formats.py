@@ -3,11 +3,14 @@ services in that format, all stacks up at once), the target's Verify RPC timed f
 1..16 tokens, and per prompt, in a rotating order, target-only decoding, a fixed K and adaptive K
 with the same draft. Greedy output must be identical to target-only decoding in the same format.
 
-    python -m bench.formats [--formats float32,bfloat16,int8,int4,auto] [--limit 6] [--max-new-tokens 64]
+    python -m bench.formats [--formats float32,bfloat16,int8,int4,q4_1,q8_0,auto] [--limit 6] [--max-new-tokens 64]
+                            [--threads 1] [--llama-bench PATH]
 
 Writes records.jsonl and summary.json to --out and prints a table: T(1) and T(n)/T(1) of the
 Verify RPC, tokens/s of each mode (median and 10th-90th percentile over prompts), speedups over
 target-only in the same format and over float32 target-only, adaptive K's mean K, identical outputs.
+With --llama-bench, llama.cpp's T(n) and decode rate on the embedded GGUF at the same thread count
+(bench/llamacpp.py) are measured in the same run and printed beside them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import grpc
 
+from bench import llamacpp
 from bench.specbench import default_prompts, load_prompts
 from harness.processes import ServiceStack
 from specdec.v1 import common_pb2, orchestrator_pb2, target_pb2, target_pb2_grpc
@@ -84,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--threads", type=int, default=0, help="threads of each model service (0: torch's default)")
+    parser.add_argument("--llama-bench", type=Path, help="a llama.cpp build's llama-bench: add its figures at the same thread count")
     args = parser.parse_args(argv)
     formats = args.formats.split(",")
     prompts = load_prompts(args.prompts, args.limit)
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as exit_stack:
         stacks = {}
         for f in formats:
-            flags = ("--dtype", f)
+            flags = ("--dtype", f, "--threads", str(args.threads))
             stacks[f] = exit_stack.enter_context(ServiceStack(
                 draft_model=args.draft, log_dir=args.out / "logs" / f, extra_target_args=flags, extra_draft_args=flags if args.draft != "ngram" else ()))
             print(f"{f}: serving", file=sys.stderr)
@@ -115,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                     out.flush()
                 print(f"prompt {index + 1}/{len(prompts)} done", file=sys.stderr)
     summary = summarize(formats, records, curves, info)
+    if args.llama_bench:
+        summary["llama.cpp"] = llamacpp.measure(args.llama_bench, args.threads or 1)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(table(summary))
     return 0
@@ -147,7 +155,10 @@ def summarize(formats: list[str], records: list[dict], curves: dict, info: dict)
 def table(summary: dict) -> str:
     lines = ["| --dtype (chosen) | Verify T(1) ms | T(2)/T(1) | T(5)/T(1) | T(9)/T(1) | T(16)/T(1) | mode | tok/s median (p10-p90) "
              "| vs target-only | vs float32 target-only | tokens/forward | mean K | identical |", "|---" * 13 + "|"]
+    peer = summary.get("llama.cpp")
     for f, s in summary.items():
+        if f == "llama.cpp":
+            continue
         ratio = s["verify_ratio"]
         for mode, row in s["modes"].items():
             lines.append(
@@ -156,6 +167,13 @@ def table(summary: dict) -> str:
                 f"{spread(row['speedup_vs_float32_target_only'])} | {row['tokens_per_target_forward']:.2f} | {row['mean_k']:.2f} | "
                 f"{row['identical']}/{s['prompts']} |"
             )
+    if peer:
+        curve = peer["verify_seconds"]
+        lines.append(
+            f"| llama.cpp {peer['build']}, same GGUF, {peer['threads']} thread(s), in process | {1000 * curve[1]:.1f} | "
+            + " | ".join(f"{curve[n] / curve[1]:.2f}" for n in (2, 5, 9, 16))
+            + f" | decode (tg64) | {peer['decode_tokens_per_second']:.2f} | - | - | 1.00 | 0 | - |"
+        )
     return "\n".join(lines)
 
 
