@@ -92,7 +92,7 @@ def start_stack(
 
 def in_process_engine(target: LoadedModel, drafter=None, **settings):
     """A GenerationEngine wired to model engines in this process (no network), with fresh
-    sessions; `settings`: GenerationEngine's (k_settings, max_new_tokens)."""
+    sessions; `settings`: GenerationEngine's (k_settings, max_new_tokens, pipeline_drafts)."""
     from draft_service.engine import DraftEngine
     from orchestrator.backends import InProcessDraft, InProcessTarget
     from orchestrator.generation import GenerationEngine

@@ -34,11 +34,15 @@ def separate_cores() -> dict[str, set[int]] | None:
 class ServiceStack:
     def __init__(self, target_model: str = "embedded", draft_model: str = "ngram", log_dir: Path | None = None,
                  extra_target_args: tuple[str, ...] = (), extra_draft_args: tuple[str, ...] = (), startup_timeout_s: float = 900,
-                 extra_orchestrator_args: tuple[str, ...] = (), cores: dict[str, set[int]] | None = None):
+                 extra_orchestrator_args: tuple[str, ...] = (), cores: dict[str, set[int]] | None = None,
+                 orchestrator_variants: dict[str, tuple[str, ...]] | None = None):
         """`cores`: per service the CPUs its process may run on (model services then run as many
-        threads); None: every service may run anywhere."""
+        threads); None: every service may run anywhere. `orchestrator_variants`: further
+        orchestrators over the same model services, by name, with these extra flags each (e.g.
+        {"pipelined": ("--pipeline-drafts",)}); they run on the orchestrator's cores."""
         self.cores = cores or {}
-        self.ports = {"target": free_port(), "draft": free_port(), "orchestrator": free_port()}
+        self.variants = dict(orchestrator_variants or {})
+        self.ports = {"target": free_port(), "draft": free_port(), "orchestrator": free_port(), **{v: free_port() for v in self.variants}}
         self.log_dir = log_dir or ROOT / ".logs"
         self.startup_timeout_s = startup_timeout_s
         self.commands = {
@@ -49,6 +53,8 @@ class ServiceStack:
                 *extra_orchestrator_args,
             ],
         }
+        for name, flags in self.variants.items():
+            self.commands[name] = [*self.commands["orchestrator"], *flags]
         self.processes: dict[str, subprocess.Popen] = {}
 
     def address(self, name: str) -> str:
@@ -69,15 +75,16 @@ class ServiceStack:
     def route_orchestrator(self, target: str, draft: str) -> None:
         """Have the orchestrator reach the model services at these addresses (a delay proxy's,
         harness/netem.py) instead of directly; before entering."""
-        command = self.commands["orchestrator"]
-        command[command.index("--target") + 1] = target
-        command[command.index("--draft") + 1] = draft
+        for name in ("orchestrator", *self.variants):
+            command = self.commands[name]
+            command[command.index("--target") + 1] = target
+            command[command.index("--draft") + 1] = draft
 
     def spawn(self, name: str) -> subprocess.Popen:
         """Start one service's process on its port (again, after a crash: its log is appended to)."""
         module, *args = self.commands[name]
-        cores = self.cores.get(name)
-        if cores and name != "orchestrator":
+        cores = self.cores.get("orchestrator" if name in self.variants else name)
+        if cores and module != "orchestrator":
             args = [*args, "--threads", str(len(cores))]
         log = open(self.log_dir / f"{name}.log", "a" if name in self.processes else "w")
         self.processes[name] = subprocess.Popen(
@@ -96,8 +103,9 @@ class ServiceStack:
     def _wait_serving(self, name: str) -> None:
         wait_serving(self.address(name), self.processes[name], self.startup_timeout_s, self.log_dir / f"{name}.log")
 
-    def orchestrator_stub(self, channel: grpc.Channel | None = None) -> orchestrator_pb2_grpc.OrchestratorStub:
-        return orchestrator_pb2_grpc.OrchestratorStub(channel or grpc.insecure_channel(self.address("orchestrator")))
+    def orchestrator_stub(self, channel: grpc.Channel | None = None, name: str = "orchestrator") -> orchestrator_pb2_grpc.OrchestratorStub:
+        """A stub of the orchestrator, or of the variant `name`."""
+        return orchestrator_pb2_grpc.OrchestratorStub(channel or grpc.insecure_channel(self.address(name)))
 
     def __exit__(self, *exc) -> None:
         for process in reversed(list(self.processes.values())):

@@ -94,6 +94,7 @@ class GenerationEngine:
     draft_info: ModelInfo | None = None
     k_settings: KSettings = field(default_factory=KSettings)
     max_new_tokens: int = 4096  # the most a request may ask for
+    pipeline_drafts: bool = False  # propose each round while the target verifies the one before
 
     def __post_init__(self):
         self.load = LoadEstimates(CostCurve(self.target_info.forward_cost))
@@ -142,6 +143,7 @@ class GenerationEngine:
             feature_layers=self.draft_info.feature_layers if self.draft_info is not None and policy.max_speculative_tokens > 0 else (),
             logprobs=request.logprobs,
             warped_logprobs=request.warped_logprobs,
+            pipeline=self.pipeline_drafts,
         )
         adaptive = isinstance(policy, AdaptiveK)
         stats = GenerationStats(

@@ -48,6 +48,9 @@ class OrchestratorConfig(ServerConfig):
         16, "largest num_speculative_tokens a request may ask for; rounds are capped further at what target and draft accept"
     )
     max_new_tokens: int = option(4096, "largest max_new_tokens a request may ask for")
+    pipeline_drafts: bool = option(
+        False, "propose each round during the previous one's Verify, guessing all drafts accepted (pays when draft and target own cores)"
+    )
     request_timeout_s: float = option(600.0, "deadline of a request whose client set none")
     connect_timeout_s: float = option(900.0, "at start-up, how long to wait for the model services to load")
     draft_timeout_ms: float = option(
@@ -195,7 +198,9 @@ async def start(config: OrchestratorConfig, tokenizer=None) -> RunningOrchestrat
         await running.stop()
         raise
     k_settings = KSettings(config.num_speculative_tokens, config.adaptive_k, config.max_speculative_tokens)
-    servicer.engine = GenerationEngine(tokenizer, target, target_info, draft, draft_info, k_settings, config.max_new_tokens)
+    servicer.engine = GenerationEngine(
+        tokenizer, target, target_info, draft, draft_info, k_settings, config.max_new_tokens, config.pipeline_drafts
+    )
     await serving.set_serving(True)
     running.target_watch = asyncio.create_task(
         follow_target_health(channels[0], serving, config.target_health_period_s, f"target service at {config.target}")

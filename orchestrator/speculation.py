@@ -16,10 +16,22 @@ come back with the first verdict), so it runs at K = 0.
 
 A round never drafts past `max_new_tokens`: with r tokens left it drafts at most r - 1, so the
 accepted tokens plus the one the target adds always fit.
+
+Pipelined drafting (`Speculation.pipeline`): while the target verifies a round's K drafts, the
+draft already proposes the next round from the likeliest outcome, every draft accepted and the
+bonus token equal to the draft's own next token: a Propose of K' + 1 tokens after the last draft,
+whose first token is that guess. When the verdict bears the guess out, the next round verifies
+the other K' at once; otherwise they are dropped and the round proposes as usual. Only the
+target's verdict decides what is committed, so the output is the same either way (the proposal is
+still a draw from the draft's distribution given the committed sequence, with the same q). The
+next Propose is only sent once the one ahead has answered, so the draft's session sees its calls
+in order, and each call's `prefix_len` cuts it back to what the target holds.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -31,7 +43,7 @@ from orchestrator.backends import DraftBackend, TargetBackend, is_draft_failure
 from orchestrator.policy import LoadEstimates, Policy
 from orchestrator.stats import GenerationStats
 from specdec.errors import DeadlineExceeded, SpecdecError
-from specdec.messages import Features, Logprobs, ProposeWork, VerifyWork
+from specdec.messages import Features, Logprobs, Proposal, ProposeWork, VerifyWork
 from specdec.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -55,6 +67,16 @@ class Speculation:
     feature_layers: tuple[int, ...] = ()  # the target layers the draft reads; () for token drafters
     logprobs: int | None = None  # VerifyWork.logprobs of every round
     warped_logprobs: bool = False
+    pipeline: bool = False  # propose the next round while the target verifies this one
+
+
+@dataclass
+class _Ahead:
+    """A Propose sent while the target verified a round, for the round after it."""
+
+    task: asyncio.Future  # -> (Proposal, CallCost)
+    committed: int  # what the target holds if the round accepts every draft
+    num_speculative_tokens: int  # the next round's K (the guessed bonus token comes first)
 
 
 def remaining(deadline: float | None) -> float | None:
@@ -85,63 +107,116 @@ async def speculate(
     left = spec.max_new_tokens
     unsent: list[Features] = []  # target features the draft has not received
     features_end = 0  # positions whose features came back from the target
+    ahead: _Ahead | None = None  # the next round's Propose, sent during this round's Verify
     mark = time.perf_counter()  # the end of the previous round: what follows until the next is ours
-    while left > 0:
-        calls_s = 0.0  # this round's calls, from the first conversion to the last
-        num_speculative_tokens = min(spec.policy.next_k(), left - 1) if draft is not None else 0
-        if spec.feature_layers and features_end < committed:
-            num_speculative_tokens = 0
-        proposal_tokens, distributions, drafted = [], None, False
-        if num_speculative_tokens > 0:
-            try:
-                if not spec.draft_started:
-                    spec.draft_started = True
-                    stats.add_draft_call(await draft.start_session(spec.session_id, sequence, remaining(spec.deadline)))
-                    drafted_to = committed
-                work = ProposeWork(
-                    spec.session_id, drafted_to, sequence[drafted_to:], num_speculative_tokens, spec.sampling,
-                    _uniforms(spec, num_speculative_tokens), Features.joined(unsent),
-                )
-                proposal, cost = await draft.propose(work, remaining(spec.deadline))
-                unsent = []
-                calls_s += cost.wall_s + cost.conversion_s
-                stats.add_draft_call(cost)
-                if spec.load is not None:
-                    spec.load.observe_draft(cost.wall_s, num_speculative_tokens)
-                proposal_tokens, distributions, drafted = proposal.tokens[:num_speculative_tokens], proposal.distributions, True
-            except SpecdecError as error:
-                if not is_draft_failure(error):
-                    raise
-                log.warning("session %s: draft failed (%s); continuing target-only", spec.session_id, error.message)
-                draft = None
-        verify = VerifyWork(
-            spec.session_id,
-            committed,
-            sequence[committed:],
-            proposal_tokens,
-            distributions[: len(proposal_tokens)] if distributions else None,
-            spec.sampling,
-            _uniforms(spec, len(proposal_tokens) + 1),
-            spec.logprobs,
-            spec.warped_logprobs,
-        )
-        verdict, cost = await target.verify(verify, remaining(spec.deadline))
-        calls_s += cost.wall_s + cost.conversion_s
-        if verdict.features is not None and draft is not None:
-            unsent.append(verdict.features)
-            features_end = verdict.features.end
-        stats.add_target_call(cost)
-        stats.add_round(len(proposal_tokens), verdict.accepted)
-        spec.policy.observe(len(proposal_tokens), verdict.accepted)
-        if spec.load is not None:
-            spec.load.observe_verify(cost.compute_s, cost.batch_size, cost.batch_tokens)
-        new_tokens = proposal_tokens[: verdict.accepted] + [verdict.next_token]
-        committed += 1 + verdict.accepted
-        if drafted:  # the draft holds the pending token and its own accepted drafts
-            drafted_to = committed
-        sequence += new_tokens
-        left -= len(new_tokens)
-        now = time.perf_counter()
-        stats.orchestrator_seconds += max(now - mark - calls_s, 0.0)
-        mark = now  # the caller's work on these tokens (text, stops, streaming) counts in the next round
-        yield new_tokens, verdict.logprobs
+    try:
+        while left > 0:
+            calls_s = 0.0  # this round's calls, from the first conversion to the last
+            if ahead is not None:  # K was chosen when the Propose went ahead
+                num_speculative_tokens = min(ahead.num_speculative_tokens, left - 1) if draft is not None else 0
+            else:
+                num_speculative_tokens = min(spec.policy.next_k(), left - 1) if draft is not None else 0
+            if spec.feature_layers and features_end < committed:
+                num_speculative_tokens = 0
+            proposal_tokens, distributions, drafted = [], None, False
+            if ahead is not None:
+                waited = time.perf_counter()
+                proposal = await _settled(ahead, spec, stats)
+                calls_s += time.perf_counter() - waited
+                guessed = proposal is not None and ahead.committed == committed and proposal.tokens[:1] == sequence[-1:]
+                if guessed and num_speculative_tokens > 0:
+                    proposal_tokens = proposal.tokens[1 : 1 + num_speculative_tokens]
+                    distributions, drafted = proposal.distributions[1:] if proposal.distributions else None, True
+                    stats.pipelined_rounds += 1
+                ahead = None
+            if num_speculative_tokens > 0 and not drafted:
+                try:
+                    if not spec.draft_started:
+                        spec.draft_started = True
+                        stats.add_draft_call(await draft.start_session(spec.session_id, sequence, remaining(spec.deadline)))
+                        drafted_to = committed
+                    work = ProposeWork(
+                        spec.session_id, drafted_to, sequence[drafted_to:], num_speculative_tokens, spec.sampling,
+                        _uniforms(spec, num_speculative_tokens), Features.joined(unsent),
+                    )
+                    proposal, cost = await draft.propose(work, remaining(spec.deadline))
+                    unsent = []
+                    calls_s += cost.wall_s + cost.conversion_s
+                    stats.add_draft_call(cost)
+                    if spec.load is not None:
+                        spec.load.observe_draft(cost.wall_s, num_speculative_tokens)
+                    proposal_tokens, distributions, drafted = proposal.tokens[:num_speculative_tokens], proposal.distributions, True
+                except SpecdecError as error:
+                    if not is_draft_failure(error):
+                        raise
+                    log.warning("session %s: draft failed (%s); continuing target-only", spec.session_id, error.message)
+                    draft = None
+            verify = VerifyWork(
+                spec.session_id,
+                committed,
+                sequence[committed:],
+                proposal_tokens,
+                distributions[: len(proposal_tokens)] if distributions else None,
+                spec.sampling,
+                _uniforms(spec, len(proposal_tokens) + 1),
+                spec.logprobs,
+                spec.warped_logprobs,
+            )
+            if spec.pipeline and proposal_tokens and draft is not None and not spec.feature_layers:
+                ahead = _propose_ahead(spec, draft, sequence, proposal_tokens, left)
+            verdict, cost = await target.verify(verify, remaining(spec.deadline))
+            calls_s += cost.wall_s + cost.conversion_s
+            if verdict.features is not None and draft is not None:
+                unsent.append(verdict.features)
+                features_end = verdict.features.end
+            stats.add_target_call(cost)
+            stats.add_round(len(proposal_tokens), verdict.accepted)
+            spec.policy.observe(len(proposal_tokens), verdict.accepted)
+            if spec.load is not None:
+                spec.load.observe_verify(cost.compute_s, cost.batch_size, cost.batch_tokens)
+            new_tokens = proposal_tokens[: verdict.accepted] + [verdict.next_token]
+            committed += 1 + verdict.accepted
+            if drafted:  # the draft holds the pending token and its own accepted drafts
+                drafted_to = committed
+            sequence += new_tokens
+            left -= len(new_tokens)
+            now = time.perf_counter()
+            stats.orchestrator_seconds += max(now - mark - calls_s, 0.0)
+            mark = now  # the caller's work on these tokens (text, stops, streaming) counts in the next round
+            yield new_tokens, verdict.logprobs
+    finally:
+        if ahead is not None:  # the generation ended with a Propose in flight: nobody needs it
+            ahead.task.cancel()
+            with contextlib.suppress(BaseException):
+                await ahead.task
+
+
+def _propose_ahead(spec: Speculation, draft: DraftBackend, sequence: list[int], drafts: list[int], left: int) -> _Ahead | None:
+    """Send the next round's Propose now, assuming every one of `drafts` is accepted: the draft
+    holds `sequence` and the drafts (it made them), so it is cut back before the last draft, given
+    it again and asked for the guessed bonus token and the next round's drafts after it."""
+    num_speculative_tokens = min(spec.policy.next_k(), left - len(drafts) - 2)  # left after that round, less its bonus
+    if num_speculative_tokens <= 0:
+        return None
+    work = ProposeWork(
+        spec.session_id, len(sequence) + len(drafts) - 1, drafts[-1:], num_speculative_tokens + 1, spec.sampling,
+        _uniforms(spec, num_speculative_tokens + 1), None,
+    )
+    task = asyncio.ensure_future(draft.propose(work, remaining(spec.deadline)))
+    return _Ahead(task, len(sequence) + len(drafts), num_speculative_tokens)
+
+
+async def _settled(ahead: _Ahead, spec: Speculation, stats: GenerationStats) -> Proposal | None:
+    """The Propose sent ahead, once answered; None when it failed (the round then proposes anew,
+    and a draft that is really gone fails there)."""
+    try:
+        proposal, cost = await ahead.task
+    except SpecdecError as error:
+        if not is_draft_failure(error):
+            raise
+        log.info("session %s: draft proposed ahead in vain (%s)", spec.session_id, error.message)
+        return None
+    stats.add_draft_call(cost)
+    if spec.load is not None:
+        spec.load.observe_draft(cost.wall_s, ahead.num_speculative_tokens + 1)
+    return proposal

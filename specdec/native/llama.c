@@ -126,12 +126,13 @@ static inline __attribute__((always_inline)) void dot_rows(const qmatrix *w, con
             wq = _mm256_loadu_si256((const __m256i *)(w->q + ((size_t)n * nb + b) * 32));
         }
         const __m256i wabs = kind == Q4_1 ? wq : _mm256_sign_epi8(wq, wq);
+        const __m256 scale = _mm256_broadcast_ss(wd + b); /* the weights' scale once, each row's in the fma */
         for (int t = 0; t < R; t++) {
             size_t xb = (size_t)(r0 + t) * nb + b;
             __m256i xq = _mm256_loadu_si256((const __m256i *)(x.q + xb * QK));
             if (kind == Q8_0) xq = _mm256_sign_epi8(xq, wq); /* the weight's sign moved onto x */
             __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xq), ones);
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(wd[b] * x.d[xb]), acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sums), scale), _mm256_broadcast_ss(x.d + xb), acc[t]);
         }
     }
     for (int t = 0; t < R; t++) {

@@ -391,8 +391,12 @@ type GenerationStats struct {
 	// Seconds in the services' handlers outside compute and queue: conversions, hand-offs.
 	DraftServiceOverheadSeconds  float64 `protobuf:"fixed64,24,opt,name=draft_service_overhead_seconds,json=draftServiceOverheadSeconds,proto3" json:"draft_service_overhead_seconds,omitempty"`
 	TargetServiceOverheadSeconds float64 `protobuf:"fixed64,25,opt,name=target_service_overhead_seconds,json=targetServiceOverheadSeconds,proto3" json:"target_service_overhead_seconds,omitempty"`
-	unknownFields                protoimpl.UnknownFields
-	sizeCache                    protoimpl.SizeCache
+	// Rounds whose drafts came from a Propose sent while the previous round was being verified
+	// (the orchestrator's --pipeline-drafts), on the guess that round accepted every draft and its
+	// bonus token was the draft's next one, and the guess held: their Propose cost no waiting.
+	PipelinedRounds uint32 `protobuf:"varint,26,opt,name=pipelined_rounds,json=pipelinedRounds,proto3" json:"pipelined_rounds,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *GenerationStats) Reset() {
@@ -600,6 +604,13 @@ func (x *GenerationStats) GetTargetServiceOverheadSeconds() float64 {
 	return 0
 }
 
+func (x *GenerationStats) GetPipelinedRounds() uint32 {
+	if x != nil {
+		return x.PipelinedRounds
+	}
+	return 0
+}
+
 type GenerateResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Generate: the whole output. GenerateStream: the new text since the previous message; the
@@ -711,7 +722,7 @@ const file_specdec_v1_orchestrator_proto_rawDesc = "" +
 	"\rTokenLogprobs\x12\x18\n" +
 	"\alogprob\x18\x01 \x01(\x02R\alogprob\x12\"\n" +
 	"\rtop_token_ids\x18\x02 \x03(\x05R\vtopTokenIds\x12!\n" +
-	"\ftop_logprobs\x18\x03 \x03(\x02R\vtopLogprobs\"\xbf\t\n" +
+	"\ftop_logprobs\x18\x03 \x03(\x02R\vtopLogprobs\"\xea\t\n" +
 	"\x0fGenerationStats\x12)\n" +
 	"\x10generated_tokens\x18\x01 \x01(\rR\x0fgeneratedTokens\x12\x16\n" +
 	"\x06rounds\x18\x02 \x01(\rR\x06rounds\x12!\n" +
@@ -739,7 +750,8 @@ const file_specdec_v1_orchestrator_proto_rawDesc = "" +
 	"\x17draft_transport_seconds\x18\x16 \x01(\x01R\x15draftTransportSeconds\x128\n" +
 	"\x18target_transport_seconds\x18\x17 \x01(\x01R\x16targetTransportSeconds\x12C\n" +
 	"\x1edraft_service_overhead_seconds\x18\x18 \x01(\x01R\x1bdraftServiceOverheadSeconds\x12E\n" +
-	"\x1ftarget_service_overhead_seconds\x18\x19 \x01(\x01R\x1ctargetServiceOverheadSeconds\"\xec\x01\n" +
+	"\x1ftarget_service_overhead_seconds\x18\x19 \x01(\x01R\x1ctargetServiceOverheadSeconds\x12)\n" +
+	"\x10pipelined_rounds\x18\x1a \x01(\rR\x0fpipelinedRounds\"\xec\x01\n" +
 	"\x10GenerateResponse\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\x12\x1b\n" +
 	"\ttoken_ids\x18\x02 \x03(\x05R\btokenIds\x12=\n" +
