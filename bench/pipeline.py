@@ -1,9 +1,9 @@
 """Pipelined drafting and core layouts side by side: per layout one stack of the three services
 plus a second orchestrator over the same model services with --pipeline-drafts, and per prompt
-(the modes' order rotating from prompt to prompt) target-only decoding, a fixed K, the same K
+(the modes' order rotating from prompt to prompt) target-only decoding, each fixed K, the same K
 pipelined, adaptive K and adaptive K pipelined. Greedy output must equal target-only's.
 
-    python -m bench.pipeline [--layouts pinned,shared] [--draft smollm2-draft-l6] [--dtype auto] [-k 2]
+    python -m bench.pipeline [--layouts pinned,shared] [--draft smollm2-draft-l6] [--dtype auto] [-k 1,2]
                              [--prompts ../shared/data/specbench_dev.jsonl] [--limit 12] [--max-new-tokens 64]
 
 Layouts: `pinned` puts the target alone on the first core and the draft and both orchestrators on
@@ -33,15 +33,12 @@ RESULTS = Path(__file__).resolve().parent / "results" / "pipeline"
 PIPELINED = "pipelined"  # the second orchestrator's name in the stack
 
 
-def modes(k: int) -> dict[str, tuple[str, int | None]]:
+def modes(ks: list[int]) -> dict[str, tuple[str, int | None]]:
     """mode -> (orchestrator, num_speculative_tokens; None = adaptive K)"""
-    return {
-        "target-only": ("orchestrator", 0),
-        f"K={k}": ("orchestrator", k),
-        f"K={k} pipelined": (PIPELINED, k),
-        "adaptive": ("orchestrator", None),
-        "adaptive pipelined": (PIPELINED, None),
-    }
+    table = {"target-only": ("orchestrator", 0)}
+    for k in ks:
+        table[f"K={k}"], table[f"K={k} pipelined"] = ("orchestrator", k), (PIPELINED, k)
+    return {**table, "adaptive": ("orchestrator", None), "adaptive pipelined": (PIPELINED, None)}
 
 
 def generate(stack: ServiceStack, orchestrator: str, prompt: str, k: int | None, max_new_tokens: int) -> dict:
@@ -63,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layouts", default="pinned,shared")
     parser.add_argument("--draft", default="smollm2-draft-l6")
     parser.add_argument("--dtype", default="auto", help="weight format of both model services")
-    parser.add_argument("-k", type=int, default=2, help="K of the fixed-K modes (adaptive K's ceiling stays the orchestrator's default)")
+    parser.add_argument("-k", default="1,2", help="K of the fixed-K modes, comma-separated (adaptive K's ceiling stays the orchestrator's)")
     parser.add_argument("--prompts", type=Path, default=default_prompts(), help="Spec-Bench-format JSONL (default: $SPECDEC_PROMPTS, else bench/prompts/)")
     parser.add_argument("--limit", type=int, default=12)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -71,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prompts = load_prompts(args.prompts, args.limit)
     args.out.mkdir(parents=True, exist_ok=True)
-    mode_table, records = modes(args.k), []
+    ks = [int(k) for k in args.k.split(",")]
+    mode_table, records = modes(ks), []
     with (args.out / "records.jsonl").open("w") as out:
         for layout in args.layouts.split(","):
             cores = separate_cores() if layout == "pinned" else None
@@ -83,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                               extra_draft_args=flags if args.draft != "ngram" else (), cores=cores,
                               orchestrator_variants={PIPELINED: ("--pipeline-drafts",)}) as stack:
                 for orchestrator in ("orchestrator", PIPELINED):  # warm both orchestrators' paths
-                    generate(stack, orchestrator, prompts[0].text, args.k, 8)
+                    generate(stack, orchestrator, prompts[0].text, ks[-1], 8)
                 for index, prompt in enumerate(prompts):
                     order = list(mode_table)
                     order = order[index % len(order):] + order[: index % len(order)]
