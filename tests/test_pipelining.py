@@ -58,27 +58,26 @@ def test_pipelined_sampling_keeps_the_targets_distribution(params):
 
 
 class Recorder:
-    """Wraps a backend and records when each call starts and ends (in event-loop order)."""
+    """Wraps a backend and records when each Propose or Verify starts and ends (event-loop order)."""
 
-    def __init__(self, backend, name, log, delay_s=0.0):
-        self.backend, self.name, self.log, self.delay_s = backend, name, log, delay_s
+    def __init__(self, backend, log, delay_s=0.0):
+        self.backend, self.log, self.delay_s = backend, log, delay_s
 
     def __getattr__(self, attribute):
         return getattr(self.backend, attribute)
 
-    async def propose(self, work, timeout):
-        self.log.append(("propose", "start"))
+    async def _recorded(self, kind, call, work, timeout):
+        self.log.append((kind, "start"))
         await asyncio.sleep(self.delay_s)
-        result = await self.backend.propose(work, timeout)
-        self.log.append(("propose", "end"))
+        result = await call(work, timeout)
+        self.log.append((kind, "end"))
         return result
 
+    async def propose(self, work, timeout):
+        return await self._recorded("propose", self.backend.propose, work, timeout)
+
     async def verify(self, work, timeout):
-        self.log.append(("verify", "start"))
-        await asyncio.sleep(self.delay_s)
-        result = await self.backend.verify(work, timeout)
-        self.log.append(("verify", "end"))
-        return result
+        return await self._recorded("verify", self.backend.verify, work, timeout)
 
 
 @pytest.mark.parametrize("pipeline", [False, True])
@@ -86,8 +85,8 @@ def test_the_next_propose_is_in_flight_while_the_target_verifies(tiny_target, pi
     target = with_eos(tiny_target, ())
     engine = in_process_engine(target, ModelDrafter(target), pipeline_drafts=pipeline)
     log = []
-    engine.target = Recorder(engine.target, "target", log, delay_s=0.01)
-    engine.draft = Recorder(engine.draft, "draft", log)
+    engine.target = Recorder(engine.target, log, delay_s=0.01)
+    engine.draft = Recorder(engine.draft, log)
     ids, _ = joined(run_generation(engine, GenerationRequest(prompt=PROMPT, max_new_tokens=12, num_speculative_tokens=2)))
     assert len(ids) == 12
     overlapped = sum(1 for before, after in zip(log, log[1:]) if before == ("verify", "start") and after == ("propose", "start"))
