@@ -149,7 +149,8 @@ def test_caches_grow_and_roll_back_in_place(model):
         lm.forward(model, [grown], [[token]])
     assert grown.length == 50 and len({k.shape[2] for k in grown.keys}) == 1 and grown.keys[0].shape[2] >= 50
     grown.truncate(40)
-    lm.forward(model, [fresh], [ids[:40]])
+    lm.forward(model, [fresh], [ids[:20]])  # rows of up to 32 tokens stay native
+    lm.forward(model, [fresh], [ids[20:40]])
     again = lm.forward(model, [grown], [ids[40:45]])[0]
     assert torch.equal(again, lm.forward(model, [fresh], [ids[40:45]])[0])
     lm.use_format(model, "float32")
@@ -163,3 +164,22 @@ def test_native_formats_refuse_what_they_cannot_run():
     odd = tiny_lm(seed=4, vocab_size=50, hidden=48).model  # 48 inputs: not whole blocks of 32
     with pytest.raises(ValueError, match="blocks of 32"):
         lm.use_format(odd, "q8_0")
+
+
+def test_long_rows_prefill_in_float32_and_share_the_cache(model):
+    """A row of more than 32 new tokens (a prompt's prefill) runs the float32 lean path over the
+    model's own weights, into the same cache, alone or beside native rows; decoding goes on natively."""
+    ids = [(13 * i) % 300 for i in range(60)]
+    lm.use_format(model, "float32")
+    reference = lm.SequenceCache()
+    exact = lm.forward(model, [reference], [ids[:40]])[0]
+    lm.use_format(model, "q4_1")
+    alone, beside, neighbour = lm.SequenceCache(), lm.SequenceCache(), lm.SequenceCache()
+    assert torch.equal(lm.forward(model, [alone], [ids[:40]])[0], exact)
+    lm.forward(model, [neighbour], [ids[:5]])
+    mixed = lm.forward(model, [neighbour, beside], [ids[5:8], ids[:40]])
+    assert torch.equal(mixed[1], exact) and mixed[0].shape == (3, 300)
+    assert torch.equal(alone.keys[1][:, :, :40], reference.keys[1][:, :, :40])
+    steps = [lm.forward(model, [cache], [ids[40:44]])[0] for cache in (alone, beside)]
+    assert torch.equal(steps[0], steps[1])
+    lm.use_format(model, "float32")

@@ -64,27 +64,6 @@ const char *specdec_native_isa(void) {
 #endif
 }
 
-static void quantize_rows(const float *x, int m, int k, qrows out) {
-    int nb = k / QK;
-    for (int r = 0; r < m; r++) {
-        for (int b = 0; b < nb; b++) {
-            const float *xb = x + (size_t)r * k + b * QK;
-            float amax = 0.f;
-            for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(xb[i]));
-            float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-            int8_t *q = out.q + ((size_t)r * nb + b) * QK;
-            int sum = 0;
-            for (int i = 0; i < QK; i++) {
-                int v = (int)nearbyintf(xb[i] * id);
-                q[i] = (int8_t)v;
-                sum += v;
-            }
-            out.d[(size_t)r * nb + b] = d;
-            out.s[(size_t)r * nb + b] = d * (float)sum;
-        }
-    }
-}
-
 #ifdef SPECDEC_AVX2
 static inline float hsum8(__m256 v) {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -92,7 +71,68 @@ static inline float hsum8(__m256 v) {
     x = _mm_add_ss(x, _mm_movehdup_ps(x));
     return _mm_cvtss_f32(x);
 }
+
+/* e^x, x clamped to [-87, 88]: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for e^r,
+ * 2^n through the exponent bits; relative error ~2e-7. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+    __m256 p = _mm256_set1_ps(1.f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
 #endif
+
+static void quantize_rows(const float *x, int m, int k, qrows out) {
+    int nb = k / QK;
+    for (int r = 0; r < m; r++) {
+        for (int b = 0; b < nb; b++) {
+            const float *xb = x + (size_t)r * k + b * QK;
+            int8_t *q = out.q + ((size_t)r * nb + b) * QK;
+            int sum = 0;
+#ifdef SPECDEC_AVX2
+            /* the same numbers as the loop below: max is exact in any order, and cvtps rounds half
+             * to even as nearbyintf does */
+            const __m256 sign = _mm256_set1_ps(-0.f);
+            __m256 v[4], top = _mm256_setzero_ps();
+            for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(xb + 8 * i), top = _mm256_max_ps(top, _mm256_andnot_ps(sign, v[i]));
+            __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+            t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+            float amax = _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+            float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+            __m256 scale = _mm256_set1_ps(id);
+            __m256i n[4];
+            for (int i = 0; i < 4; i++) n[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], scale));
+            __m256i total = _mm256_add_epi32(_mm256_add_epi32(n[0], n[1]), _mm256_add_epi32(n[2], n[3]));
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+            sum = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1)));
+            /* packs work within 128-bit lanes: the permute puts the 32 bytes back in order */
+            __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+            _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+#else
+            float amax = 0.f;
+            for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(xb[i]));
+            float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+            for (int i = 0; i < QK; i++) {
+                int v = (int)nearbyintf(xb[i] * id);
+                q[i] = (int8_t)v;
+                sum += v;
+            }
+#endif
+            out.d[(size_t)r * nb + b] = d;
+            out.s[(size_t)r * nb + b] = d * (float)sum;
+        }
+    }
+}
 
 static float dot(const float *a, const float *b, int n) {
 #ifdef SPECDEC_AVX2
@@ -186,11 +226,29 @@ static void gemm(const qmatrix *w, int m, const qrows x, float *y) {
 static void rms_norm(const float *x, const float *weight, int m, int k, float eps, float *out) {
     for (int r = 0; r < m; r++) {
         const float *xr = x + (size_t)r * k;
-        float sq = 0.f;
-        for (int i = 0; i < k; i++) sq += xr[i] * xr[i];
-        float scale = 1.f / sqrtf(sq / (float)k + eps);
-        for (int i = 0; i < k; i++) out[(size_t)r * k + i] = xr[i] * scale * weight[i];
+        float *o = out + (size_t)r * k;
+        float scale = 1.f / sqrtf(dot(xr, xr, k) / (float)k + eps);
+        int i = 0;
+#ifdef SPECDEC_AVX2
+        for (__m256 s8 = _mm256_set1_ps(scale); i + 8 <= k; i += 8)
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), s8), _mm256_loadu_ps(weight + i)));
+#endif
+        for (; i < k; i++) o[i] = xr[i] * scale * weight[i];
     }
+}
+
+/* out [n] = silu(gate) * up */
+static void silu_mul(const float *gate, const float *up, int n, float *out) {
+    int i = 0;
+#ifdef SPECDEC_AVX2
+    const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i);
+        __m256 sig = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_xor_ps(g, sign))));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(sig, _mm256_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < n; i++) out[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
 }
 
 /* cos and sin of each rotary frequency at `position`, scaled: table [head_dim / 2][2]. */
@@ -212,25 +270,6 @@ static void rope(float *x, int head_dim, const float *table) {
     }
 }
 
-#ifdef SPECDEC_AVX2
-/* e^x for x <= 0 (softmax after subtracting the maximum): x = n ln2 + r, |r| <= ln2 / 2, a
- * degree-6 polynomial for e^r, 2^n through the exponent bits; relative error ~2e-7. */
-static inline __m256 exp_nonpositive(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
-    __m256 p = _mm256_set1_ps(1.f / 720);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
-#endif
 
 /* scores [n] <- e^(scores - max); returns their sum. */
 static float softmax_numerators(float *scores, int n) {
@@ -240,7 +279,7 @@ static float softmax_numerators(float *scores, int n) {
 #ifdef SPECDEC_AVX2
     __m256 sum = _mm256_setzero_ps(), max8 = _mm256_set1_ps(top);
     for (; t + 8 <= n; t += 8) {
-        __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + t), max8));
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + t), max8));
         _mm256_storeu_ps(scores + t, e);
         sum = _mm256_add_ps(sum, e);
     }
@@ -395,8 +434,8 @@ int specdec_forward(const model_t *mo, int rows, const int32_t *new_tokens, cons
         rms_norm(x, L->post_norm, N, H, mo->eps, normed);
         gemm_float(&L->gate_up, N, normed, scratch, h);
         for (int r = 0; r < N; r++) {
-            const float *gate = h + (size_t)r * 2 * mo->inter, *up = gate + mo->inter;
-            for (int c = 0; c < mo->inter; c++) act[(size_t)r * mo->inter + c] = gate[c] / (1.f + expf(-gate[c])) * up[c];
+            const float *gate = h + (size_t)r * 2 * mo->inter;
+            silu_mul(gate, gate + mo->inter, mo->inter, act + (size_t)r * mo->inter);
         }
         gemm_float(&L->down, N, act, scratch, y);
         for (size_t c = 0; c < (size_t)N * H; c++) x[c] += y[c];

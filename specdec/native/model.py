@@ -5,6 +5,14 @@ them) and "q8_0" (everything in Q8_0), with float32 activations and KV cache.
 `NativeLlama.forward` has the signature and the packed-batch semantics of `LeanLlama.forward`
 (specdec/lean_llama.py), over the same `SequenceCache` objects; which one a model runs is its
 weight format's business (specdec/lm.py).
+
+Rows of more than PER_QUERY_MAX new tokens (prompt prefills, which every mode runs alike) go
+through the lean path in float32 over the model's own weights instead, writing the same cache
+buffers: a matrix product over many rows is where BLAS beats int8 blocks on a CPU without int8
+dot-product instructions (a 256-token prefill of the embedded target, one thread: 6.5 ms a token
+in q4_1 against 4.0 in float32). For the embedded target those weights are the very values its
+Q4_1 blocks hold (it is dequantized from them). Steps and verifies (up to 32 tokens a row) stay
+native, so a token's logits there are the same bits whatever else the pass scores.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import ctypes
 import torch
 
 from specdec import native, weights
-from specdec.lean_llama import supports_lean_path
+from specdec.lean_llama import PER_QUERY_MAX, LeanLlama, supports_lean_path
 
 # kinds in llama.c
 _KIND = {"q4_1": 0, "q8_0": 1}
@@ -124,6 +132,7 @@ class NativeLlama:
             )
         self._layers = layers
         self.n_layers = len(base.layers)
+        self._prefill = LeanLlama(model, "float32")  # long rows (see the module's docstring)
         self.struct = native.Model(
             config.hidden_size, self.heads, self.kv_heads, self.head_dim, config.intermediate_size, self.n_layers,
             config.rms_norm_eps, base.rotary_emb.attention_scaling,
@@ -131,10 +140,26 @@ class NativeLlama:
         )  # fmt: skip
         self._lib = native.library()
 
-    @torch.inference_mode()
     def forward(self, caches: list, new_tokens: list[list[int]], logits_for_last: int | None = None, features: tuple[int, ...] = ()):
         """As LeanLlama.forward: per row float32 logits [n_i or logits_for_last, V']; with
         `features`, also per row the outputs of those decoder layers [n_i, H x layers] (float32)."""
+        long = [len(tokens) > PER_QUERY_MAX for tokens in new_tokens]
+        if not any(long):
+            return self._native(caches, new_tokens, logits_for_last, features)
+        if all(long):
+            return self._prefill.forward(caches, new_tokens, logits_for_last, features)
+        parts = {}  # both kinds in one batch: two passes, results back in the rows' order
+        for kind, run in ((True, self._prefill.forward), (False, self._native)):
+            rows = [i for i, is_long in enumerate(long) if is_long == kind]
+            out = run([caches[i] for i in rows], [new_tokens[i] for i in rows], logits_for_last, features)
+            for position, i in enumerate(rows):
+                parts[i] = (out[0][position], out[1][position]) if features else out[position]
+        if not features:
+            return [parts[i] for i in range(len(caches))]
+        return [parts[i][0] for i in range(len(caches))], [parts[i][1] for i in range(len(caches))]
+
+    @torch.inference_mode()
+    def _native(self, caches: list, new_tokens: list[list[int]], logits_for_last: int | None, features: tuple[int, ...]):
         rows = len(caches)
         lengths = [len(tokens) for tokens in new_tokens]
         past = [cache.length for cache in caches]
