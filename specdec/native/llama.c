@@ -149,41 +149,53 @@ static float dot(const float *a, const float *b, int n) {
 }
 
 #ifdef SPECDEC_AVX2
-/* One output of w against up to 4 activation rows (R constant after inlining: registers). */
-static inline __attribute__((always_inline)) void dot_rows(const qmatrix *w, const int kind, int n, const int R, const qrows x, int r0,
+static inline __attribute__((always_inline)) __m256i load_weights(const qmatrix *w, const int kind, size_t block) {
+    if (kind == Q4_1) {
+        __m128i raw = _mm_loadu_si128((const __m128i *)(w->q + block * 16));
+        return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0f));
+    }
+    return _mm256_loadu_si256((const __m256i *)(w->q + block * 32));
+}
+
+/* Outputs n .. n + O - 1 (O <= 2) of w against up to 4 activation rows (O and R constant after
+ * inlining: the accumulators stay in registers; x is loaded once for both outputs). */
+static inline __attribute__((always_inline)) void dot_rows_o(const qmatrix *w, const int kind, int n, const int O, const int R, const qrows x, int r0,
                                                            float *y, int ldy) {
     const int nb = w->cols / QK;
-    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0f);
-    __m256 acc[4];
-    for (int t = 0; t < R; t++) acc[t] = _mm256_setzero_ps();
-    const float *wd = w->d + (size_t)n * nb;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[2][4];
+    for (int o = 0; o < O; o++)
+        for (int t = 0; t < R; t++) acc[o][t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
-        __m256i wq;
-        if (kind == Q4_1) {
-            __m128i raw = _mm_loadu_si128((const __m128i *)(w->q + ((size_t)n * nb + b) * 16));
-            wq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low4);
-        } else {
-            wq = _mm256_loadu_si256((const __m256i *)(w->q + ((size_t)n * nb + b) * 32));
+        __m256i wq[2], wabs[2];
+        __m256 scale[2];
+        for (int o = 0; o < O; o++) {
+            wq[o] = load_weights(w, kind, (size_t)(n + o) * nb + b);
+            wabs[o] = kind == Q4_1 ? wq[o] : _mm256_sign_epi8(wq[o], wq[o]);
+            scale[o] = _mm256_broadcast_ss(w->d + (size_t)(n + o) * nb + b);
         }
-        const __m256i wabs = kind == Q4_1 ? wq : _mm256_sign_epi8(wq, wq);
-        const __m256 scale = _mm256_broadcast_ss(wd + b); /* the weights' scale once, each row's in the fma */
         for (int t = 0; t < R; t++) {
             size_t xb = (size_t)(r0 + t) * nb + b;
             __m256i xq = _mm256_loadu_si256((const __m256i *)(x.q + xb * QK));
-            if (kind == Q8_0) xq = _mm256_sign_epi8(xq, wq); /* the weight's sign moved onto x */
-            __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xq), ones);
-            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sums), scale), _mm256_broadcast_ss(x.d + xb), acc[t]);
+            __m256 dx = _mm256_broadcast_ss(x.d + xb);
+            for (int o = 0; o < O; o++) {
+                __m256i xs = kind == Q8_0 ? _mm256_sign_epi8(xq, wq[o]) : xq;
+                __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs[o], xs), ones);
+                acc[o][t] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sums), scale[o]), dx, acc[o][t]);
+            }
         }
     }
-    for (int t = 0; t < R; t++) {
-        /* the minimums' part, sum over blocks of m * d_x * sum(q_x), as one dot */
-        float mins = kind == Q4_1 ? dot(w->m + (size_t)n * nb, x.s + (size_t)(r0 + t) * nb, nb) : 0.f;
-        y[(size_t)(r0 + t) * ldy + n] = hsum8(acc[t]) + mins;
-    }
+    for (int o = 0; o < O; o++)
+        for (int t = 0; t < R; t++) {
+            float mins = kind == Q4_1 ? dot(w->m + (size_t)(n + o) * nb, x.s + (size_t)(r0 + t) * nb, nb) : 0.f;
+            y[(size_t)(r0 + t) * ldy + n + o] = hsum8(acc[o][t]) + mins;
+        }
 }
 #else
-static inline void dot_rows(const qmatrix *w, const int kind, int n, const int R, const qrows x, int r0, float *y, int ldy) {
+static inline void dot_rows_o(const qmatrix *w, const int kind, int n0, const int O, const int R, const qrows x, int r0, float *y,
+                              int ldy) {
     const int nb = w->cols / QK;
+    for (int n = n0; n < n0 + O; n++)
     for (int t = 0; t < R; t++) {
         float acc = 0.f;
         for (int b = 0; b < nb; b++) {
@@ -202,18 +214,25 @@ static inline void dot_rows(const qmatrix *w, const int kind, int n, const int R
 }
 #endif
 
-/* y [m, w.rows] = x [m, w.cols] . w^T, x given quantized. Rows go in tiles of 4 (the weights of
- * one output are read once per tile); each row's arithmetic is the same in any tile. */
-static inline __attribute__((always_inline)) void gemm_kind(const qmatrix *w, const int kind, int m, const qrows x, float *y) {
-    for (int n = 0; n < w->rows; n++) {
-        int r0 = 0;
-        for (; r0 + 4 <= m; r0 += 4) dot_rows(w, kind, n, 4, x, r0, y, w->rows);
-        switch (m - r0) {
-        case 3: dot_rows(w, kind, n, 3, x, r0, y, w->rows); break;
-        case 2: dot_rows(w, kind, n, 2, x, r0, y, w->rows); break;
-        case 1: dot_rows(w, kind, n, 1, x, r0, y, w->rows); break;
-        }
+/* y [m, w.rows] = x [m, w.cols] . w^T, x given quantized. Outputs go in pairs and rows in tiles of
+ * 4 (the weights of a pair are read once per tile); each (output, row)'s arithmetic is the same in
+ * any pair and tile, so a row's result never depends on the other rows. */
+/* Outputs n .. n + O - 1 against every row, in tiles of 4 rows (O, kind constant after inlining). */
+static inline __attribute__((always_inline)) void outputs_rows(const qmatrix *w, const int kind, int n, const int O, int m, const qrows x,
+                                                               float *y) {
+    int r0 = 0;
+    for (; r0 + 4 <= m; r0 += 4) dot_rows_o(w, kind, n, O, 4, x, r0, y, w->rows);
+    switch (m - r0) {
+    case 3: dot_rows_o(w, kind, n, O, 3, x, r0, y, w->rows); break;
+    case 2: dot_rows_o(w, kind, n, O, 2, x, r0, y, w->rows); break;
+    case 1: dot_rows_o(w, kind, n, O, 1, x, r0, y, w->rows); break;
     }
+}
+
+static inline __attribute__((always_inline)) void gemm_kind(const qmatrix *w, const int kind, int m, const qrows x, float *y) {
+    int n = 0;
+    for (; n + 2 <= w->rows; n += 2) outputs_rows(w, kind, n, 2, m, x, y);
+    if (n < w->rows) outputs_rows(w, kind, n, 1, m, x, y);
 }
 
 static void gemm(const qmatrix *w, int m, const qrows x, float *y) {
