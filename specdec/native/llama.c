@@ -13,7 +13,7 @@
  *
  * Vector paths: AVX2 + FMA (maddubs: unsigned x signed bytes), else portable C; the library is
  * compiled on the machine that runs it (-march=native), see specdec/native/__init__.py. It is one
- * file of about 470 lines on purpose: one translation unit that a single compiler call builds at
+ * file of under 500 lines on purpose: one translation unit that a single compiler call builds at
  * first use, with no build system; its parts run top-down from helpers to specdec_forward. */
 
 #include <math.h>
