@@ -21,13 +21,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
-from bench.formats import spread
+from bench.formats import generate, spread
 from bench.specbench import default_prompts, load_prompts
 from harness.processes import ServiceStack, separate_cores
-from specdec.v1 import orchestrator_pb2
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline"
 PIPELINED = "pipelined"  # the second orchestrator's name in the stack
@@ -39,20 +37,6 @@ def modes(ks: list[int]) -> dict[str, tuple[str, int | None]]:
     for k in ks:
         table[f"K={k}"], table[f"K={k} pipelined"] = ("orchestrator", k), (PIPELINED, k)
     return {**table, "adaptive": ("orchestrator", None), "adaptive pipelined": (PIPELINED, None)}
-
-
-def generate(stack: ServiceStack, orchestrator: str, prompt: str, k: int | None, max_new_tokens: int) -> dict:
-    request = orchestrator_pb2.GenerateRequest(max_new_tokens=max_new_tokens)
-    if k is not None:
-        request.num_speculative_tokens = k
-    request.messages.add(role="user", content=prompt)
-    started = time.perf_counter()
-    response = stack.orchestrator_stub(name=orchestrator).Generate(request, timeout=1800)
-    seconds = time.perf_counter() - started
-    s = response.stats
-    return {"token_ids": list(response.token_ids), "tokens": s.generated_tokens, "seconds": seconds,
-            "tokens_per_second": s.generated_tokens / seconds, "tokens_per_target_forward": s.tokens_per_target_forward,
-            "rounds": s.rounds, "pipelined_rounds": s.pipelined_rounds, "mean_k": s.draft_tokens / s.rounds if s.rounds else 0.0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,14 +65,14 @@ def main(argv: list[str] | None = None) -> int:
                               extra_draft_args=flags if args.draft != "ngram" else (), cores=cores,
                               orchestrator_variants={PIPELINED: ("--pipeline-drafts",)}) as stack:
                 for orchestrator in ("orchestrator", PIPELINED):  # warm both orchestrators' paths
-                    generate(stack, orchestrator, prompts[0].text, ks[-1], 8)
+                    generate(stack, prompts[0].text, ks[-1], 8, orchestrator)
                 for index, prompt in enumerate(prompts):
                     order = list(mode_table)
                     order = order[index % len(order):] + order[: index % len(order)]
                     for mode in order:
                         orchestrator, k = mode_table[mode]
                         record = {"layout": layout, "mode": mode, "question_id": prompt.question_id, "category": prompt.category,
-                                  **generate(stack, orchestrator, prompt.text, k, args.max_new_tokens)}
+                                  **generate(stack, prompt.text, k, args.max_new_tokens, orchestrator)}
                         records.append(record)
                         out.write(json.dumps(record) + "\n")
                         out.flush()
