@@ -40,13 +40,16 @@ class DraftEngine:
             feature_layers=self.drafter.feature_layers,
         )
 
-    def start_session(self, session_id: str, prompt: list[int]) -> float:
+    def start_session(self, session_id: str, prompt: list[int], prompt_len: int = 0) -> float:
+        """Open a session on `prompt`, of which the first `prompt_len` tokens are the request's
+        prompt (0: all; the rest was generated before the session started); seconds spent."""
         started = time.perf_counter()
         prompt = validation.token_ids(prompt, self.drafter.vocab_size, "prompt_token_ids")
+        prompt_len = validation.prompt_len(prompt_len, len(prompt), "prompt_len")
         if len(prompt) >= self.max_context:
             raise InvalidArgument(f"prompt of {len(prompt)} tokens leaves no room in the context of {self.max_context}", "prompt_token_ids")
         self.sessions.check_budget(len(prompt) * self.drafter.bytes_per_token())
-        session = DraftSession(ids=prompt)
+        session = DraftSession(ids=prompt, prompt_len=prompt_len)
         self.sessions.add(session_id, session)
         self.drafter.start(session)
         return time.perf_counter() - started
@@ -90,6 +93,7 @@ class DraftEngine:
         prefix = f"items[{index}]."
         session = self.sessions.get(item.session_id, prefix + "session_id")
         validation.token_ids(item.tokens, self.drafter.vocab_size, prefix + "tokens")
+        validation.logit_bias_ids(item.sampling, self.drafter.vocab_size, prefix + "sampling.logit_bias")
         validation.num_speculative_tokens(item.num_speculative_tokens, self.max_speculative_tokens, prefix + "num_speculative_tokens", 1)
         if item.prefix_len > len(session.ids):
             raise FailedPrecondition(

@@ -34,12 +34,14 @@ class CallCost:
 
 class SessionBackend(Protocol):
     async def info(self, timeout: float | None = None) -> ModelInfo: ...
-    async def start_session(self, session_id: str, prompt: list[int], timeout: float | None) -> CallCost: ...
+    async def start_session(self, session_id: str, prompt: list[int], timeout: float | None, prompt_len: int = 0) -> CallCost: ...
     async def end_session(self, session_id: str, timeout: float | None) -> bool: ...
 
 
 class TargetBackend(SessionBackend, Protocol):
-    async def start_session(self, session_id: str, prompt: list[int], timeout: float | None, feature_layers: tuple[int, ...] = ()) -> CallCost: ...
+    async def start_session(
+        self, session_id: str, prompt: list[int], timeout: float | None, prompt_len: int = 0, feature_layers: tuple[int, ...] = ()
+    ) -> CallCost: ...
 
     async def verify(self, work: VerifyWork, timeout: float | None) -> tuple[Verdict, CallCost]: ...
 
@@ -68,8 +70,10 @@ class _GrpcSessions:
         response = await self._call(self.stub.GetModelInfo, common_pb2.GetModelInfoRequest(), timeout, wait_for_ready=True)
         return wire.model_info_from_proto(response)
 
-    async def start_session(self, session_id: str, prompt: list[int], timeout: float | None, feature_layers: tuple[int, ...] = ()) -> CallCost:
-        request = common_pb2.StartSessionRequest(session_id=session_id, prompt_token_ids=prompt, feature_layers=feature_layers)
+    async def start_session(
+        self, session_id: str, prompt: list[int], timeout: float | None, prompt_len: int = 0, feature_layers: tuple[int, ...] = ()
+    ) -> CallCost:
+        request = common_pb2.StartSessionRequest(session_id=session_id, prompt_token_ids=prompt, feature_layers=feature_layers, prompt_len=prompt_len)
         started = time.perf_counter()
         response = await self._call(self.stub.StartSession, request, timeout)
         return CallCost(time.perf_counter() - started, response.compute_seconds, request.ByteSize() + response.ByteSize())
@@ -141,8 +145,8 @@ class _InProcessSessions:
     async def info(self, timeout: float | None = None) -> ModelInfo:
         return self.engine.info()
 
-    async def start_session(self, session_id: str, prompt: list[int], timeout: float | None) -> CallCost:
-        seconds = self.engine.start_session(session_id, prompt)
+    async def start_session(self, session_id: str, prompt: list[int], timeout: float | None, prompt_len: int = 0) -> CallCost:
+        seconds = self.engine.start_session(session_id, prompt, prompt_len)
         return CallCost(seconds, seconds)
 
     async def end_session(self, session_id: str, timeout: float | None) -> bool:
@@ -150,8 +154,10 @@ class _InProcessSessions:
 
 
 class InProcessTarget(_InProcessSessions):
-    async def start_session(self, session_id: str, prompt: list[int], timeout: float | None, feature_layers: tuple[int, ...] = ()) -> CallCost:
-        seconds = self.engine.start_session(session_id, prompt, feature_layers)
+    async def start_session(
+        self, session_id: str, prompt: list[int], timeout: float | None, prompt_len: int = 0, feature_layers: tuple[int, ...] = ()
+    ) -> CallCost:
+        seconds = self.engine.start_session(session_id, prompt, feature_layers, prompt_len)
         return CallCost(seconds, seconds)
 
     async def verify(self, work: VerifyWork, timeout: float | None) -> tuple[Verdict, CallCost]:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 16
+MAX_STOP_TOKEN_IDS = 64
 
 
 def encode_prompt(tokenizer, prompt: str, messages: tuple[tuple[str, str], ...]) -> tuple[list[int], str]:
@@ -62,6 +63,13 @@ class GenerationRequest:
     num_speculative_tokens: int | None = None
     logprobs: int | None = None  # None: none; n: each output token's and the n most probable
     warped_logprobs: bool = False  # from the warped distribution instead of the raw one
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    stop_token_ids: tuple[int, ...] = ()  # generation stops at these too (finish "stop"); not output
+    ignore_eos: bool = False  # EOS tokens are output like any other
 
 
 @dataclass
@@ -119,11 +127,18 @@ class GenerationEngine:
             raise InvalidArgument(
                 f"max_new_tokens must be in [1, {self.max_new_tokens}], got {request.max_new_tokens}", "max_new_tokens"
             )
-        sampling = validation.sampling_params(request.temperature, request.top_k, request.top_p)
+        sampling = validation.sampling_params(
+            request.temperature, request.top_k, request.top_p, vocab_size=self.target_info.vocab_size, min_p=request.min_p,
+            repetition_penalty=request.repetition_penalty, presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty, logit_bias=dict(request.logit_bias),
+        )
         policy = self.k_resolver.policy(request.num_speculative_tokens, request.seed is not None and not sampling.greedy, self.load)
         validation.logprobs(request.logprobs, "logprobs")
         if len(request.stop) > MAX_STOPS or any(not s for s in request.stop):
             raise InvalidArgument(f"at most {MAX_STOPS} stop strings, none of them empty", "stop")
+        if len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidArgument(f"at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(request.stop_token_ids)}", "stop_token_ids")
+        validation.token_ids(request.stop_token_ids, self.target_info.vocab_size, "stop_token_ids", allow_empty=True)
         return sampling, policy
 
     async def stream(self, request: GenerationRequest, deadline: float | None = None) -> AsyncIterator[GenerationEvent]:
@@ -151,7 +166,8 @@ class GenerationEngine:
         )
         draft = self.draft if policy.max_speculative_tokens > 0 else None
         text = TextStream(self.tokenizer, list(request.stop))
-        eos = set(self.target_info.eos_token_ids)
+        eos = set() if request.ignore_eos else set(self.target_info.eos_token_ids)
+        stop_ids = set(request.stop_token_ids)
         try:
             draft = await self._start_sessions(spec, draft, stats)
             finish, last_ids, last_logprobs = "length", [], None
@@ -161,6 +177,9 @@ class GenerationEngine:
                     for token in tokens:
                         if token in eos:
                             finish = "eos"
+                            break
+                        if token in stop_ids:
+                            finish = "stop"
                             break
                         released_ids.append(token)
                         if text.add(token):
@@ -186,7 +205,7 @@ class GenerationEngine:
         """Prefill both sessions concurrently (the draft's only if the first round drafts);
         returns the draft, or None when it failed to start (the request then runs target-only)."""
         timeout = remaining(spec.deadline)
-        calls = [self.target.start_session(spec.session_id, spec.prompt, timeout, spec.feature_layers)]
+        calls = [self.target.start_session(spec.session_id, spec.prompt, timeout, feature_layers=spec.feature_layers)]
         if draft is not None and spec.policy.first_k() > 0:
             spec.draft_started = True
             calls.append(draft.start_session(spec.session_id, spec.prompt, timeout))

@@ -32,6 +32,13 @@ def request_from_proto(message: orchestrator_pb2.GenerateRequest) -> GenerationR
         num_speculative_tokens=message.num_speculative_tokens if message.HasField("num_speculative_tokens") else None,
         logprobs=message.logprobs if message.HasField("logprobs") else None,
         warped_logprobs=message.warped_logprobs,
+        min_p=message.min_p,
+        repetition_penalty=message.repetition_penalty if message.HasField("repetition_penalty") else 1.0,
+        presence_penalty=message.presence_penalty,
+        frequency_penalty=message.frequency_penalty,
+        logit_bias=tuple(message.logit_bias.items()),
+        stop_token_ids=tuple(message.stop_token_ids),
+        ignore_eos=message.ignore_eos,
     )
 
 

@@ -133,7 +133,7 @@ async def speculate(
                 try:
                     if not spec.draft_started:
                         spec.draft_started = True
-                        stats.add_draft_call(await draft.start_session(spec.session_id, sequence, remaining(spec.deadline)))
+                        stats.add_draft_call(await draft.start_session(spec.session_id, sequence, remaining(spec.deadline), len(spec.prompt)))
                         drafted_to = committed
                     work = ProposeWork(
                         spec.session_id, drafted_to, sequence[drafted_to:], num_speculative_tokens, spec.sampling,

@@ -1,6 +1,7 @@
 """The math of speculative sampling, as pure functions over tensors.
 
-No gRPC, no models, no state: warping logits into the distributions p (target) and q (draft),
+No gRPC, no models, no state: processing logits (logit bias and penalties, which depend on the
+tokens before each position) and warping them into the distributions p (target) and q (draft),
 drawing tokens from a distribution with a given uniform number, and the rejection sampler that turns
 K draft tokens into *accepted* tokens plus one *recovered* or *bonus* token.
 
@@ -20,28 +21,84 @@ implementation that follows the definition line by line and is the oracle for th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How tokens are drawn. temperature == 0 means greedy."""
+    """How tokens are drawn: the logits are processed (`process_logits`: logit bias, then the
+    penalties), then warped (`warp`: temperature, top-k, top-p, min-p). temperature == 0 means
+    greedy: the argmax of the processed logits."""
 
     temperature: float = 0.0
     top_k: int = 0  # 0: disabled
     top_p: float = 1.0  # 1.0: disabled
+    min_p: float = 0.0  # keep tokens whose probability is at least min_p x the largest; 0: disabled
+    # CTRL's (Hugging Face's): a seen token's logit is divided by it when positive, multiplied when
+    # negative; every token of prompt and output counts. 1.0: disabled.
+    repetition_penalty: float = 1.0
+    # OpenAI's: subtracted from an output token's logit once (presence) and per occurrence (frequency);
+    # only tokens of the output count, as in vLLM.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), ids ascending
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def processes_logits(self) -> bool:
+        """Whether the logits change before warping (and then depend on the sequence so far)."""
+        return bool(self.logit_bias) or self.penalized
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
 
 GREEDY = SamplingParams()
 
 
+@dataclass(frozen=True)
+class History:
+    """The tokens before the first position whose logits are processed: the prompt's, then the
+    output's so far (penalties count them differently)."""
+
+    prompt: Sequence[int]
+    output: Sequence[int]
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, history: History, drafts: Sequence[int] = ()) -> torch.Tensor:
+    """Logits with the logit bias added, then the repetition, frequency and presence penalties
+    applied (vLLM's order), position by position: row j follows history and drafts[:j], so a draft
+    token counts for the rows after it.
+
+    logits: [N, V] with N <= len(drafts) + 1 -> [N, V] float32 (a new tensor).
+    """
+    logits = logits.float().clone()
+    rows, vocab = logits.shape
+    if params.logit_bias:
+        ids, bias = zip(*params.logit_bias)
+        logits[:, list(ids)] += torch.tensor(bias)
+    if not params.penalized:
+        return logits
+    counts = torch.bincount(torch.tensor(list(history.output), dtype=torch.long), minlength=vocab).float().expand(rows, vocab)  # [N, V]
+    if rows > 1:
+        drafted = torch.nn.functional.one_hot(torch.tensor(list(drafts[: rows - 1]), dtype=torch.long), vocab).float()  # [N-1, V]
+        counts = counts + torch.cat([torch.zeros(1, vocab), drafted.cumsum(0)])  # row j counts drafts[:j]
+    if params.repetition_penalty != 1.0:
+        seen = counts > 0
+        seen[:, torch.tensor(list(history.prompt), dtype=torch.long)] = True
+        penalized = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    return logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
+
+
 def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Warped probabilities: temperature, then top-k, then top-p (Hugging Face's order).
+    """Warped probabilities: temperature, then top-k, then top-p, then min-p (Hugging Face's order).
 
     logits: [..., V] -> probs: [..., V] in float32, zero outside the kept support. Greedy is the
     point mass on the argmax (first index on ties, like torch.argmax).
@@ -64,6 +121,9 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         drop_sorted[..., 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
 

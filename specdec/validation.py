@@ -11,15 +11,48 @@ from specdec.errors import InvalidArgument
 from specdec.sampling import SamplingParams
 
 
-def sampling_params(temperature: float, top_k: int, top_p: float, prefix: str = "") -> SamplingParams:
-    """Validated SamplingParams."""
+MAX_LOGIT_BIAS = 1024  # entries of a logit_bias map
+
+
+def sampling_params(
+    temperature: float, top_k: int, top_p: float, prefix: str = "", *, vocab_size: int = 0, min_p: float = 0.0,
+    repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+    logit_bias: dict[int, float] | None = None,
+) -> SamplingParams:
+    """Validated SamplingParams (logit_bias ids in [0, vocab_size); any id >= 0 when it is 0)."""
     if not math.isfinite(temperature) or temperature < 0:
         raise InvalidArgument(f"temperature must be a finite number >= 0, got {temperature}", prefix + "temperature")
     if top_k < 0:
         raise InvalidArgument(f"top_k must be >= 0, got {top_k}", prefix + "top_k")
     if not math.isfinite(top_p) or not 0 < top_p <= 1:
         raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}", prefix + "top_p")
-    return SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+    if not math.isfinite(min_p) or not 0 <= min_p <= 1:
+        raise InvalidArgument(f"min_p must be in [0, 1], got {min_p}", prefix + "min_p")
+    if not math.isfinite(repetition_penalty) or repetition_penalty <= 0:
+        raise InvalidArgument(f"repetition_penalty must be a finite number > 0, got {repetition_penalty}", prefix + "repetition_penalty")
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not math.isfinite(value) or not -2 <= value <= 2:
+            raise InvalidArgument(f"{name} must be in [-2, 2], got {value}", prefix + name)
+    logit_bias = dict(logit_bias or {})
+    if len(logit_bias) > MAX_LOGIT_BIAS:
+        raise InvalidArgument(f"at most {MAX_LOGIT_BIAS} entries, got {len(logit_bias)}", prefix + "logit_bias")
+    for token, bias in logit_bias.items():
+        if not math.isfinite(bias) or not -100 <= bias <= 100:
+            raise InvalidArgument(f"the bias of token {token} must be in [-100, 100], got {bias}", prefix + "logit_bias")
+    params = SamplingParams(
+        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), min_p=float(min_p),
+        repetition_penalty=float(repetition_penalty), presence_penalty=float(presence_penalty),
+        frequency_penalty=float(frequency_penalty), logit_bias=tuple(sorted((int(t), float(b)) for t, b in logit_bias.items())),
+    )
+    logit_bias_ids(params, vocab_size, prefix + "logit_bias")
+    return params
+
+
+def logit_bias_ids(params: SamplingParams, vocab_size: int, field: str) -> None:
+    """Every logit_bias id in [0, vocab_size) (any id >= 0 when vocab_size is 0: unknown)."""
+    for token, _ in params.logit_bias:
+        if token < 0 or (vocab_size and token >= vocab_size):
+            raise InvalidArgument(f"token id {token} is outside the vocabulary [0, {vocab_size})", field)
 
 
 MAX_TOP_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's limit)
@@ -41,6 +74,13 @@ def token_ids(ids: Iterable[int], vocab_size: int, field: str, allow_empty: bool
         if token < 0 or (vocab_size and token >= vocab_size):
             raise InvalidArgument(f"token id {token} at index {index} is outside the vocabulary [0, {vocab_size})", field)
     return ids
+
+
+def prompt_len(value: int, tokens: int, field: str) -> int:
+    """The prompt's share of a session's first tokens: in [0, tokens], 0 meaning all of them."""
+    if not 0 <= value <= tokens:
+        raise InvalidArgument(f"prompt_len must be in [0, {tokens}] (the tokens given), got {value}", field)
+    return value or tokens
 
 
 def num_speculative_tokens(value: int, limit: int, field: str, minimum: int = 0) -> int:

@@ -18,11 +18,20 @@ from specdec.v1 import common_pb2, draft_pb2, target_pb2
 
 
 def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
-    return common_pb2.SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+    return common_pb2.SamplingParams(
+        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
+        repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty, logit_bias=dict(params.logit_bias),
+    )
 
 
 def sampling_from_proto(message: common_pb2.SamplingParams, prefix: str) -> SamplingParams:
-    return validation.sampling_params(message.temperature, message.top_k, message.top_p, prefix)
+    """Validated, except that logit_bias ids are in the vocabulary: the engine knows its size."""
+    return validation.sampling_params(
+        message.temperature, message.top_k, message.top_p, prefix, min_p=message.min_p,
+        repetition_penalty=message.repetition_penalty or 1.0, presence_penalty=message.presence_penalty,
+        frequency_penalty=message.frequency_penalty, logit_bias=dict(message.logit_bias),
+    )
 
 
 def distribution_to_proto(distribution: SparseDistribution) -> common_pb2.SparseDistribution:

@@ -34,6 +34,7 @@ class TargetSession:
     """Token ids held in the cache, and the cache."""
 
     ids: list[int]
+    prompt_len: int  # tokens of the request's prompt; the rest of ids is output (for penalties)
     cache: lm.SequenceCache = field(default_factory=lm.SequenceCache)
     chunk: int = 0  # prefill chunk size in tokens; 0: the whole prompt at once
     feature_layers: tuple[int, ...] = ()  # layers whose outputs go back with every Verify
@@ -103,20 +104,24 @@ class TargetEngine:
             curve.append((n, slowest))
         return tuple(curve)
 
-    def start_session(self, session_id: str, prompt: list[int], feature_layers: tuple[int, ...] = ()) -> float:
+    def start_session(self, session_id: str, prompt: list[int], feature_layers: tuple[int, ...] = (), prompt_len: int = 0) -> float:
         """Open a session and prefill its whole prompt; seconds spent."""
         started = time.perf_counter()
-        self.begin_session(session_id, prompt, feature_layers=feature_layers)
+        self.begin_session(session_id, prompt, feature_layers=feature_layers, prompt_len=prompt_len)
         while self.prefill(session_id):
             pass
         return time.perf_counter() - started
 
-    def begin_session(self, session_id: str, prompt: list[int], prefill_chunk_tokens: int = 0, feature_layers: tuple[int, ...] = ()) -> int:
+    def begin_session(
+        self, session_id: str, prompt: list[int], prefill_chunk_tokens: int = 0, feature_layers: tuple[int, ...] = (), prompt_len: int = 0
+    ) -> int:
         """Open a session whose cache `prefill` then fills, `prefill_chunk_tokens` at a time (0:
         all at once); returns the number of tokens to prefill. The service prefills in chunks so
         that other sessions' rounds run between them. With `feature_layers`, the session keeps
-        those layers' outputs for a feature drafter and returns them with every verdict."""
+        those layers' outputs for a feature drafter and returns them with every verdict.
+        `prompt_len`: how many of `prompt` are the request's prompt (0: all)."""
         prompt = validation.token_ids(prompt, self.vocab_size, "prompt_token_ids")
+        prompt_len = validation.prompt_len(prompt_len, len(prompt), "prompt_len")
         self._check_feature_layers(feature_layers)
         if len(prompt) >= self.loaded.max_context:
             raise InvalidArgument(
@@ -124,7 +129,7 @@ class TargetEngine:
             )
         self.sessions.check_budget(len(prompt) * self._bytes_per_token)
         # the cache holds all but the last prompt token: that one is the first round's input
-        session = TargetSession(ids=prompt[:-1], chunk=prefill_chunk_tokens, feature_layers=tuple(feature_layers))
+        session = TargetSession(ids=prompt[:-1], prompt_len=prompt_len, chunk=prefill_chunk_tokens, feature_layers=tuple(feature_layers))
         self.sessions.add(session_id, session)
         return len(session.ids)
 
@@ -196,10 +201,16 @@ class TargetEngine:
     def _commit(self, work: VerifyWork, session: TargetSession, logits: torch.Tensor) -> Verdict:
         k = len(work.draft_tokens)
         scored = logits[-(k + 1) :]  # [K+1, V]: predictions for each draft and the bonus
-        verdict = self._decide(work, scored)
+        processed = scored
+        if work.sampling.processes_logits:
+            sequence = session.ids + work.tokens
+            history = sampling.History(sequence[: session.prompt_len], sequence[session.prompt_len :])
+            processed = sampling.process_logits(scored, work.sampling, history, work.draft_tokens)
+        verdict = self._decide(work, processed)
         if work.logprobs is not None:
             committed = work.draft_tokens[: verdict.accepted] + [verdict.next_token]
-            verdict = replace(verdict, logprobs=_logprobs(scored[: verdict.accepted + 1], committed, work))
+            rows = (processed if work.warped_logprobs else scored)[: verdict.accepted + 1]
+            verdict = replace(verdict, logprobs=_logprobs(rows, committed, work))
         keep = work.prefix_len + len(work.tokens) + verdict.accepted
         session.ids = (session.ids + work.tokens + work.draft_tokens)[:keep]
         session.cache.truncate(keep)
@@ -220,6 +231,7 @@ class TargetEngine:
         prefix = f"items[{index}]."
         session = self.sessions.get(work.session_id, prefix + "session_id")
         validation.logprobs(work.logprobs, prefix + "logprobs")
+        validation.logit_bias_ids(work.sampling, self.vocab_size, prefix + "sampling.logit_bias")
         validation.token_ids(work.tokens, self.vocab_size, prefix + "tokens")
         validation.token_ids(work.draft_tokens, self.vocab_size, prefix + "draft_tokens", allow_empty=True)
         k = validation.num_speculative_tokens(len(work.draft_tokens), self.max_speculative_tokens, prefix + "draft_tokens")
@@ -240,8 +252,9 @@ class TargetEngine:
 
 
 def _logprobs(rows: torch.Tensor, tokens: list[int], work: VerifyWork) -> Logprobs:
-    """The committed tokens' log-probabilities at their positions (rows [n, V] of logits) and the
-    work.logprobs most probable tokens of each: raw (log_softmax) or warped as sampled."""
+    """The committed tokens' log-probabilities at their positions (rows [n, V] of logits, processed
+    when warped) and the work.logprobs most probable tokens of each: raw (log_softmax) or warped
+    as sampled."""
     if work.warped_logprobs:
         values = sampling.warp(rows, work.sampling).log()
     else:

@@ -32,7 +32,7 @@ from harness.probes import free_port, wait_for_sessions
 from harness.tiny import with_eos
 from orchestrator import server as orchestrator_server
 from specdec.chat import chat_token_ids
-from specdec.v1 import orchestrator_pb2
+from specdec.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "http-api.md"
@@ -115,8 +115,6 @@ def test_completions_greedy_with_speculation_equals_target_only_and_the_grpc_api
     assert complete(client, k=4).choices[0].text == baseline.choices[0].text
     assert baseline.object == "text_completion" and baseline.choices[0].finish_reason == "length"
     assert baseline.usage.prompt_tokens == len(tokenizer(PROMPT).input_ids) and baseline.usage.completion_tokens == 20
-    from specdec.v1 import orchestrator_pb2_grpc
-
     with stack.channel("orchestrator") as channel:
         grpc_answer = orchestrator_pb2_grpc.OrchestratorStub(channel).Generate(
             orchestrator_pb2.GenerateRequest(prompt=PROMPT, max_new_tokens=20), timeout=60
@@ -144,6 +142,24 @@ def test_stop_strings_seeds_and_no_op_parameters(client):
     no_ops = dict(frequency_penalty=0, presence_penalty=0, logprobs=False, logit_bias={}, n=1, user="someone", store=False,
                   metadata={"team": "a"}, response_format={"type": "text"}, tool_choice="none", parallel_tool_calls=True)
     assert chat(client, **no_ops).choices[0].message.content == chat(client).choices[0].message.content
+
+
+def test_penalties_logit_bias_and_stop_token_ids_equal_with_and_without_speculation(stack, client):
+    # the bias makes token 30 win until the penalties of its repetitions outweigh it
+    penalties = dict(frequency_penalty=0.8, presence_penalty=0.4, logit_bias={"30": 15},
+                     extra_body={"repetition_penalty": 1.2, "min_p": 0.05})
+    baseline = chat(client, k=0, **penalties).choices[0].message.content
+    assert baseline != chat(client, k=0).choices[0].message.content
+    assert chat(client, k=4, **penalties).choices[0].message.content == baseline
+    assert "".join(c.choices[0].delta.content or "" for c in chat(client, k=4, stream=True, **penalties) if c.choices) == baseline
+    sampled = [chat(client, k=4, temperature=0.9, seed=3, **penalties).choices[0].message.content for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    with stack.channel("orchestrator") as channel:
+        ids = orchestrator_pb2_grpc.OrchestratorStub(channel).Generate(
+            orchestrator_pb2.GenerateRequest(prompt=PROMPT, max_new_tokens=20), timeout=60).token_ids[:]
+    stopped = complete(client, max_tokens=20, extra_body={"stop_token_ids": [ids[3]]})
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == ids.index(ids[3])
+    assert complete(client, max_tokens=20, extra_body={"ignore_eos": True}).usage.completion_tokens == 20
 
 
 def test_logprobs_in_chat_and_completions_unary_and_streamed(stack, client, tokenizer):
@@ -190,7 +206,11 @@ BAD = {
     "K over the limit": (chat, dict(extra_body={"num_speculative_tokens": 99}), "num_speculative_tokens", "invalid_argument"),
     "empty stop": (chat, dict(stop=[""]), "stop", "invalid_argument"),
     "seed negative": (chat, dict(seed=-1), "seed", "invalid_value"),
-    "frequency_penalty": (chat, dict(frequency_penalty=0.5), "frequency_penalty", "unsupported_parameter"),
+    "frequency_penalty over 2": (chat, dict(frequency_penalty=2.5), "frequency_penalty", "invalid_argument"),
+    "min_p over 1": (complete, dict(extra_body={"min_p": 1.5}), "min_p", "invalid_argument"),
+    "logit_bias key": (chat, dict(logit_bias={"dog": 5}), "logit_bias", "invalid_value"),
+    "logit_bias over 100": (chat, dict(logit_bias={"5": 500}), "logit_bias", "invalid_argument"),
+    "stop_token_ids not ids": (chat, dict(extra_body={"stop_token_ids": ["x"]}), "stop_token_ids", "invalid_value"),
     "top_logprobs over 20": (chat, dict(logprobs=True, top_logprobs=21), "top_logprobs", "invalid_value"),
     "top_logprobs negative": (chat, dict(logprobs=True, top_logprobs=-1), "top_logprobs", "invalid_value"),
     "top_logprobs without logprobs": (chat, dict(top_logprobs=2), "top_logprobs", "invalid_value"),

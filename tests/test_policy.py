@@ -121,7 +121,7 @@ def test_a_request_starting_at_k_zero_starts_the_draft_session_at_its_first_prob
     draft_engine = generator.draft.engine
     started = []
     original_start = draft_engine.start_session
-    draft_engine.start_session = lambda session_id, prompt: started.append(len(prompt)) or original_start(session_id, prompt)
+    draft_engine.start_session = lambda session_id, prompt, prompt_len=0: started.append(len(prompt)) or original_start(session_id, prompt, prompt_len)
     events = run_generation(generator, GenerationRequest(prompt="Lazy", max_new_tokens=60))
     assert joined(events) == baseline
     prompt_length = len(target.tokenizer("Lazy").input_ids)

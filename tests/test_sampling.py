@@ -8,19 +8,39 @@ from __future__ import annotations
 import pytest
 import torch
 from scipy.stats import chisquare
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from specdec import sampling
 from specdec.sampling import GREEDY, SamplingParams
 
 
-def hf_warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    scores = logits.clone()
+def reference_processing(logits: torch.Tensor, params: SamplingParams, prompt=(), output=()) -> torch.Tensor:
+    """The definition of the logit processing for one row [V] after `prompt` + `output`, token by
+    token: the bias, then the repetition penalty on every token seen, then the frequency and
+    presence penalties per output token."""
+    scores = logits.float().clone()
+    for token, bias in params.logit_bias:
+        scores[token] += bias
+    if params.repetition_penalty != 1.0:
+        for token in set(prompt) | set(output):
+            value = float(scores[token])
+            scores[token] = value / params.repetition_penalty if value > 0 else value * params.repetition_penalty
+    for token in set(output):
+        scores[token] -= params.frequency_penalty * list(output).count(token) + params.presence_penalty
+    return scores
+
+
+def hf_warp(logits: torch.Tensor, params: SamplingParams, prompt=(), output=()) -> torch.Tensor:
+    """p of rows [N, V] that all follow `prompt` + `output`: the reference processing, then
+    Hugging Face's warpers."""
+    scores = torch.stack([reference_processing(row, params, prompt, output) for row in logits])
     scores = TemperatureLogitsWarper(params.temperature)(None, scores)
     if params.top_k:
         scores = TopKLogitsWarper(params.top_k)(None, scores)
     if params.top_p < 1:
         scores = TopPLogitsWarper(params.top_p)(None, scores)
+    if params.min_p > 0:
+        scores = MinPLogitsWarper(params.min_p)(None, scores)
     return torch.softmax(scores, dim=-1)
 
 
@@ -41,6 +61,9 @@ def hf_warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         SamplingParams(2.0, top_k=1, top_p=0.3),
         SamplingParams(1.0, top_k=50, top_p=0.99),
         SamplingParams(1.0, top_p=0.05),
+        SamplingParams(1.0, min_p=0.1),
+        SamplingParams(0.7, top_k=20, min_p=0.3),
+        SamplingParams(1.3, top_p=0.9, min_p=0.05),
     ],
 )
 # Flat logits too: on peaked ones top-k and top-p keep the same few tokens in either order.

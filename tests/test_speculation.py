@@ -169,7 +169,7 @@ def exact_target_marginals(loaded, prompt, params, steps):
         for prefix, weight in prefixes.items():
             # the forward path the services run, in the model's weight format
             logits = lm.forward(loaded.model, [lm.SequenceCache()], [prompt + list(prefix)], logits_for_last=1)[0][-1]
-            p = hf_warp(logits[None], params)[0].double()
+            p = hf_warp(logits[None], params, prompt, prefix)[0].double()
             dist += weight * p
             for token in range(vocab):
                 if p[token] > 0:
@@ -204,7 +204,7 @@ async def sample_many(target, drafter, prompt, params, k, steps, trials, make_po
     stats = GenerationStats()
     for trial in range(trials):
         sid = f"s{trial}"
-        target_engine.start_session(sid, prompt, drafter.feature_layers)
+        target_engine.start_session(sid, prompt, feature_layers=drafter.feature_layers)
         draft_engine.start_session(sid, prompt)
         policy = make_policy() if make_policy else FixedK(k)
         spec = Speculation(sid, prompt, params, policy, steps, torch.Generator().manual_seed(trial), draft_started=True,

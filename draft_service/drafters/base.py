@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from specdec.messages import Features, Proposal, ProposeWork
+from specdec.sampling import History
 
 
 @dataclass
@@ -14,7 +15,12 @@ class DraftSession:
     drafter's own (a KV cache for model drafters, nothing for n-grams)."""
 
     ids: list[int]
+    prompt_len: int = 0  # tokens of ids that are the request's prompt (penalties count the output's)
     state: object = None
+
+    def history(self, drafted: list[int]) -> History:
+        """The sequence before the next draft token, the session's `drafted` ones included."""
+        return History(self.ids[: self.prompt_len], self.ids[self.prompt_len :] + drafted)
 
 
 class Drafter(ABC):

@@ -83,8 +83,9 @@ class FeatureDrafter(Drafter):
     def _ready(self, session: DraftSession) -> bool:
         return session.state.held == len(session.ids) - 1
 
-    def _draw(self, logits: torch.Tensor, work: ProposeWork, step: int, proposal: Proposal) -> int:
-        return draw(logits, work, step, proposal, self.max_support, self.net.vocabulary)
+    def _draw(self, logits: torch.Tensor, work: ProposeWork, step: int, proposal: Proposal, session: DraftSession) -> int:
+        history = session.history(proposal.tokens)
+        return draw(logits, work, step, proposal, self.max_support, self.net.vocabulary, history, self.vocab_size)
 
     def _round_seconds(self, context: int = 64, k: int = 4, repeats: int = 5) -> float:
         """The fastest of `repeats` greedy K-token proposals over `context` positions."""
@@ -142,7 +143,7 @@ class ChainDrafter(FeatureDrafter):
         for step in range(max((work[i].num_speculative_tokens for i in active), default=0)):
             rows = [i for i in active if work[i].num_speculative_tokens > step]
             logits = net.logits(torch.stack([predicted[i] for i in rows]))  # [rows, V']
-            tokens = [self._draw(logits[r], work[i], step, proposals[i]) for r, i in enumerate(rows)]
+            tokens = [self._draw(logits[r], work[i], step, proposals[i], sessions[i]) for r, i in enumerate(rows)]
             for i, token in zip(rows, tokens):
                 proposals[i].tokens.append(token)
             rows = [(i, t) for i, t in zip(rows, tokens) if work[i].num_speculative_tokens > step + 1]
@@ -177,7 +178,7 @@ class MultiTokenDrafter(FeatureDrafter):
                 break
             logits = net.logits(predicted[[r for r, _ in rows]])
             for (r, i), row_logits in zip(rows, logits):
-                proposals[i].tokens.append(self._draw(row_logits, work[i], step, proposals[i]))
+                proposals[i].tokens.append(self._draw(row_logits, work[i], step, proposals[i], sessions[i]))
         return proposals, 1
 
 

@@ -46,10 +46,20 @@ def restrict_head(model: torch.nn.Module, token_ids: torch.Tensor) -> None:
     model.set_output_embeddings(head)
 
 
-def draw(logits: torch.Tensor, work: ProposeWork, step: int, proposal: Proposal, max_support: int, head_ids: torch.Tensor | None) -> int:
+def draw(
+    logits: torch.Tensor, work: ProposeWork, step: int, proposal: Proposal, max_support: int, head_ids: torch.Tensor | None,
+    history: sampling.History, vocab_size: int,
+) -> int:
     """One draft token from [V'] logits over head rows (`head_ids` maps rows to token ids; None:
     rows are ids): the argmax when greedy, else sampled with the step's uniform from the warped
-    distribution cut to `max_support` tokens, which is recorded in `proposal` as q."""
+    distribution cut to `max_support` tokens, which is recorded in `proposal` as q. Logit bias and
+    penalties, when the work asks for them, apply as on the target, after `history`; they act on
+    token ids, so a reduced head's rows are first spread over the `vocab_size` ids (-inf elsewhere)."""
+    if work.sampling.processes_logits:
+        if head_ids is not None:
+            logits = torch.full((vocab_size,), float("-inf")).index_copy_(0, head_ids, logits.float())
+            head_ids = None
+        logits = sampling.process_logits(logits[None], work.sampling, history)[0]
     token_ids = (lambda rows: rows) if head_ids is None else (lambda rows: head_ids[rows])  # noqa: E731
     if work.sampling.greedy:
         return int(token_ids(logits.argmax()))
@@ -101,7 +111,8 @@ class ModelDrafter(Drafter):
             logits = lm.forward(self.loaded.model, [sessions[i].state for i in rows], [feed[i] for i in rows], logits_for_last=1)
             passes += 1
             for row, row_logits in zip(rows, logits):
-                token = draw(row_logits[-1], work[row], step, proposals[row], self.max_support, self.head_ids)
+                history = sessions[row].history(proposals[row].tokens)
+                token = draw(row_logits[-1], work[row], step, proposals[row], self.max_support, self.head_ids, history, self.vocab_size)
                 proposals[row].tokens.append(token)
                 feed[row] = [token]
         return proposals, passes

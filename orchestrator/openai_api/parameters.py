@@ -3,7 +3,7 @@
 and HTTP status (the engine's field names become the request's parameter names).
 
 Parameters: the ones this engine implements are mapped to a GenerationRequest; commonly sent ones
-it does not implement yet are accepted at their no-op values (`frequency_penalty: 0`, `min_p: 0`,
+it does not implement yet are accepted at their no-op values (`min_tokens: 0`, `tools: []`,
 ...) and refused with 400 naming the parameter otherwise; parameters that change nothing
 about the output (`user`, `metadata`, ...) are accepted and ignored; anything else is an unknown
 parameter, 400. Nothing is ignored silently that would change what the model generates.
@@ -88,13 +88,6 @@ def _no_value(value) -> bool:
 # Parameters of later parts (issue 15) and of other servers: accepted at the value that changes
 # nothing (or null), refused otherwise. name -> (test of a no-op value, that value as documented)
 NO_OPS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "frequency_penalty": (lambda v: v == 0, "0"),
-    "presence_penalty": (lambda v: v == 0, "0"),
-    "repetition_penalty": (lambda v: v == 1, "1"),
-    "min_p": (lambda v: v == 0, "0"),
-    "logit_bias": (lambda v: v == {}, "{}"),
-    "stop_token_ids": (lambda v: v == [], "[]"),
-    "ignore_eos": (lambda v: v is False, "false"),
     "min_tokens": (lambda v: v == 0, "0"),
     "include_stop_str_in_output": (lambda v: v is False, "false"),
     "skip_special_tokens": (lambda v: v is True, "true"),
@@ -120,7 +113,8 @@ COMPLETION_NO_OPS = {
 # Parameters that do not change the output: accepted, whatever their value, and ignored.
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"})
 COMMON = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream", "stream_options",
-                    "num_speculative_tokens", "logprobs", "warped_logprobs"})
+                    "num_speculative_tokens", "logprobs", "warped_logprobs", "min_p", "repetition_penalty", "presence_penalty",
+                    "frequency_penalty", "logit_bias", "stop_token_ids", "ignore_eos"})
 CHAT_PARAMETERS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_PARAMETERS = COMMON | {"prompt"}
 MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "refusal", "function_call"}
@@ -187,6 +181,32 @@ def _logprobs(body: dict, chat: bool) -> tuple[int | None, str]:
     if value is not None and not 0 <= value <= validation.MAX_TOP_LOGPROBS:
         raise ParameterError(f"{name} must be in [0, {validation.MAX_TOP_LOGPROBS}], got {value}", name)
     return value, name
+
+
+def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+    """OpenAI's map of token ids (JSON keys, so strings) to biases."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict):
+        raise ParameterError("logit_bias must be an object mapping token ids to numbers", "logit_bias")
+    parsed = []
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.strip().lstrip("-").isdigit()):
+            raise ParameterError(f"logit_bias keys must be token ids, got {json.dumps(key)}", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParameterError(f"the bias of token {key} must be a number, got {json.dumps(value)}", "logit_bias")
+        parsed.append((int(key), float(value)))
+    return tuple(parsed)
+
+
+def _token_ids(body: dict, name: str) -> tuple[int, ...]:
+    ids = body.get(name)
+    if ids is None:
+        return ()
+    if not isinstance(ids, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+        raise ParameterError(f"{name} must be a list of token ids", name)
+    return tuple(ids)
 
 
 def _stops(body: dict) -> tuple[str, ...]:
@@ -297,6 +317,13 @@ def parse_request(body: dict, chat: bool) -> ParsedRequest:
         num_speculative_tokens=_integer(body, "num_speculative_tokens"),
         logprobs=logprobs,
         warped_logprobs=_boolean(body, "warped_logprobs"),
+        min_p=_number(body, "min_p", 0.0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0),
+        presence_penalty=_number(body, "presence_penalty", 0.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0),
+        logit_bias=_logit_bias(body),
+        stop_token_ids=_token_ids(body, "stop_token_ids"),
+        ignore_eos=_boolean(body, "ignore_eos"),
     )
     params = {"max_new_tokens": max_param, "prompt": "messages" if chat else "prompt", "logprobs": logprobs_param}
     return ParsedRequest(generation, stream, include_usage, params, chat and max_tokens is None)
