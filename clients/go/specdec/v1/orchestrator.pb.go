@@ -163,8 +163,26 @@ type GenerateRequest struct {
 	// Logprobs from the warped distribution the tokens are sampled from (temperature, top_k, top_p;
 	// greedy: 0 for the argmax, -inf elsewhere) instead of the raw one (log_softmax of the logits).
 	WarpedLogprobs bool `protobuf:"varint,11,opt,name=warped_logprobs,json=warpedLogprobs,proto3" json:"warped_logprobs,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Sampling parameters beyond temperature, top_k and top_p (SamplingParams in common.proto
+	// says how they apply); each also applies when greedy, except min_p. Speculation keeps the
+	// output exact with all of them.
+	// Keep tokens with at least min_p x the largest probability; in [0, 1]; 0 disables it.
+	MinP float32 `protobuf:"fixed32,12,opt,name=min_p,json=minP,proto3" json:"min_p,omitempty"`
+	// > 0; unset means 1.0, disabled.
+	RepetitionPenalty *float32 `protobuf:"fixed32,13,opt,name=repetition_penalty,json=repetitionPenalty,proto3,oneof" json:"repetition_penalty,omitempty"`
+	// Each in [-2, 2]; 0 disables it.
+	PresencePenalty  float32 `protobuf:"fixed32,14,opt,name=presence_penalty,json=presencePenalty,proto3" json:"presence_penalty,omitempty"`
+	FrequencyPenalty float32 `protobuf:"fixed32,15,opt,name=frequency_penalty,json=frequencyPenalty,proto3" json:"frequency_penalty,omitempty"`
+	// Token id -> value added to its logit, in [-100, 100]; at most 1024 entries.
+	LogitBias map[int32]float32 `protobuf:"bytes,16,rep,name=logit_bias,json=logitBias,proto3" json:"logit_bias,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"fixed32,2,opt,name=value"`
+	// Generation also stops when the model generates one of these tokens (finish reason STOP);
+	// like an end-of-sequence token, it is not part of the output. At most 64.
+	StopTokenIds []int32 `protobuf:"varint,17,rep,packed,name=stop_token_ids,json=stopTokenIds,proto3" json:"stop_token_ids,omitempty"`
+	// Do not stop at the model's end-of-sequence tokens: they are generated and returned like
+	// any other token.
+	IgnoreEos     bool `protobuf:"varint,18,opt,name=ignore_eos,json=ignoreEos,proto3" json:"ignore_eos,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GenerateRequest) Reset() {
@@ -270,6 +288,55 @@ func (x *GenerateRequest) GetLogprobs() int32 {
 func (x *GenerateRequest) GetWarpedLogprobs() bool {
 	if x != nil {
 		return x.WarpedLogprobs
+	}
+	return false
+}
+
+func (x *GenerateRequest) GetMinP() float32 {
+	if x != nil {
+		return x.MinP
+	}
+	return 0
+}
+
+func (x *GenerateRequest) GetRepetitionPenalty() float32 {
+	if x != nil && x.RepetitionPenalty != nil {
+		return *x.RepetitionPenalty
+	}
+	return 0
+}
+
+func (x *GenerateRequest) GetPresencePenalty() float32 {
+	if x != nil {
+		return x.PresencePenalty
+	}
+	return 0
+}
+
+func (x *GenerateRequest) GetFrequencyPenalty() float32 {
+	if x != nil {
+		return x.FrequencyPenalty
+	}
+	return 0
+}
+
+func (x *GenerateRequest) GetLogitBias() map[int32]float32 {
+	if x != nil {
+		return x.LogitBias
+	}
+	return nil
+}
+
+func (x *GenerateRequest) GetStopTokenIds() []int32 {
+	if x != nil {
+		return x.StopTokenIds
+	}
+	return nil
+}
+
+func (x *GenerateRequest) GetIgnoreEos() bool {
+	if x != nil {
+		return x.IgnoreEos
 	}
 	return false
 }
@@ -701,7 +768,7 @@ const file_specdec_v1_orchestrator_proto_rawDesc = "" +
 	"specdec.v1\";\n" +
 	"\vChatMessage\x12\x12\n" +
 	"\x04role\x18\x01 \x01(\tR\x04role\x12\x18\n" +
-	"\acontent\x18\x02 \x01(\tR\acontent\"\xc2\x03\n" +
+	"\acontent\x18\x02 \x01(\tR\acontent\"\xc8\x06\n" +
 	"\x0fGenerateRequest\x12\x16\n" +
 	"\x06prompt\x18\x01 \x01(\tR\x06prompt\x123\n" +
 	"\bmessages\x18\x02 \x03(\v2\x17.specdec.v1.ChatMessageR\bmessages\x12$\n" +
@@ -714,11 +781,24 @@ const file_specdec_v1_orchestrator_proto_rawDesc = "" +
 	"\x16num_speculative_tokens\x18\t \x01(\x05H\x02R\x14numSpeculativeTokens\x88\x01\x01\x12\x1f\n" +
 	"\blogprobs\x18\n" +
 	" \x01(\x05H\x03R\blogprobs\x88\x01\x01\x12'\n" +
-	"\x0fwarped_logprobs\x18\v \x01(\bR\x0ewarpedLogprobsB\b\n" +
+	"\x0fwarped_logprobs\x18\v \x01(\bR\x0ewarpedLogprobs\x12\x13\n" +
+	"\x05min_p\x18\f \x01(\x02R\x04minP\x122\n" +
+	"\x12repetition_penalty\x18\r \x01(\x02H\x04R\x11repetitionPenalty\x88\x01\x01\x12)\n" +
+	"\x10presence_penalty\x18\x0e \x01(\x02R\x0fpresencePenalty\x12+\n" +
+	"\x11frequency_penalty\x18\x0f \x01(\x02R\x10frequencyPenalty\x12I\n" +
+	"\n" +
+	"logit_bias\x18\x10 \x03(\v2*.specdec.v1.GenerateRequest.LogitBiasEntryR\tlogitBias\x12$\n" +
+	"\x0estop_token_ids\x18\x11 \x03(\x05R\fstopTokenIds\x12\x1d\n" +
+	"\n" +
+	"ignore_eos\x18\x12 \x01(\bR\tignoreEos\x1a<\n" +
+	"\x0eLogitBiasEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x02R\x05value:\x028\x01B\b\n" +
 	"\x06_top_pB\a\n" +
 	"\x05_seedB\x19\n" +
 	"\x17_num_speculative_tokensB\v\n" +
-	"\t_logprobs\"p\n" +
+	"\t_logprobsB\x15\n" +
+	"\x13_repetition_penalty\"p\n" +
 	"\rTokenLogprobs\x12\x18\n" +
 	"\alogprob\x18\x01 \x01(\x02R\alogprob\x12\"\n" +
 	"\rtop_token_ids\x18\x02 \x03(\x05R\vtopTokenIds\x12!\n" +
@@ -780,7 +860,7 @@ func file_specdec_v1_orchestrator_proto_rawDescGZIP() []byte {
 }
 
 var file_specdec_v1_orchestrator_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_specdec_v1_orchestrator_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_specdec_v1_orchestrator_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_specdec_v1_orchestrator_proto_goTypes = []any{
 	(FinishReason)(0),        // 0: specdec.v1.FinishReason
 	(*ChatMessage)(nil),      // 1: specdec.v1.ChatMessage
@@ -788,21 +868,23 @@ var file_specdec_v1_orchestrator_proto_goTypes = []any{
 	(*TokenLogprobs)(nil),    // 3: specdec.v1.TokenLogprobs
 	(*GenerationStats)(nil),  // 4: specdec.v1.GenerationStats
 	(*GenerateResponse)(nil), // 5: specdec.v1.GenerateResponse
+	nil,                      // 6: specdec.v1.GenerateRequest.LogitBiasEntry
 }
 var file_specdec_v1_orchestrator_proto_depIdxs = []int32{
 	1, // 0: specdec.v1.GenerateRequest.messages:type_name -> specdec.v1.ChatMessage
-	0, // 1: specdec.v1.GenerateResponse.finish_reason:type_name -> specdec.v1.FinishReason
-	4, // 2: specdec.v1.GenerateResponse.stats:type_name -> specdec.v1.GenerationStats
-	3, // 3: specdec.v1.GenerateResponse.logprobs:type_name -> specdec.v1.TokenLogprobs
-	2, // 4: specdec.v1.Orchestrator.Generate:input_type -> specdec.v1.GenerateRequest
-	2, // 5: specdec.v1.Orchestrator.GenerateStream:input_type -> specdec.v1.GenerateRequest
-	5, // 6: specdec.v1.Orchestrator.Generate:output_type -> specdec.v1.GenerateResponse
-	5, // 7: specdec.v1.Orchestrator.GenerateStream:output_type -> specdec.v1.GenerateResponse
-	6, // [6:8] is the sub-list for method output_type
-	4, // [4:6] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	6, // 1: specdec.v1.GenerateRequest.logit_bias:type_name -> specdec.v1.GenerateRequest.LogitBiasEntry
+	0, // 2: specdec.v1.GenerateResponse.finish_reason:type_name -> specdec.v1.FinishReason
+	4, // 3: specdec.v1.GenerateResponse.stats:type_name -> specdec.v1.GenerationStats
+	3, // 4: specdec.v1.GenerateResponse.logprobs:type_name -> specdec.v1.TokenLogprobs
+	2, // 5: specdec.v1.Orchestrator.Generate:input_type -> specdec.v1.GenerateRequest
+	2, // 6: specdec.v1.Orchestrator.GenerateStream:input_type -> specdec.v1.GenerateRequest
+	5, // 7: specdec.v1.Orchestrator.Generate:output_type -> specdec.v1.GenerateResponse
+	5, // 8: specdec.v1.Orchestrator.GenerateStream:output_type -> specdec.v1.GenerateResponse
+	7, // [7:9] is the sub-list for method output_type
+	5, // [5:7] is the sub-list for method input_type
+	5, // [5:5] is the sub-list for extension type_name
+	5, // [5:5] is the sub-list for extension extendee
+	0, // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_specdec_v1_orchestrator_proto_init() }
@@ -817,7 +899,7 @@ func file_specdec_v1_orchestrator_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_specdec_v1_orchestrator_proto_rawDesc), len(file_specdec_v1_orchestrator_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   5,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
