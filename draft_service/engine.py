@@ -101,7 +101,7 @@ class DraftEngine:
             )
         if item.prefix_len + len(item.tokens) + item.num_speculative_tokens > self.max_context:
             raise InvalidArgument(f"the sequence would exceed the context of {self.max_context}", prefix + "num_speculative_tokens")
-        if self.drafter.samples and not item.sampling.greedy:
+        if self.drafter.samples and not item.sampling.deterministic:
             validation.uniforms(item.uniforms, item.num_speculative_tokens, prefix + "uniforms")
         if item.features is not None:
             self._check_features(item, session, prefix + "features")

@@ -70,6 +70,7 @@ class GenerationRequest:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     stop_token_ids: tuple[int, ...] = ()  # generation stops at these too (finish "stop"); not output
     ignore_eos: bool = False  # EOS tokens are output like any other
+    seed_stable: bool = False  # draws keyed by (seed, position): the same output whatever K, drafter or batch
 
 
 @dataclass
@@ -122,7 +123,8 @@ class GenerationEngine:
             )
         return ids
 
-    def validate(self, request: GenerationRequest) -> tuple[SamplingParams, Policy]:
+    def validate(self, request: GenerationRequest, seed: int | None = None) -> tuple[SamplingParams, Policy]:
+        """The request's sampling parameters (seed-stable ones keyed by `seed`) and K policy."""
         if not 1 <= request.max_new_tokens <= self.max_new_tokens:
             raise InvalidArgument(
                 f"max_new_tokens must be in [1, {self.max_new_tokens}], got {request.max_new_tokens}", "max_new_tokens"
@@ -131,8 +133,11 @@ class GenerationEngine:
             request.temperature, request.top_k, request.top_p, vocab_size=self.target_info.vocab_size, min_p=request.min_p,
             repetition_penalty=request.repetition_penalty, presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty, logit_bias=dict(request.logit_bias),
+            position_seed=seed if request.seed_stable else None,
         )
-        policy = self.k_resolver.policy(request.num_speculative_tokens, request.seed is not None and not sampling.greedy, self.load)
+        # a seeded request samples the same uniforms only with the same K every round; seed-stable draws need none
+        seeded_uniforms = request.seed is not None and not sampling.deterministic
+        policy = self.k_resolver.policy(request.num_speculative_tokens, seeded_uniforms, self.load)
         validation.logprobs(request.logprobs, "logprobs")
         if len(request.stop) > MAX_STOPS or any(not s for s in request.stop):
             raise InvalidArgument(f"at most {MAX_STOPS} stop strings, none of them empty", "stop")
@@ -143,9 +148,9 @@ class GenerationEngine:
 
     async def stream(self, request: GenerationRequest, deadline: float | None = None) -> AsyncIterator[GenerationEvent]:
         started = time.monotonic()
-        sampling, policy = self.validate(request)
-        prompt = self.tokenize(request)
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little")
+        sampling, policy = self.validate(request, seed)
+        prompt = self.tokenize(request)
         spec = Speculation(
             session_id=uuid.uuid4().hex,
             prompt=prompt,

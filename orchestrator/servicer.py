@@ -39,6 +39,7 @@ def request_from_proto(message: orchestrator_pb2.GenerateRequest) -> GenerationR
         logit_bias=tuple(message.logit_bias.items()),
         stop_token_ids=tuple(message.stop_token_ids),
         ignore_eos=message.ignore_eos,
+        seed_stable=message.seed_stable,
     )
 
 

@@ -90,7 +90,7 @@ def remaining(deadline: float | None) -> float | None:
 
 
 def _uniforms(spec: Speculation, count: int) -> list[float]:
-    if spec.sampling.greedy:
+    if spec.sampling.deterministic:
         return []
     return torch.rand(count, generator=spec.rng, dtype=torch.float32).tolist()
 

@@ -14,6 +14,14 @@ token x with probability min(1, p(x)/q(x)) and otherwise drawing from norm(max(p
 tokens distributed exactly as p. q may be truncated to any support (it only has to be the
 distribution the draft token was really drawn from), and a deterministic draft is the point mass q.
 
+Seed-stable sampling (`SamplingParams.position_seed`) draws without uniforms: the token at position
+t is argmax(log p_t + g_t), with Gumbel noise g_t a function of the seed and t alone
+(`position_noise`). The draft drafts with the same noise (so it agrees more often) and the target
+accepts a draft token exactly when it equals its own choice, committing its choice at the first
+mismatch. Every token is then a Gumbel-max draw from the target's p with fresh noise for its
+position, so the output has the target's distribution and is the same whatever K, drafter, batch
+or deployment produced it.
+
 `rejection_sample` is the fast, batched path; `reference_rejection_sample` is a slow, scalar
 implementation that follows the definition line by line and is the oracle for the fast one.
 """
@@ -44,10 +52,24 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), ids ascending
+    # Seed-stable sampling: each draw is the Gumbel-max choice with noise of (position_seed, its
+    # position in the sequence) (`position_noise`), so the output depends on the seed alone.
+    position_seed: int | None = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def position_keyed(self) -> bool:
+        """Sampling with position-keyed noise (seed-stable)."""
+        return self.position_seed is not None and not self.greedy
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether each token is a function of the sequence before it (greedy or seed-stable):
+        then drafts are point masses and no uniform numbers travel."""
+        return self.greedy or self.position_seed is not None
 
     @property
     def processes_logits(self) -> bool:
@@ -126,6 +148,37 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         probs = probs.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _position_key(seed: int, position: int) -> int:
+    """A 64-bit generator seed per (seed, position): splitmix64's finalizer over both, so that
+    neighbouring positions and seeds get unrelated streams."""
+    x = (seed + 0x9E3779B97F4A7C15 * (position + 1)) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def position_noise(seed: int, positions: Sequence[int], vocab: int) -> torch.Tensor:
+    """Standard Gumbel noise of the given sequence positions: [N, V] float64, a function of
+    (seed, position) alone, so every service and every round computes the same for a position.
+    float64 uniforms: a float32 one would be 0 for some token of a 49k vocabulary once in a few
+    hundred rows, forbidding it there."""
+    rows = []
+    for position in positions:
+        generator = torch.Generator().manual_seed(_position_key(seed, position))
+        uniforms = torch.rand(vocab, generator=generator, dtype=torch.float64).clamp_(min=1e-300)
+        rows.append(-torch.log(-torch.log(uniforms)))
+    return torch.stack(rows)
+
+
+def gumbel_scores(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """log p + Gumbel noise, [..., V] float64: its argmax is a draw from p (the Gumbel-max trick),
+    never a zero-probability token."""
+    return probs.double().log() + noise
 
 
 def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ MAX_LOGIT_BIAS = 1024  # entries of a logit_bias map
 def sampling_params(
     temperature: float, top_k: int, top_p: float, prefix: str = "", *, vocab_size: int = 0, min_p: float = 0.0,
     repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-    logit_bias: dict[int, float] | None = None,
+    logit_bias: dict[int, float] | None = None, position_seed: int | None = None,
 ) -> SamplingParams:
     """Validated SamplingParams (logit_bias ids in [0, vocab_size); any id >= 0 when it is 0)."""
     if not math.isfinite(temperature) or temperature < 0:
@@ -43,8 +43,11 @@ def sampling_params(
         temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), min_p=float(min_p),
         repetition_penalty=float(repetition_penalty), presence_penalty=float(presence_penalty),
         frequency_penalty=float(frequency_penalty), logit_bias=tuple(sorted((int(t), float(b)) for t, b in logit_bias.items())),
+        position_seed=position_seed,
     )
     logit_bias_ids(params, vocab_size, prefix + "logit_bias")
+    if position_seed is not None and not 0 <= position_seed < 1 << 64:
+        raise InvalidArgument(f"the seed must be in [0, 2^64), got {position_seed}", prefix + "position_seed")
     return params
 
 

@@ -206,7 +206,7 @@ class TargetEngine:
             sequence = session.ids + work.tokens
             history = sampling.History(sequence[: session.prompt_len], sequence[session.prompt_len :])
             processed = sampling.process_logits(scored, work.sampling, history, work.draft_tokens)
-        verdict = self._decide(work, processed)
+        verdict = self._decide(work, processed, len(session.ids) + len(work.tokens))
         if work.logprobs is not None:
             committed = work.draft_tokens[: verdict.accepted] + [verdict.next_token]
             rows = (processed if work.warped_logprobs else scored)[: verdict.accepted + 1]
@@ -216,11 +216,16 @@ class TargetEngine:
         session.cache.truncate(keep)
         return verdict
 
-    def _decide(self, work: VerifyWork, scored: torch.Tensor) -> Verdict:
+    def _decide(self, work: VerifyWork, scored: torch.Tensor, first_position: int) -> Verdict:
+        """The verdict on [K+1, V] processed logits whose row 0 draws the token at `first_position`."""
         drafts = torch.tensor([work.draft_tokens], dtype=torch.long)  # [1, K]
         if work.sampling.greedy:
             return sampling.greedy_verify(scored.unsqueeze(0), drafts)[0]
-        p = sampling.warp(scored, work.sampling).unsqueeze(0)  # [1, K+1, V]
+        p = sampling.warp(scored, work.sampling)  # [K+1, V]
+        if work.sampling.position_keyed:  # each row's token is its Gumbel-max choice: accept the drafts that equal it
+            noise = sampling.position_noise(work.sampling.position_seed, range(first_position, first_position + len(p)), p.shape[-1])
+            return sampling.greedy_verify(sampling.gumbel_scores(p, noise).unsqueeze(0), drafts)[0]
+        p = p.unsqueeze(0)  # [1, K+1, V]
         q = None
         if work.draft_probs is not None:
             rows = [sampling.densify(ids[None], probs[None], self.vocab_size)[0] for ids, probs in work.draft_probs]
@@ -244,7 +249,7 @@ class TargetEngine:
             )
         if len(session.ids) + len(work.tokens) + k > self.loaded.max_context:
             raise InvalidArgument(f"the sequence would exceed the context of {self.loaded.max_context}", prefix + "tokens")
-        if not work.sampling.greedy:
+        if not work.sampling.deterministic:
             validation.uniforms(work.uniforms, k + 1, prefix + "uniforms")
             if work.draft_probs is not None:
                 validation.sparse_distributions(work.draft_probs, work.draft_tokens, self.vocab_size, prefix + "draft_probs")

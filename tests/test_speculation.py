@@ -5,6 +5,7 @@ of a round (EOS inside a draft, max_new_tokens mid-round, stops across rounds, t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 
 import pytest
@@ -194,10 +195,11 @@ def assert_target_marginals(counts: torch.Tensor, target, prompt, params) -> Non
         assert chisquare_pvalue(counts[step][support], exact[support]) > 1e-3, f"step {step}"
 
 
-async def sample_many(target, drafter, prompt, params, k, steps, trials, make_policy=None, pipeline=False):
+async def sample_many(target, drafter, prompt, params, k, steps, trials, make_policy=None, pipeline=False, seed_stable=False):
     """Histograms of `trials` sampled generations; each round drafts `k` tokens, or as many as
     `make_policy()`'s policy says (one policy per trial). A feature drafter gets the target's
-    features as through the orchestrator. `pipeline`: rounds proposed ahead (Speculation.pipeline)."""
+    features as through the orchestrator. `pipeline`: rounds proposed ahead (Speculation.pipeline).
+    `seed_stable`: seed-stable sampling, each trial's seed its number."""
     target_engine, draft_engine = TargetEngine(target), DraftEngine(drafter, max_context=target.max_context)
     target_backend, draft_backend = InProcessTarget(target_engine), InProcessDraft(draft_engine)
     counts = torch.zeros(steps, target.vocab_size)
@@ -207,7 +209,8 @@ async def sample_many(target, drafter, prompt, params, k, steps, trials, make_po
         target_engine.start_session(sid, prompt, feature_layers=drafter.feature_layers)
         draft_engine.start_session(sid, prompt)
         policy = make_policy() if make_policy else FixedK(k)
-        spec = Speculation(sid, prompt, params, policy, steps, torch.Generator().manual_seed(trial), draft_started=True,
+        trial_params = dataclasses.replace(params, position_seed=trial) if seed_stable else params
+        spec = Speculation(sid, prompt, trial_params, policy, steps, torch.Generator().manual_seed(trial), draft_started=True,
                            feature_layers=drafter.feature_layers, pipeline=pipeline)
         tokens = [t async for round_tokens, _ in speculate(spec, target_backend, draft_backend, stats) for t in round_tokens]
         for step, token in enumerate(tokens):

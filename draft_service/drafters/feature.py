@@ -121,7 +121,7 @@ class ChainDrafter(FeatureDrafter):
     @torch.inference_mode()
     def propose(self, sessions: list[DraftSession], work: list[ProposeWork]) -> tuple[list[Proposal], int]:
         net: ChainNet = self.net
-        proposals = [Proposal([], None if w.sampling.greedy else []) for w in work]
+        proposals = [Proposal([], None if w.sampling.deterministic else []) for w in work]
         rows, inputs = [], []
         for i, session in enumerate(sessions):  # the unread true features go in, with the tokens after them
             state = session.state
@@ -161,7 +161,7 @@ class MultiTokenDrafter(FeatureDrafter):
     @torch.inference_mode()
     def propose(self, sessions: list[DraftSession], work: list[ProposeWork]) -> tuple[list[Proposal], int]:
         net: MultiTokenNet = self.net
-        proposals = [Proposal([], None if w.sampling.greedy else []) for w in work]
+        proposals = [Proposal([], None if w.sampling.deterministic else []) for w in work]
         for session in sessions:
             state = session.state
             if state.unread:

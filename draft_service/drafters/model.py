@@ -51,8 +51,10 @@ def draw(
     history: sampling.History, vocab_size: int,
 ) -> int:
     """One draft token from [V'] logits over head rows (`head_ids` maps rows to token ids; None:
-    rows are ids): the argmax when greedy, else sampled with the step's uniform from the warped
-    distribution cut to `max_support` tokens, which is recorded in `proposal` as q. Logit bias and
+    rows are ids): the argmax when greedy; seed-stable, the Gumbel-max choice with the noise of its
+    position (the target's, so they agree whenever the distributions do); else sampled with the
+    step's uniform from the warped distribution cut to `max_support` tokens, which is recorded in
+    `proposal` as q. Logit bias and
     penalties, when the work asks for them, apply as on the target, after `history`; they act on
     token ids, so a reduced head's rows are first spread over the `vocab_size` ids (-inf elsewhere)."""
     if work.sampling.processes_logits:
@@ -64,6 +66,11 @@ def draw(
     if work.sampling.greedy:
         return int(token_ids(logits.argmax()))
     probs = sampling.warp(logits, work.sampling)  # [V']
+    if work.sampling.position_keyed:
+        position = len(history.prompt) + len(history.output)
+        noise = sampling.position_noise(work.sampling.position_seed, [position], vocab_size)[0]  # [V]
+        rows = torch.arange(len(probs)) if head_ids is None else head_ids
+        return int(token_ids(sampling.gumbel_scores(probs, noise[rows]).argmax()))
     support_rows, support_probs = sampling.truncate_to_support(probs[None], max_support)  # [1, S] each
     support_ids = token_ids(support_rows[0])  # [S]
     chosen = sampling.sample(support_probs, torch.tensor([work.uniforms[step]]))  # [1]
@@ -103,7 +110,7 @@ class ModelDrafter(Drafter):
         return self._bytes_per_token
 
     def propose(self, sessions: list[DraftSession], work: list[ProposeWork]) -> tuple[list[Proposal], int]:
-        proposals = [Proposal([], None if w.sampling.greedy else []) for w in work]
+        proposals = [Proposal([], None if w.sampling.deterministic else []) for w in work]
         feed = [s.ids[s.state.length :] for s in sessions]  # tokens each cache still lacks
         passes = 0
         for step in range(max(w.num_speculative_tokens for w in work)):

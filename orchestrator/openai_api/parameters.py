@@ -114,7 +114,7 @@ COMPLETION_NO_OPS = {
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"})
 COMMON = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream", "stream_options",
                     "num_speculative_tokens", "logprobs", "warped_logprobs", "min_p", "repetition_penalty", "presence_penalty",
-                    "frequency_penalty", "logit_bias", "stop_token_ids", "ignore_eos"})
+                    "frequency_penalty", "logit_bias", "stop_token_ids", "ignore_eos", "seed_stable"})
 CHAT_PARAMETERS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_PARAMETERS = COMMON | {"prompt"}
 MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "refusal", "function_call"}
@@ -324,6 +324,7 @@ def parse_request(body: dict, chat: bool) -> ParsedRequest:
         logit_bias=_logit_bias(body),
         stop_token_ids=_token_ids(body, "stop_token_ids"),
         ignore_eos=_boolean(body, "ignore_eos"),
+        seed_stable=_boolean(body, "seed_stable"),
     )
     params = {"max_new_tokens": max_param, "prompt": "messages" if chat else "prompt", "logprobs": logprobs_param}
     return ParsedRequest(generation, stream, include_usage, params, chat and max_tokens is None)

@@ -180,7 +180,12 @@ type GenerateRequest struct {
 	StopTokenIds []int32 `protobuf:"varint,17,rep,packed,name=stop_token_ids,json=stopTokenIds,proto3" json:"stop_token_ids,omitempty"`
 	// Do not stop at the model's end-of-sequence tokens: they are generated and returned like
 	// any other token.
-	IgnoreEos     bool `protobuf:"varint,18,opt,name=ignore_eos,json=ignoreEos,proto3" json:"ignore_eos,omitempty"`
+	IgnoreEos bool `protobuf:"varint,18,opt,name=ignore_eos,json=ignoreEos,proto3" json:"ignore_eos,omitempty"`
+	// Seed-stable sampling: each token is drawn with noise tied to the seed and its position, so a
+	// seeded sampled output is the same whatever K, drafter, adaptive policy, batch or deployment
+	// produced it (still distributed as the target's; drafts are accepted a little less often
+	// than with standard rejection sampling). Adaptive K stays on with a seed.
+	SeedStable    bool `protobuf:"varint,19,opt,name=seed_stable,json=seedStable,proto3" json:"seed_stable,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -337,6 +342,13 @@ func (x *GenerateRequest) GetStopTokenIds() []int32 {
 func (x *GenerateRequest) GetIgnoreEos() bool {
 	if x != nil {
 		return x.IgnoreEos
+	}
+	return false
+}
+
+func (x *GenerateRequest) GetSeedStable() bool {
+	if x != nil {
+		return x.SeedStable
 	}
 	return false
 }
@@ -768,7 +780,7 @@ const file_specdec_v1_orchestrator_proto_rawDesc = "" +
 	"specdec.v1\";\n" +
 	"\vChatMessage\x12\x12\n" +
 	"\x04role\x18\x01 \x01(\tR\x04role\x12\x18\n" +
-	"\acontent\x18\x02 \x01(\tR\acontent\"\xc8\x06\n" +
+	"\acontent\x18\x02 \x01(\tR\acontent\"\xe9\x06\n" +
 	"\x0fGenerateRequest\x12\x16\n" +
 	"\x06prompt\x18\x01 \x01(\tR\x06prompt\x123\n" +
 	"\bmessages\x18\x02 \x03(\v2\x17.specdec.v1.ChatMessageR\bmessages\x12$\n" +
@@ -790,7 +802,9 @@ const file_specdec_v1_orchestrator_proto_rawDesc = "" +
 	"logit_bias\x18\x10 \x03(\v2*.specdec.v1.GenerateRequest.LogitBiasEntryR\tlogitBias\x12$\n" +
 	"\x0estop_token_ids\x18\x11 \x03(\x05R\fstopTokenIds\x12\x1d\n" +
 	"\n" +
-	"ignore_eos\x18\x12 \x01(\bR\tignoreEos\x1a<\n" +
+	"ignore_eos\x18\x12 \x01(\bR\tignoreEos\x12\x1f\n" +
+	"\vseed_stable\x18\x13 \x01(\bR\n" +
+	"seedStable\x1a<\n" +
 	"\x0eLogitBiasEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x02R\x05value:\x028\x01B\b\n" +
