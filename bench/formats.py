@@ -58,10 +58,10 @@ def verify_curve(stack: ServiceStack, sizes=range(1, 17), context: int = 200, re
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def generate(stack: ServiceStack, prompt: str, k: int | None, max_new_tokens: int, orchestrator: str = "orchestrator") -> dict:
+def generate(stack: ServiceStack, prompt: str, k: int | None, max_new_tokens: int, orchestrator: str = "orchestrator", **fields) -> dict:
     """One chat request through the stack's orchestrator (or its variant `orchestrator`), timed
-    from outside; k None = adaptive K."""
-    request = orchestrator_pb2.GenerateRequest(max_new_tokens=max_new_tokens)
+    from outside; k None = adaptive K; `fields`: more GenerateRequest fields (sampling)."""
+    request = orchestrator_pb2.GenerateRequest(max_new_tokens=max_new_tokens, **fields)
     if k is not None:
         request.num_speculative_tokens = k
     request.messages.add(role="user", content=prompt)
@@ -71,7 +71,8 @@ def generate(stack: ServiceStack, prompt: str, k: int | None, max_new_tokens: in
     s = response.stats
     return {"token_ids": list(response.token_ids), "tokens": s.generated_tokens, "seconds": seconds,
             "tokens_per_second": s.generated_tokens / seconds, "tokens_per_target_forward": s.tokens_per_target_forward,
-            "rounds": s.rounds, "pipelined_rounds": s.pipelined_rounds, "mean_k": s.draft_tokens / s.rounds if s.rounds else 0.0}
+            "rounds": s.rounds, "pipelined_rounds": s.pipelined_rounds, "mean_k": s.draft_tokens / s.rounds if s.rounds else 0.0,
+            "acceptance_rate": s.acceptance_rate, "text": response.text}
 
 
 def spread(values: list[float]) -> str:

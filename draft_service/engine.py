@@ -12,6 +12,7 @@ import time
 from draft_service.drafters.base import Drafter, DraftSession
 from specdec import validation
 from specdec.errors import FailedPrecondition, InvalidArgument, SpecdecError
+from specdec.grammar import Grammar, GrammarCompiler, GrammarState
 from specdec.messages import ModelInfo, Proposal, ProposeWork
 from specdec.model_service.batching import admit_calls, per_call
 from specdec.sessions import SessionLimits, SessionStore
@@ -23,6 +24,7 @@ class DraftEngine:
         self.max_speculative_tokens = max_speculative_tokens
         self.max_context = max_context
         self.sessions: SessionStore[DraftSession] = SessionStore(limits, drafter.state_bytes)
+        self._grammars: GrammarCompiler | None = None  # built at the first session with a grammar
 
     def info(self) -> ModelInfo:
         return ModelInfo(
@@ -40,19 +42,30 @@ class DraftEngine:
             feature_layers=self.drafter.feature_layers,
         )
 
-    def start_session(self, session_id: str, prompt: list[int], prompt_len: int = 0) -> float:
+    def start_session(self, session_id: str, prompt: list[int], prompt_len: int = 0, grammar: Grammar | None = None) -> float:
         """Open a session on `prompt`, of which the first `prompt_len` tokens are the request's
-        prompt (0: all; the rest was generated before the session started); seconds spent."""
+        prompt (0: all; the rest was generated before the session started); seconds spent.
+        With `grammar`, drafts follow it (drafters with a tokenizer)."""
         started = time.perf_counter()
         prompt = validation.token_ids(prompt, self.drafter.vocab_size, "prompt_token_ids")
         prompt_len = validation.prompt_len(prompt_len, len(prompt), "prompt_len")
         if len(prompt) >= self.max_context:
             raise InvalidArgument(f"prompt of {len(prompt)} tokens leaves no room in the context of {self.max_context}", "prompt_token_ids")
         self.sessions.check_budget(len(prompt) * self.drafter.bytes_per_token())
-        session = DraftSession(ids=prompt, prompt_len=prompt_len)
+        session = DraftSession(ids=prompt, prompt_len=prompt_len, grammar=self._grammar_state(grammar, prompt[prompt_len:]))
         self.sessions.add(session_id, session)
         self.drafter.start(session)
         return time.perf_counter() - started
+
+    def _grammar_state(self, grammar: Grammar | None, output: list[int]) -> GrammarState | None:
+        """A matcher of `grammar` past `output`; None when the drafter cannot follow grammars or
+        the output does not match (drafting is then unconstrained: the target still decides)."""
+        if grammar is None or (self._grammars is None and self.drafter.tokenizer is None):
+            return None
+        if self._grammars is None:
+            self._grammars = GrammarCompiler.for_tokenizer(self.drafter.tokenizer, self.drafter.vocab_size, self.drafter.eos_token_ids)
+        state = self._grammars.state(grammar)
+        return state if state.sync(output) else None
 
     def end_session(self, session_id: str) -> bool:
         return self.sessions.remove(session_id)
@@ -73,6 +86,8 @@ class DraftEngine:
             for work, session in items:
                 self.drafter.rollback(session, work.prefix_len)
                 session.ids = session.ids[: work.prefix_len] + work.tokens
+                if session.grammar is not None and not session.grammar.sync(session.ids[session.prompt_len :]):
+                    session.grammar = None
                 if work.features is not None:
                     self.drafter.receive(session, work.features)
             proposals, passes = self.drafter.propose([s for _, s in items], [w for w, _ in items])

@@ -14,6 +14,7 @@ import grpc
 
 from specdec import wire
 from specdec.errors import SpecdecError, Upstream
+from specdec.grammar import Grammar
 from specdec.messages import ModelInfo, Proposal, ProposeWork, VerifyWork
 from specdec.sampling import Verdict
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
@@ -34,13 +35,16 @@ class CallCost:
 
 class SessionBackend(Protocol):
     async def info(self, timeout: float | None = None) -> ModelInfo: ...
-    async def start_session(self, session_id: str, prompt: list[int], timeout: float | None, prompt_len: int = 0) -> CallCost: ...
+    async def start_session(
+        self, session_id: str, prompt: list[int], timeout: float | None, prompt_len: int = 0, grammar: Grammar | None = None
+    ) -> CallCost: ...
     async def end_session(self, session_id: str, timeout: float | None) -> bool: ...
 
 
 class TargetBackend(SessionBackend, Protocol):
     async def start_session(
-        self, session_id: str, prompt: list[int], timeout: float | None, prompt_len: int = 0, feature_layers: tuple[int, ...] = ()
+        self, session_id: str, prompt: list[int], timeout: float | None, prompt_len: int = 0, grammar: Grammar | None = None,
+        feature_layers: tuple[int, ...] = (),
     ) -> CallCost: ...
 
     async def verify(self, work: VerifyWork, timeout: float | None) -> tuple[Verdict, CallCost]: ...
@@ -71,9 +75,11 @@ class _GrpcSessions:
         return wire.model_info_from_proto(response)
 
     async def start_session(
-        self, session_id: str, prompt: list[int], timeout: float | None, prompt_len: int = 0, feature_layers: tuple[int, ...] = ()
+        self, session_id: str, prompt: list[int], timeout: float | None, prompt_len: int = 0, grammar: Grammar | None = None,
+        feature_layers: tuple[int, ...] = (),
     ) -> CallCost:
-        request = common_pb2.StartSessionRequest(session_id=session_id, prompt_token_ids=prompt, feature_layers=feature_layers, prompt_len=prompt_len)
+        request = common_pb2.StartSessionRequest(session_id=session_id, prompt_token_ids=prompt, feature_layers=feature_layers, prompt_len=prompt_len,
+                                                 grammar=wire.grammar_to_proto(grammar))
         started = time.perf_counter()
         response = await self._call(self.stub.StartSession, request, timeout)
         return CallCost(time.perf_counter() - started, response.compute_seconds, request.ByteSize() + response.ByteSize())
@@ -145,8 +151,10 @@ class _InProcessSessions:
     async def info(self, timeout: float | None = None) -> ModelInfo:
         return self.engine.info()
 
-    async def start_session(self, session_id: str, prompt: list[int], timeout: float | None, prompt_len: int = 0) -> CallCost:
-        seconds = self.engine.start_session(session_id, prompt, prompt_len)
+    async def start_session(
+        self, session_id: str, prompt: list[int], timeout: float | None, prompt_len: int = 0, grammar: Grammar | None = None
+    ) -> CallCost:
+        seconds = self.engine.start_session(session_id, prompt, prompt_len, grammar)
         return CallCost(seconds, seconds)
 
     async def end_session(self, session_id: str, timeout: float | None) -> bool:
@@ -155,9 +163,10 @@ class _InProcessSessions:
 
 class InProcessTarget(_InProcessSessions):
     async def start_session(
-        self, session_id: str, prompt: list[int], timeout: float | None, prompt_len: int = 0, feature_layers: tuple[int, ...] = ()
+        self, session_id: str, prompt: list[int], timeout: float | None, prompt_len: int = 0, grammar: Grammar | None = None,
+        feature_layers: tuple[int, ...] = (),
     ) -> CallCost:
-        seconds = self.engine.start_session(session_id, prompt, feature_layers, prompt_len)
+        seconds = self.engine.start_session(session_id, prompt, feature_layers, prompt_len, grammar)
         return CallCost(seconds, seconds)
 
     async def verify(self, work: VerifyWork, timeout: float | None) -> tuple[Verdict, CallCost]:

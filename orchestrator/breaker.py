@@ -24,6 +24,7 @@ from typing import Awaitable, Callable, TypeVar
 
 from orchestrator.backends import CallCost, DraftBackend
 from specdec.errors import Upstream
+from specdec.grammar import Grammar
 from specdec.messages import ModelInfo, Proposal, ProposeWork
 
 log = logging.getLogger(__name__)
@@ -97,13 +98,15 @@ class GuardedDraft:
     async def info(self, timeout: float | None = None) -> ModelInfo:
         return await self.draft.info(timeout)
 
-    async def start_session(self, session_id: str, prompt: list[int], timeout: float | None, prompt_len: int = 0) -> CallCost:
+    async def start_session(
+        self, session_id: str, prompt: list[int], timeout: float | None, prompt_len: int = 0, grammar: Grammar | None = None
+    ) -> CallCost:
         if not self.breaker.allow():
             raise CircuitOpen(
                 f"draft skipped: circuit breaker open after {self.breaker.failures} consecutive draft failures, "
                 f"next probe in {self.breaker.seconds_until_probe():.1f} s"
             )
-        return await self._guarded(lambda t: self.draft.start_session(session_id, prompt, t, prompt_len), timeout)
+        return await self._guarded(lambda t: self.draft.start_session(session_id, prompt, t, prompt_len, grammar), timeout)
 
     async def propose(self, work: ProposeWork, timeout: float | None) -> tuple[Proposal, CallCost]:
         return await self._guarded(lambda t: self.draft.propose(work, t), timeout)

@@ -25,6 +25,7 @@ from orchestrator.text import TextStream
 from specdec import validation
 from specdec.chat import chat_token_ids
 from specdec.errors import FailedPrecondition, InvalidArgument, SpecdecError
+from specdec.grammar import Grammar, GrammarCompiler
 from specdec.messages import Logprobs, ModelInfo
 from specdec.sampling import SamplingParams
 
@@ -71,6 +72,7 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...] = ()  # generation stops at these too (finish "stop"); not output
     ignore_eos: bool = False  # EOS tokens are output like any other
     seed_stable: bool = False  # draws keyed by (seed, position): the same output whatever K, drafter or batch
+    grammar: Grammar | None = None  # structured output: what the output must match
 
 
 @dataclass
@@ -108,6 +110,14 @@ class GenerationEngine:
     def __post_init__(self):
         self.load = LoadEstimates(CostCurve(self.target_info.forward_cost))
         self.k_resolver = KResolver(self.k_settings, self.target_info, self.draft_info)
+        self._grammars: GrammarCompiler | None = None  # built at the first request with a grammar
+
+    def check_grammar(self, grammar: Grammar) -> None:
+        """INVALID_ARGUMENT naming the grammar's field unless it compiles for the target's
+        vocabulary (the model services compile it again, each for its own)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler.for_tokenizer(self.tokenizer, self.target_info.vocab_size, self.target_info.eos_token_ids)
+        self._grammars.compile(grammar)
 
     def tokenize(self, request: GenerationRequest) -> list[int]:
         ids, field_name = encode_prompt(self.tokenizer, request.prompt, request.messages)
@@ -144,6 +154,10 @@ class GenerationEngine:
         if len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise InvalidArgument(f"at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(request.stop_token_ids)}", "stop_token_ids")
         validation.token_ids(request.stop_token_ids, self.target_info.vocab_size, "stop_token_ids", allow_empty=True)
+        if request.grammar is not None:
+            if request.ignore_eos:
+                raise InvalidArgument("a grammar ends the output with an end-of-sequence token: ignore_eos cannot go with it", "ignore_eos")
+            self.check_grammar(request.grammar)
         return sampling, policy
 
     async def stream(self, request: GenerationRequest, deadline: float | None = None) -> AsyncIterator[GenerationEvent]:
@@ -164,6 +178,7 @@ class GenerationEngine:
             logprobs=request.logprobs,
             warped_logprobs=request.warped_logprobs,
             pipeline=self.pipeline_drafts,
+            grammar=request.grammar,
         )
         adaptive = isinstance(policy, AdaptiveK)
         stats = GenerationStats(
@@ -210,10 +225,10 @@ class GenerationEngine:
         """Prefill both sessions concurrently (the draft's only if the first round drafts);
         returns the draft, or None when it failed to start (the request then runs target-only)."""
         timeout = remaining(spec.deadline)
-        calls = [self.target.start_session(spec.session_id, spec.prompt, timeout, feature_layers=spec.feature_layers)]
+        calls = [self.target.start_session(spec.session_id, spec.prompt, timeout, grammar=spec.grammar, feature_layers=spec.feature_layers)]
         if draft is not None and spec.policy.first_k() > 0:
             spec.draft_started = True
-            calls.append(draft.start_session(spec.session_id, spec.prompt, timeout))
+            calls.append(draft.start_session(spec.session_id, spec.prompt, timeout, grammar=spec.grammar))
         results = await asyncio.gather(*calls, return_exceptions=True)
         if isinstance(results[0], BaseException):
             if len(results) > 1 and not isinstance(results[1], BaseException):

@@ -8,7 +8,7 @@ from typing import AsyncIterator
 
 from orchestrator.generation import GenerationEngine, GenerationEvent, GenerationRequest
 from orchestrator.stats import GenerationStats
-from specdec import metrics
+from specdec import metrics, wire
 from specdec.errors import Unavailable
 from specdec.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
@@ -40,6 +40,7 @@ def request_from_proto(message: orchestrator_pb2.GenerateRequest) -> GenerationR
         stop_token_ids=tuple(message.stop_token_ids),
         ignore_eos=message.ignore_eos,
         seed_stable=message.seed_stable,
+        grammar=wire.grammar_from_proto(message.grammar, message.HasField("grammar"), "grammar"),
     )
 
 

@@ -43,6 +43,7 @@ from orchestrator.backends import DraftBackend, TargetBackend, is_draft_failure
 from orchestrator.policy import LoadEstimates, Policy
 from orchestrator.stats import GenerationStats
 from specdec.errors import DeadlineExceeded, SpecdecError
+from specdec.grammar import Grammar
 from specdec.messages import Features, Logprobs, Proposal, ProposeWork, VerifyWork
 from specdec.sampling import SamplingParams
 
@@ -68,6 +69,7 @@ class Speculation:
     logprobs: int | None = None  # VerifyWork.logprobs of every round
     warped_logprobs: bool = False
     pipeline: bool = False  # propose the next round while the target verifies this one
+    grammar: Grammar | None = None  # structured output, enforced by both services
 
 
 @dataclass
@@ -133,7 +135,7 @@ async def speculate(
                 try:
                     if not spec.draft_started:
                         spec.draft_started = True
-                        stats.add_draft_call(await draft.start_session(spec.session_id, sequence, remaining(spec.deadline), len(spec.prompt)))
+                        stats.add_draft_call(await draft.start_session(spec.session_id, sequence, remaining(spec.deadline), len(spec.prompt), spec.grammar))
                         drafted_to = committed
                     work = ProposeWork(
                         spec.session_id, drafted_to, sequence[drafted_to:], num_speculative_tokens, spec.sampling,

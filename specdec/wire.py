@@ -12,6 +12,7 @@ import torch
 
 from specdec import validation
 from specdec.errors import InvalidArgument
+from specdec.grammar import Grammar
 from specdec.messages import Features, Logprobs, ModelInfo, Proposal, ProposeWork, SparseDistribution, VerifyWork
 from specdec.sampling import SamplingParams, Verdict
 from specdec.v1 import common_pb2, draft_pb2, target_pb2
@@ -33,6 +34,24 @@ def sampling_from_proto(message: common_pb2.SamplingParams, prefix: str) -> Samp
         frequency_penalty=message.frequency_penalty, logit_bias=dict(message.logit_bias),
         position_seed=message.position_seed if message.HasField("position_seed") else None,
     )
+
+
+def grammar_to_proto(grammar: Grammar | None) -> common_pb2.Grammar | None:
+    if grammar is None:
+        return None
+    if grammar.kind == "json_object":
+        return common_pb2.Grammar(json_object=True)
+    return common_pb2.Grammar(**{grammar.kind: grammar.source})
+
+
+def grammar_from_proto(message: common_pb2.Grammar, present: bool, field: str) -> Grammar | None:
+    """None when unset; INVALID_ARGUMENT when set without a kind."""
+    if not present:
+        return None
+    kind = message.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument("set one of json_schema, json_object, regex, ebnf, lark", field)
+    return Grammar(kind, "" if kind == "json_object" else getattr(message, kind))
 
 
 def distribution_to_proto(distribution: SparseDistribution) -> common_pb2.SparseDistribution:

@@ -16,6 +16,7 @@ import torch
 
 from specdec import lm, sampling, validation
 from specdec.errors import FailedPrecondition, InvalidArgument, SpecdecError
+from specdec.grammar import Grammar, GrammarCompiler, GrammarState, apply_mask
 from specdec.lean_llama import supports_lean_path
 from specdec.messages import Features, Logprobs, ModelInfo, VerifyWork
 from specdec.model_service.batching import admit_calls, per_call
@@ -35,6 +36,7 @@ class TargetSession:
 
     ids: list[int]
     prompt_len: int  # tokens of the request's prompt; the rest of ids is output (for penalties)
+    grammar: GrammarState | None = None  # structured output: the matcher of the session's output
     cache: lm.SequenceCache = field(default_factory=lm.SequenceCache)
     chunk: int = 0  # prefill chunk size in tokens; 0: the whole prompt at once
     feature_layers: tuple[int, ...] = ()  # layers whose outputs go back with every Verify
@@ -51,6 +53,7 @@ class TargetEngine:
         self._bytes_per_token = lm.kv_bytes_per_token(loaded.model)
         self.forward_cost: tuple[tuple[int, float], ...] = ()
         self.format_choice = None  # weights.FormatChoice, resolved at warm-up
+        self._grammars: GrammarCompiler | None = None  # built at the first session with a grammar
 
     @property
     def vocab_size(self) -> int:
@@ -104,22 +107,26 @@ class TargetEngine:
             curve.append((n, slowest))
         return tuple(curve)
 
-    def start_session(self, session_id: str, prompt: list[int], feature_layers: tuple[int, ...] = (), prompt_len: int = 0) -> float:
+    def start_session(
+        self, session_id: str, prompt: list[int], feature_layers: tuple[int, ...] = (), prompt_len: int = 0, grammar: Grammar | None = None
+    ) -> float:
         """Open a session and prefill its whole prompt; seconds spent."""
         started = time.perf_counter()
-        self.begin_session(session_id, prompt, feature_layers=feature_layers, prompt_len=prompt_len)
+        self.begin_session(session_id, prompt, feature_layers=feature_layers, prompt_len=prompt_len, grammar=grammar)
         while self.prefill(session_id):
             pass
         return time.perf_counter() - started
 
     def begin_session(
-        self, session_id: str, prompt: list[int], prefill_chunk_tokens: int = 0, feature_layers: tuple[int, ...] = (), prompt_len: int = 0
+        self, session_id: str, prompt: list[int], prefill_chunk_tokens: int = 0, feature_layers: tuple[int, ...] = (), prompt_len: int = 0,
+        grammar: Grammar | None = None,
     ) -> int:
         """Open a session whose cache `prefill` then fills, `prefill_chunk_tokens` at a time (0:
         all at once); returns the number of tokens to prefill. The service prefills in chunks so
         that other sessions' rounds run between them. With `feature_layers`, the session keeps
         those layers' outputs for a feature drafter and returns them with every verdict.
-        `prompt_len`: how many of `prompt` are the request's prompt (0: all)."""
+        `prompt_len`: how many of `prompt` are the request's prompt (0: all); `grammar`: what
+        the output must match."""
         prompt = validation.token_ids(prompt, self.vocab_size, "prompt_token_ids")
         prompt_len = validation.prompt_len(prompt_len, len(prompt), "prompt_len")
         self._check_feature_layers(feature_layers)
@@ -129,9 +136,21 @@ class TargetEngine:
             )
         self.sessions.check_budget(len(prompt) * self._bytes_per_token)
         # the cache holds all but the last prompt token: that one is the first round's input
-        session = TargetSession(ids=prompt[:-1], prompt_len=prompt_len, chunk=prefill_chunk_tokens, feature_layers=tuple(feature_layers))
+        state = self._grammar_state(grammar, prompt[prompt_len:]) if grammar is not None else None
+        session = TargetSession(ids=prompt[:-1], prompt_len=prompt_len, grammar=state, chunk=prefill_chunk_tokens, feature_layers=tuple(feature_layers))
         self.sessions.add(session_id, session)
         return len(session.ids)
+
+    def _grammar_state(self, grammar: Grammar, output: list[int]) -> GrammarState:
+        """A matcher of `grammar` that has consumed `output` (compiled for the model's tokenizer)."""
+        if self._grammars is None:
+            if self.loaded.tokenizer is None:
+                raise InvalidArgument("this target has no tokenizer to compile a grammar for", "grammar")
+            self._grammars = GrammarCompiler.for_tokenizer(self.loaded.tokenizer, self.vocab_size, self.loaded.eos_token_ids)
+        state = self._grammars.state(grammar)
+        if not state.sync(output):
+            raise InvalidArgument("the output tokens after prompt_len do not match the grammar", "prompt_token_ids")
+        return state
 
     def _check_feature_layers(self, layers: tuple[int, ...]) -> None:
         count = lm.num_layers(self.loaded.model)
@@ -206,6 +225,8 @@ class TargetEngine:
             sequence = session.ids + work.tokens
             history = sampling.History(sequence[: session.prompt_len], sequence[session.prompt_len :])
             processed = sampling.process_logits(scored, work.sampling, history, work.draft_tokens)
+        if session.grammar is not None:
+            processed = apply_mask(processed, session.grammar.masks_along(work.draft_tokens))
         verdict = self._decide(work, processed, len(session.ids) + len(work.tokens))
         if work.logprobs is not None:
             committed = work.draft_tokens[: verdict.accepted] + [verdict.next_token]
@@ -249,6 +270,8 @@ class TargetEngine:
             )
         if len(session.ids) + len(work.tokens) + k > self.loaded.max_context:
             raise InvalidArgument(f"the sequence would exceed the context of {self.loaded.max_context}", prefix + "tokens")
+        if session.grammar is not None and not session.grammar.sync((session.ids + work.tokens)[session.prompt_len :]):
+            raise InvalidArgument("the session's grammar forbids these tokens", prefix + "tokens")
         if not work.sampling.deterministic:
             validation.uniforms(work.uniforms, k + 1, prefix + "uniforms")
             if work.draft_probs is not None:

@@ -8,6 +8,7 @@ import asyncio
 import time
 
 from specdec import wire
+from specdec.grammar import Grammar
 from specdec.messages import VerifyWork
 from specdec.model_service.batching import BatchingConfig
 from specdec.model_service.runtime import ModelWorker, SessionServicerBase, timed
@@ -30,14 +31,17 @@ class TargetServicer(SessionServicerBase, target_pb2_grpc.TargetServiceServicer)
         return len(item.tokens) + len(item.draft_tokens)
 
     async def StartSession(self, request, context):
-        seconds = await self.start_session(request.session_id, list(request.prompt_token_ids), request.prompt_len, tuple(request.feature_layers))
+        grammar = wire.grammar_from_proto(request.grammar, request.HasField("grammar"), "grammar")
+        seconds = await self.start_session(request.session_id, list(request.prompt_token_ids), request.prompt_len, grammar, tuple(request.feature_layers))
         return common_pb2.StartSessionResponse(compute_seconds=seconds)
 
-    async def start_session(self, session_id: str, prompt: list[int], prompt_len: int = 0, feature_layers: tuple[int, ...] = ()) -> float:
+    async def start_session(
+        self, session_id: str, prompt: list[int], prompt_len: int = 0, grammar: Grammar | None = None, feature_layers: tuple[int, ...] = ()
+    ) -> float:
         """Prefill chunk by chunk, each chunk a job between two Verify batches; a prefill that
         fails or is cancelled ends the session."""
         engine = self.engine
-        left, seconds = await self.scheduler.job(timed(engine.begin_session), session_id, prompt, self.prefill_chunk_tokens, feature_layers, prompt_len)
+        left, seconds = await self.scheduler.job(timed(engine.begin_session), session_id, prompt, self.prefill_chunk_tokens, feature_layers, prompt_len, grammar)
         try:
             while left:
                 left, chunk_seconds = await self.scheduler.job(timed(engine.prefill), session_id)

@@ -195,19 +195,22 @@ def assert_target_marginals(counts: torch.Tensor, target, prompt, params) -> Non
         assert chisquare_pvalue(counts[step][support], exact[support]) > 1e-3, f"step {step}"
 
 
-async def sample_many(target, drafter, prompt, params, k, steps, trials, make_policy=None, pipeline=False, seed_stable=False):
+async def sample_many(target, drafter, prompt, params, k, steps, trials, make_policy=None, pipeline=False, seed_stable=False,
+                      grammar=None, grammars=None):
     """Histograms of `trials` sampled generations; each round drafts `k` tokens, or as many as
     `make_policy()`'s policy says (one policy per trial). A feature drafter gets the target's
     features as through the orchestrator. `pipeline`: rounds proposed ahead (Speculation.pipeline).
-    `seed_stable`: seed-stable sampling, each trial's seed its number."""
+    `seed_stable`: seed-stable sampling, each trial's seed its number. `grammar`: the output's,
+    compiled by `grammars` (a GrammarCompiler for models without a tokenizer)."""
     target_engine, draft_engine = TargetEngine(target), DraftEngine(drafter, max_context=target.max_context)
+    target_engine._grammars = draft_engine._grammars = grammars
     target_backend, draft_backend = InProcessTarget(target_engine), InProcessDraft(draft_engine)
     counts = torch.zeros(steps, target.vocab_size)
     stats = GenerationStats()
     for trial in range(trials):
         sid = f"s{trial}"
-        target_engine.start_session(sid, prompt, feature_layers=drafter.feature_layers)
-        draft_engine.start_session(sid, prompt)
+        target_engine.start_session(sid, prompt, feature_layers=drafter.feature_layers, grammar=grammar)
+        draft_engine.start_session(sid, prompt, grammar=grammar)
         policy = make_policy() if make_policy else FixedK(k)
         trial_params = dataclasses.replace(params, position_seed=trial) if seed_stable else params
         spec = Speculation(sid, prompt, trial_params, policy, steps, torch.Generator().manual_seed(trial), draft_started=True,

@@ -1,6 +1,6 @@
 """Regenerate the Go code of the public API (protos/specdec/v1/orchestrator.proto) for the Go client.
 
-    python clients/go/generate.py            # writes clients/go/specdec/v1/orchestrator{,_grpc}.pb.go
+    python clients/go/generate.py            # writes clients/go/specdec/v1/{orchestrator,orchestrator_grpc,common}.pb.go
     python clients/go/generate.py --out DIR  # writes the same files under DIR (the staleness test)
 
 protoc is grpcio-tools' (the one that makes the Python code); the plugins protoc-gen-go and
@@ -22,8 +22,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROTO_ROOT = HERE.parent.parent / "protos"
 PROTO = "specdec/v1/orchestrator.proto"
+COMMON = "specdec/v1/common.proto"  # the public API imports its Grammar message
 GO_PACKAGE = "specdec/clients/go/specdec/v1;specdecv1"  # import path (module in go.mod + folder); package name
-GENERATED = [Path("specdec/v1/orchestrator.pb.go"), Path("specdec/v1/orchestrator_grpc.pb.go")]
+GENERATED = [Path("specdec/v1/orchestrator.pb.go"), Path("specdec/v1/orchestrator_grpc.pb.go"), Path("specdec/v1/common.pb.go")]
 
 
 def plugin(name: str) -> str:
@@ -44,12 +45,19 @@ def generate(out: Path) -> None:
         f"--plugin=protoc-gen-go-grpc={plugin('protoc-gen-go-grpc')}",
         # the protos carry no go_package option (it would tie them to this client); M maps the file
         f"--go_out={out}",
-        f"--go_opt=paths=source_relative,M{PROTO}={GO_PACKAGE}",
+        f"--go_opt=paths=source_relative,M{PROTO}={GO_PACKAGE},M{COMMON}={GO_PACKAGE}",
+        PROTO,
+        COMMON,
+    ]
+    services = [  # the model services' RPCs (in common.proto's neighbours) are not the client's business
+        "protoc",
+        f"-I{PROTO_ROOT}",
+        f"--plugin=protoc-gen-go-grpc={plugin('protoc-gen-go-grpc')}",
         f"--go-grpc_out={out}",
-        f"--go-grpc_opt=paths=source_relative,M{PROTO}={GO_PACKAGE}",
+        f"--go-grpc_opt=paths=source_relative,M{PROTO}={GO_PACKAGE},M{COMMON}={GO_PACKAGE}",
         PROTO,
     ]
-    if protoc.main(args) != 0:
+    if protoc.main(args) != 0 or protoc.main(services) != 0:
         sys.exit("protoc failed")
 
 

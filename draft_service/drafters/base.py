@@ -5,6 +5,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import torch
+
+from specdec.grammar import GrammarState
 from specdec.messages import Features, Proposal, ProposeWork
 from specdec.sampling import History
 
@@ -17,10 +20,22 @@ class DraftSession:
     ids: list[int]
     prompt_len: int = 0  # tokens of ids that are the request's prompt (penalties count the output's)
     state: object = None
+    grammar: GrammarState | None = None  # structured output: the matcher of ids[prompt_len:] and the drafts
 
     def history(self, drafted: list[int]) -> History:
         """The sequence before the next draft token, the session's `drafted` ones included."""
         return History(self.ids[: self.prompt_len], self.ids[self.prompt_len :] + drafted)
+
+    def allowed(self) -> torch.Tensor | None:
+        """The tokens the session's grammar allows next, [V] bool; None without a grammar."""
+        return self.grammar.mask() if self.grammar is not None else None
+
+    def drafted(self, token: int) -> None:
+        """Move the grammar past a drafted token (drafts after an end of sequence do not move it).
+        A token it forbids (drawn by a head that holds none it allows) ends the session's masking:
+        such drafts are rejected, never wrong."""
+        if self.grammar is not None and not self.grammar.ended and not self.grammar.advance(token):
+            self.grammar = None
 
 
 class Drafter(ABC):
@@ -46,6 +61,10 @@ class Drafter(ABC):
     #: feature row; empty and 0 for drafters of tokens alone.
     feature_layers: tuple[int, ...] = ()
     feature_width: int = 0
+    #: The tokenizer of the drafter's vocabulary, to follow a request's grammar; None: grammars
+    #: are ignored (n-grams: their drafts are checked by the target like any other).
+    tokenizer: object = None
+    eos_token_ids: tuple[int, ...] = ()  # what ends an output the grammar completed
 
     def start(self, session: DraftSession) -> None:
         """Prepare the drafter's state for a new session (e.g. prefill all tokens but the last)."""

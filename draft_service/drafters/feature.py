@@ -51,6 +51,8 @@ class FeatureDrafter(Drafter):
         self.net = net.eval()
         self.name = name
         self.vocab_size = target.vocab_size
+        self.tokenizer = target.tokenizer
+        self.eos_token_ids = target.eos_token_ids
         self.vocab_fingerprint = target.vocab_fingerprint
         self.max_support = max_support
         self.feature_layers = net.config.feature_layers
@@ -84,8 +86,10 @@ class FeatureDrafter(Drafter):
         return session.state.held == len(session.ids) - 1
 
     def _draw(self, logits: torch.Tensor, work: ProposeWork, step: int, proposal: Proposal, session: DraftSession) -> int:
-        history = session.history(proposal.tokens)
-        return draw(logits, work, step, proposal, self.max_support, self.net.vocabulary, history, self.vocab_size)
+        token = draw(logits, work, step, proposal, self.max_support, self.net.vocabulary, session.history(proposal.tokens), self.vocab_size,
+                     session.allowed())
+        session.drafted(token)
+        return token
 
     def _round_seconds(self, context: int = 64, k: int = 4, repeats: int = 5) -> float:
         """The fastest of `repeats` greedy K-token proposals over `context` positions."""

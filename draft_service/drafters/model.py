@@ -48,7 +48,7 @@ def restrict_head(model: torch.nn.Module, token_ids: torch.Tensor) -> None:
 
 def draw(
     logits: torch.Tensor, work: ProposeWork, step: int, proposal: Proposal, max_support: int, head_ids: torch.Tensor | None,
-    history: sampling.History, vocab_size: int,
+    history: sampling.History, vocab_size: int, allowed: torch.Tensor | None = None,
 ) -> int:
     """One draft token from [V'] logits over head rows (`head_ids` maps rows to token ids; None:
     rows are ids): the argmax when greedy; seed-stable, the Gumbel-max choice with the noise of its
@@ -56,12 +56,18 @@ def draw(
     step's uniform from the warped distribution cut to `max_support` tokens, which is recorded in
     `proposal` as q. Logit bias and
     penalties, when the work asks for them, apply as on the target, after `history`; they act on
-    token ids, so a reduced head's rows are first spread over the `vocab_size` ids (-inf elsewhere)."""
+    token ids, so a reduced head's rows are first spread over the `vocab_size` ids (-inf elsewhere).
+    `allowed` ([V] bool over token ids): what a grammar allows; a head with none of it drafts
+    unmasked (the target rejects such drafts)."""
     if work.sampling.processes_logits:
         if head_ids is not None:
             logits = torch.full((vocab_size,), float("-inf")).index_copy_(0, head_ids, logits.float())
             head_ids = None
         logits = sampling.process_logits(logits[None], work.sampling, history)[0]
+    if allowed is not None:
+        rows_allowed = allowed if head_ids is None else allowed[head_ids]
+        if bool((rows_allowed & (logits > float("-inf"))).any()):
+            logits = logits.masked_fill(~rows_allowed, float("-inf"))
     token_ids = (lambda rows: rows) if head_ids is None else (lambda rows: head_ids[rows])  # noqa: E731
     if work.sampling.greedy:
         return int(token_ids(logits.argmax()))
@@ -89,6 +95,8 @@ class ModelDrafter(Drafter):
         if head_ids is not None:
             restrict_head(loaded.model, head_ids)
         self.name = loaded.name
+        self.tokenizer = loaded.tokenizer
+        self.eos_token_ids = loaded.eos_token_ids
         self.vocab_size = loaded.vocab_size
         self.vocab_fingerprint = loaded.vocab_fingerprint
         self.max_support = max_support
@@ -118,8 +126,10 @@ class ModelDrafter(Drafter):
             logits = lm.forward(self.loaded.model, [sessions[i].state for i in rows], [feed[i] for i in rows], logits_for_last=1)
             passes += 1
             for row, row_logits in zip(rows, logits):
-                history = sessions[row].history(proposals[row].tokens)
-                token = draw(row_logits[-1], work[row], step, proposals[row], self.max_support, self.head_ids, history, self.vocab_size)
+                session = sessions[row]
+                token = draw(row_logits[-1], work[row], step, proposals[row], self.max_support, self.head_ids,
+                             session.history(proposals[row].tokens), self.vocab_size, session.allowed())
+                session.drafted(token)
                 proposals[row].tokens.append(token)
                 feed[row] = [token]
         return proposals, passes

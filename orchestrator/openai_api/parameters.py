@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse
 from orchestrator.generation import GenerationRequest
 from specdec import validation
 from specdec.errors import InvalidArgument, SpecdecError
+from specdec.grammar import Grammar
 
 # gRPC status code name -> HTTP status and OpenAI error type
 STATUS = {
@@ -91,7 +92,6 @@ NO_OPS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "min_tokens": (lambda v: v == 0, "0"),
     "include_stop_str_in_output": (lambda v: v is False, "false"),
     "skip_special_tokens": (lambda v: v is True, "true"),
-    "response_format": (lambda v: v == {"type": "text"}, '{"type": "text"}'),
     "tools": (lambda v: v == [], "[]"),
     "functions": (lambda v: v == [], "[]"),
     "tool_choice": (lambda v: v in ("none", "auto"), '"none"'),
@@ -114,7 +114,8 @@ COMPLETION_NO_OPS = {
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"})
 COMMON = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream", "stream_options",
                     "num_speculative_tokens", "logprobs", "warped_logprobs", "min_p", "repetition_penalty", "presence_penalty",
-                    "frequency_penalty", "logit_bias", "stop_token_ids", "ignore_eos", "seed_stable"})
+                    "frequency_penalty", "logit_bias", "stop_token_ids", "ignore_eos", "seed_stable", "response_format",
+                    "structured_outputs"})
 CHAT_PARAMETERS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_PARAMETERS = COMMON | {"prompt"}
 MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "refusal", "function_call"}
@@ -198,6 +199,54 @@ def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
             raise ParameterError(f"the bias of token {key} must be a number, got {json.dumps(value)}", "logit_bias")
         parsed.append((int(key), float(value)))
     return tuple(parsed)
+
+
+def _regex_literal(text: str) -> str:
+    return "".join("\\" + c if c in "\\.^$|?*+()[]{}/-" else c for c in text)
+
+
+def _response_format(value) -> Grammar | None:
+    """OpenAI's response_format: text, json_object or json_schema ({"schema": ...})."""
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise ParameterError('response_format must be {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+                             '"json_schema": {"name": ..., "schema": {...}}}', "response_format")
+    if value["type"] == "text":
+        return None
+    if value["type"] == "json_object":
+        return Grammar("json_object")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise ParameterError("response_format.json_schema must be an object with a schema object", "response_format.json_schema")
+    return Grammar("json_schema", json.dumps(spec["schema"]))
+
+
+# structured_outputs (vLLM's): key -> (the Grammar it makes of a valid value, or None if invalid)
+STRUCTURED = {
+    "json": lambda v: Grammar("json_schema", json.dumps(v) if isinstance(v, dict) else v) if isinstance(v, (dict, str)) else None,
+    "json_object": lambda v: Grammar("json_object") if v is True else None,
+    "regex": lambda v: Grammar("regex", v) if isinstance(v, str) else None,
+    "grammar": lambda v: Grammar("ebnf", v) if isinstance(v, str) else None,
+    "choice": lambda v: Grammar("regex", "(" + "|".join(_regex_literal(c) for c in v) + ")")
+    if isinstance(v, list) and v and all(isinstance(c, str) for c in v) else None,
+}
+
+
+def _grammar(body: dict) -> tuple[Grammar | None, str]:
+    """The request's grammar and the parameter that set it: OpenAI's response_format, or vLLM's
+    structured_outputs with one of json (a schema), json_object, regex, grammar (EBNF), choice."""
+    fmt, structured = body.get("response_format"), body.get("structured_outputs")
+    grammar = _response_format(fmt) if fmt is not None else None
+    if structured is None:
+        return grammar, "response_format"
+    if grammar is not None:
+        raise ParameterError("set response_format or structured_outputs, not both", "structured_outputs")
+    if not isinstance(structured, dict) or len(structured) != 1 or next(iter(structured)) not in STRUCTURED:
+        raise ParameterError(f"structured_outputs takes one of {', '.join(STRUCTURED)}", "structured_outputs")
+    (key, value), = structured.items()
+    grammar = STRUCTURED[key](value)
+    if grammar is None:
+        raise ParameterError(f"structured_outputs.{key} has the wrong type", f"structured_outputs.{key}")
+    return grammar, "structured_outputs"
 
 
 def _token_ids(body: dict, name: str) -> tuple[int, ...]:
@@ -305,6 +354,7 @@ def parse_request(body: dict, chat: bool) -> ParsedRequest:
             "continuous_usage_stats is not supported", "stream_options.continuous_usage_stats", "unsupported_parameter"
         )
     logprobs, logprobs_param = _logprobs(body, chat)
+    grammar, grammar_param = _grammar(body)
     generation = GenerationRequest(
         prompt="" if chat else _prompt(body),
         messages=_messages(body) if chat else (),
@@ -325,6 +375,7 @@ def parse_request(body: dict, chat: bool) -> ParsedRequest:
         stop_token_ids=_token_ids(body, "stop_token_ids"),
         ignore_eos=_boolean(body, "ignore_eos"),
         seed_stable=_boolean(body, "seed_stable"),
+        grammar=grammar,
     )
-    params = {"max_new_tokens": max_param, "prompt": "messages" if chat else "prompt", "logprobs": logprobs_param}
+    params = {"max_new_tokens": max_param, "prompt": "messages" if chat else "prompt", "logprobs": logprobs_param, "grammar": grammar_param}
     return ParsedRequest(generation, stream, include_usage, params, chat and max_tokens is None)

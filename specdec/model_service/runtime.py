@@ -17,6 +17,7 @@ import torch
 
 from specdec import metrics, wire
 from specdec.errors import Unavailable
+from specdec.grammar import Grammar
 from specdec.model_service.batching import BatchingConfig, BatchScheduler
 from specdec.rpc.server import Server, create_server, server_options, wait_for_signal
 from specdec.sessions import SessionLimits
@@ -152,7 +153,7 @@ class ModelWorker:
 class SessionServicerBase:
     """The RPCs the draft and target services share: model info and the session life cycle, and
     the batching scheduler (specdec/batching.py) through which all their model work runs.
-    `engine` has info(), start_session(id, prompt, prompt_len) and end_session(id); a subclass provides
+    `engine` has info(), start_session(id, prompt, prompt_len, grammar) and end_session(id); a subclass provides
     `run_batch(calls)`, the engine call that serves several fused calls, and its metrics labels."""
 
     service = "model"  # the `service` label of its metrics
@@ -192,12 +193,13 @@ class SessionServicerBase:
         return wire.model_info_to_proto(await self.scheduler.job(self.engine.info, urgent=True))
 
     async def StartSession(self, request, context):
-        seconds = await self.start_session(request.session_id, list(request.prompt_token_ids), request.prompt_len)
+        grammar = wire.grammar_from_proto(request.grammar, request.HasField("grammar"), "grammar")
+        seconds = await self.start_session(request.session_id, list(request.prompt_token_ids), request.prompt_len, grammar)
         return common_pb2.StartSessionResponse(compute_seconds=seconds)
 
-    async def start_session(self, session_id: str, prompt: list[int], prompt_len: int = 0) -> float:
+    async def start_session(self, session_id: str, prompt: list[int], prompt_len: int = 0, grammar: Grammar | None = None) -> float:
         """Open and prefill a session between batches; seconds of compute."""
-        return await self.scheduler.job(self.engine.start_session, session_id, prompt, prompt_len)
+        return await self.scheduler.job(self.engine.start_session, session_id, prompt, prompt_len, grammar)
 
     async def EndSession(self, request, context):
         self.scheduler.forget(request.session_id)

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from specdec.v1 import common_pb2 as specdec_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspecdec/v1/orchestrator.proto\x12\nspecdec.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xfc\x04\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.specdec.v1.ChatMessage\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12#\n\x16num_speculative_tokens\x18\t \x01(\x05H\x02\x88\x01\x01\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x03\x88\x01\x01\x12\x17\n\x0fwarped_logprobs\x18\x0b \x01(\x08\x12\r\n\x05min_p\x18\x0c \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x04\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0e \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0f \x01(\x02\x12>\n\nlogit_bias\x18\x10 \x03(\x0b\x32*.specdec.v1.GenerateRequest.LogitBiasEntry\x12\x16\n\x0estop_token_ids\x18\x11 \x03(\x05\x12\x12\n\nignore_eos\x18\x12 \x01(\x08\x12\x13\n\x0bseed_stable\x18\x13 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06_top_pB\x07\n\x05_seedB\x19\n\x17_num_speculative_tokensB\x0b\n\t_logprobsB\x15\n\x13_repetition_penalty\"M\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"\xfb\x05\n\x0fGenerationStats\x12\x18\n\x10generated_tokens\x18\x01 \x01(\r\x12\x0e\n\x06rounds\x18\x02 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x04 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x05 \x01(\x02\x12!\n\x19tokens_per_target_forward\x18\x06 \x01(\x02\x12\x1d\n\x15target_forward_passes\x18\x07 \x01(\r\x12\x1c\n\x14\x64raft_forward_passes\x18\x08 \x01(\r\x12\x15\n\rdraft_seconds\x18\t \x01(\x01\x12\x16\n\x0etarget_seconds\x18\n \x01(\x01\x12\x17\n\x0fnetwork_seconds\x18\x0b \x01(\x01\x12\x15\n\rtotal_seconds\x18\x0c \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\r \x01(\x01\x12\x17\n\x0f\x62ytes_per_round\x18\x0e \x01(\x01\x12\x1e\n\x16num_speculative_tokens\x18\x0f \x01(\r\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x10 \x03(\r\x12\x15\n\rqueue_seconds\x18\x11 \x01(\x01\x12\x12\n\nadaptive_k\x18\x12 \x01(\x08\x12\x1c\n\x14orchestrator_seconds\x18\x13 \x01(\x01\x12 \n\x18\x64raft_conversion_seconds\x18\x14 \x01(\x01\x12!\n\x19target_conversion_seconds\x18\x15 \x01(\x01\x12\x1f\n\x17\x64raft_transport_seconds\x18\x16 \x01(\x01\x12 \n\x18target_transport_seconds\x18\x17 \x01(\x01\x12&\n\x1e\x64raft_service_overhead_seconds\x18\x18 \x01(\x01\x12\'\n\x1ftarget_service_overhead_seconds\x18\x19 \x01(\x01\x12\x18\n\x10pipelined_rounds\x18\x1a \x01(\r\"\xbd\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12*\n\x05stats\x18\x04 \x01(\x0b\x32\x1b.specdec.v1.GenerationStats\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.specdec.v1.TokenLogprobs*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32\xa4\x01\n\x0cOrchestrator\x12\x45\n\x08Generate\x12\x1b.specdec.v1.GenerateRequest\x1a\x1c.specdec.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.specdec.v1.GenerateRequest\x1a\x1c.specdec.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspecdec/v1/orchestrator.proto\x12\nspecdec.v1\x1a\x17specdec/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa2\x05\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.specdec.v1.ChatMessage\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12#\n\x16num_speculative_tokens\x18\t \x01(\x05H\x02\x88\x01\x01\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x03\x88\x01\x01\x12\x17\n\x0fwarped_logprobs\x18\x0b \x01(\x08\x12\r\n\x05min_p\x18\x0c \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x04\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0e \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0f \x01(\x02\x12>\n\nlogit_bias\x18\x10 \x03(\x0b\x32*.specdec.v1.GenerateRequest.LogitBiasEntry\x12\x16\n\x0estop_token_ids\x18\x11 \x03(\x05\x12\x12\n\nignore_eos\x18\x12 \x01(\x08\x12\x13\n\x0bseed_stable\x18\x13 \x01(\x08\x12$\n\x07grammar\x18\x14 \x01(\x0b\x32\x13.specdec.v1.Grammar\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06_top_pB\x07\n\x05_seedB\x19\n\x17_num_speculative_tokensB\x0b\n\t_logprobsB\x15\n\x13_repetition_penalty\"M\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"\xfb\x05\n\x0fGenerationStats\x12\x18\n\x10generated_tokens\x18\x01 \x01(\r\x12\x0e\n\x06rounds\x18\x02 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x04 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x05 \x01(\x02\x12!\n\x19tokens_per_target_forward\x18\x06 \x01(\x02\x12\x1d\n\x15target_forward_passes\x18\x07 \x01(\r\x12\x1c\n\x14\x64raft_forward_passes\x18\x08 \x01(\r\x12\x15\n\rdraft_seconds\x18\t \x01(\x01\x12\x16\n\x0etarget_seconds\x18\n \x01(\x01\x12\x17\n\x0fnetwork_seconds\x18\x0b \x01(\x01\x12\x15\n\rtotal_seconds\x18\x0c \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\r \x01(\x01\x12\x17\n\x0f\x62ytes_per_round\x18\x0e \x01(\x01\x12\x1e\n\x16num_speculative_tokens\x18\x0f \x01(\r\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x10 \x03(\r\x12\x15\n\rqueue_seconds\x18\x11 \x01(\x01\x12\x12\n\nadaptive_k\x18\x12 \x01(\x08\x12\x1c\n\x14orchestrator_seconds\x18\x13 \x01(\x01\x12 \n\x18\x64raft_conversion_seconds\x18\x14 \x01(\x01\x12!\n\x19target_conversion_seconds\x18\x15 \x01(\x01\x12\x1f\n\x17\x64raft_transport_seconds\x18\x16 \x01(\x01\x12 \n\x18target_transport_seconds\x18\x17 \x01(\x01\x12&\n\x1e\x64raft_service_overhead_seconds\x18\x18 \x01(\x01\x12\'\n\x1ftarget_service_overhead_seconds\x18\x19 \x01(\x01\x12\x18\n\x10pipelined_rounds\x18\x1a \x01(\r\"\xbd\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12*\n\x05stats\x18\x04 \x01(\x0b\x32\x1b.specdec.v1.GenerationStats\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.specdec.v1.TokenLogprobs*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32\xa4\x01\n\x0cOrchestrator\x12\x45\n\x08Generate\x12\x1b.specdec.v1.GenerateRequest\x1a\x1c.specdec.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.specdec.v1.GenerateRequest\x1a\x1c.specdec.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,20 +34,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1767
-  _globals['_FINISHREASON']._serialized_end=1885
-  _globals['_CHATMESSAGE']._serialized_start=45
-  _globals['_CHATMESSAGE']._serialized_end=89
-  _globals['_GENERATEREQUEST']._serialized_start=92
-  _globals['_GENERATEREQUEST']._serialized_end=728
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=598
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=646
-  _globals['_TOKENLOGPROBS']._serialized_start=730
-  _globals['_TOKENLOGPROBS']._serialized_end=807
-  _globals['_GENERATIONSTATS']._serialized_start=810
-  _globals['_GENERATIONSTATS']._serialized_end=1573
-  _globals['_GENERATERESPONSE']._serialized_start=1576
-  _globals['_GENERATERESPONSE']._serialized_end=1765
-  _globals['_ORCHESTRATOR']._serialized_start=1888
-  _globals['_ORCHESTRATOR']._serialized_end=2052
+  _globals['_FINISHREASON']._serialized_start=1830
+  _globals['_FINISHREASON']._serialized_end=1948
+  _globals['_CHATMESSAGE']._serialized_start=70
+  _globals['_CHATMESSAGE']._serialized_end=114
+  _globals['_GENERATEREQUEST']._serialized_start=117
+  _globals['_GENERATEREQUEST']._serialized_end=791
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=661
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=709
+  _globals['_TOKENLOGPROBS']._serialized_start=793
+  _globals['_TOKENLOGPROBS']._serialized_end=870
+  _globals['_GENERATIONSTATS']._serialized_start=873
+  _globals['_GENERATIONSTATS']._serialized_end=1636
+  _globals['_GENERATERESPONSE']._serialized_start=1639
+  _globals['_GENERATERESPONSE']._serialized_end=1828
+  _globals['_ORCHESTRATOR']._serialized_start=1951
+  _globals['_ORCHESTRATOR']._serialized_end=2115
 # @@protoc_insertion_point(module_scope)

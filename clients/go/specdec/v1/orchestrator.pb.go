@@ -185,7 +185,11 @@ type GenerateRequest struct {
 	// seeded sampled output is the same whatever K, drafter, adaptive policy, batch or deployment
 	// produced it (still distributed as the target's; drafts are accepted a little less often
 	// than with standard rejection sampling). Adaptive K stays on with a seed.
-	SeedStable    bool `protobuf:"varint,19,opt,name=seed_stable,json=seedStable,proto3" json:"seed_stable,omitempty"`
+	SeedStable bool `protobuf:"varint,19,opt,name=seed_stable,json=seedStable,proto3" json:"seed_stable,omitempty"`
+	// Structured output: the generated text matches this JSON schema, JSON object, regular
+	// expression or grammar (an output cut by max_new_tokens or a stop string may be incomplete).
+	// Speculation keeps the output exact. Cannot be combined with ignore_eos.
+	Grammar       *Grammar `protobuf:"bytes,20,opt,name=grammar,proto3" json:"grammar,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -351,6 +355,13 @@ func (x *GenerateRequest) GetSeedStable() bool {
 		return x.SeedStable
 	}
 	return false
+}
+
+func (x *GenerateRequest) GetGrammar() *Grammar {
+	if x != nil {
+		return x.Grammar
+	}
+	return nil
 }
 
 // Log-probabilities of one output token and of the most probable tokens at its position.
@@ -777,10 +788,10 @@ var File_specdec_v1_orchestrator_proto protoreflect.FileDescriptor
 const file_specdec_v1_orchestrator_proto_rawDesc = "" +
 	"\n" +
 	"\x1dspecdec/v1/orchestrator.proto\x12\n" +
-	"specdec.v1\";\n" +
+	"specdec.v1\x1a\x17specdec/v1/common.proto\";\n" +
 	"\vChatMessage\x12\x12\n" +
 	"\x04role\x18\x01 \x01(\tR\x04role\x12\x18\n" +
-	"\acontent\x18\x02 \x01(\tR\acontent\"\xe9\x06\n" +
+	"\acontent\x18\x02 \x01(\tR\acontent\"\x98\a\n" +
 	"\x0fGenerateRequest\x12\x16\n" +
 	"\x06prompt\x18\x01 \x01(\tR\x06prompt\x123\n" +
 	"\bmessages\x18\x02 \x03(\v2\x17.specdec.v1.ChatMessageR\bmessages\x12$\n" +
@@ -804,7 +815,8 @@ const file_specdec_v1_orchestrator_proto_rawDesc = "" +
 	"\n" +
 	"ignore_eos\x18\x12 \x01(\bR\tignoreEos\x12\x1f\n" +
 	"\vseed_stable\x18\x13 \x01(\bR\n" +
-	"seedStable\x1a<\n" +
+	"seedStable\x12-\n" +
+	"\agrammar\x18\x14 \x01(\v2\x13.specdec.v1.GrammarR\agrammar\x1a<\n" +
 	"\x0eLogitBiasEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x02R\x05value:\x028\x01B\b\n" +
@@ -883,22 +895,24 @@ var file_specdec_v1_orchestrator_proto_goTypes = []any{
 	(*GenerationStats)(nil),  // 4: specdec.v1.GenerationStats
 	(*GenerateResponse)(nil), // 5: specdec.v1.GenerateResponse
 	nil,                      // 6: specdec.v1.GenerateRequest.LogitBiasEntry
+	(*Grammar)(nil),          // 7: specdec.v1.Grammar
 }
 var file_specdec_v1_orchestrator_proto_depIdxs = []int32{
 	1, // 0: specdec.v1.GenerateRequest.messages:type_name -> specdec.v1.ChatMessage
 	6, // 1: specdec.v1.GenerateRequest.logit_bias:type_name -> specdec.v1.GenerateRequest.LogitBiasEntry
-	0, // 2: specdec.v1.GenerateResponse.finish_reason:type_name -> specdec.v1.FinishReason
-	4, // 3: specdec.v1.GenerateResponse.stats:type_name -> specdec.v1.GenerationStats
-	3, // 4: specdec.v1.GenerateResponse.logprobs:type_name -> specdec.v1.TokenLogprobs
-	2, // 5: specdec.v1.Orchestrator.Generate:input_type -> specdec.v1.GenerateRequest
-	2, // 6: specdec.v1.Orchestrator.GenerateStream:input_type -> specdec.v1.GenerateRequest
-	5, // 7: specdec.v1.Orchestrator.Generate:output_type -> specdec.v1.GenerateResponse
-	5, // 8: specdec.v1.Orchestrator.GenerateStream:output_type -> specdec.v1.GenerateResponse
-	7, // [7:9] is the sub-list for method output_type
-	5, // [5:7] is the sub-list for method input_type
-	5, // [5:5] is the sub-list for extension type_name
-	5, // [5:5] is the sub-list for extension extendee
-	0, // [0:5] is the sub-list for field type_name
+	7, // 2: specdec.v1.GenerateRequest.grammar:type_name -> specdec.v1.Grammar
+	0, // 3: specdec.v1.GenerateResponse.finish_reason:type_name -> specdec.v1.FinishReason
+	4, // 4: specdec.v1.GenerateResponse.stats:type_name -> specdec.v1.GenerationStats
+	3, // 5: specdec.v1.GenerateResponse.logprobs:type_name -> specdec.v1.TokenLogprobs
+	2, // 6: specdec.v1.Orchestrator.Generate:input_type -> specdec.v1.GenerateRequest
+	2, // 7: specdec.v1.Orchestrator.GenerateStream:input_type -> specdec.v1.GenerateRequest
+	5, // 8: specdec.v1.Orchestrator.Generate:output_type -> specdec.v1.GenerateResponse
+	5, // 9: specdec.v1.Orchestrator.GenerateStream:output_type -> specdec.v1.GenerateResponse
+	8, // [8:10] is the sub-list for method output_type
+	6, // [6:8] is the sub-list for method input_type
+	6, // [6:6] is the sub-list for extension type_name
+	6, // [6:6] is the sub-list for extension extendee
+	0, // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_specdec_v1_orchestrator_proto_init() }
@@ -906,6 +920,7 @@ func file_specdec_v1_orchestrator_proto_init() {
 	if File_specdec_v1_orchestrator_proto != nil {
 		return
 	}
+	file_specdec_v1_common_proto_init()
 	file_specdec_v1_orchestrator_proto_msgTypes[1].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
