@@ -114,10 +114,13 @@ class GenerationEngine:
 
     def check_grammar(self, grammar: Grammar) -> None:
         """INVALID_ARGUMENT naming the grammar's field unless it compiles for the target's
-        vocabulary (the model services compile it again, each for its own)."""
+        vocabulary (the model services compile it again, each for its own) and the target has an
+        end-of-sequence token to end a complete output with."""
         if self._grammars is None:
             self._grammars = GrammarCompiler.for_tokenizer(self.tokenizer, self.target_info.vocab_size, self.target_info.eos_token_ids)
         self._grammars.compile(grammar)
+        if not self.target_info.eos_token_ids:
+            raise InvalidArgument("the target has no end-of-sequence token to end a structured output with", "grammar")
 
     def tokenize(self, request: GenerationRequest) -> list[int]:
         ids, field_name = encode_prompt(self.tokenizer, request.prompt, request.messages)

@@ -162,6 +162,43 @@ def test_penalties_logit_bias_and_stop_token_ids_equal_with_and_without_speculat
     assert complete(client, max_tokens=20, extra_body={"ignore_eos": True}).usage.completion_tokens == 20
 
 
+@pytest.fixture(scope="module")
+def eos_stack(tiny_target):
+    """A stack whose target ends outputs with <|im_end|>, as structured output needs."""
+    target = with_eos(tiny_target, (2,))
+    running = start_stack(target, ModelDrafter(target), http_port=free_port())
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def eos_client(eos_stack):
+    with openai.OpenAI(base_url=base_url(eos_stack), api_key="unused", max_retries=0, timeout=60) as client:
+        yield client
+
+
+def test_structured_output_in_chat_and_completions_equal_with_and_without_speculation(client, eos_client):
+    with pytest.raises(openai.BadRequestError) as error:  # the module's target has no end-of-sequence token
+        chat(client, response_format={"type": "json_object"})
+    assert error.value.param == "response_format"
+    client = eos_client
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}, "rank": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["city", "rank"], "additionalProperties": False}
+    response_format = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}}
+    baseline = chat(client, k=0, max_tokens=60, response_format=response_format).choices[0]
+    assert baseline.finish_reason == "stop" and set(json.loads(baseline.message.content)) == {"city", "rank"}
+    assert chat(client, k=4, max_tokens=60, response_format=response_format).choices[0].message.content == baseline.message.content
+    streamed = chat(client, k=4, max_tokens=60, response_format=response_format, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == baseline.message.content
+    regex = complete(client, k=4, max_tokens=30, extra_body={"structured_outputs": {"regex": "[0-9]{2}-[a-z]{3}"}}).choices[0].text
+    assert re.fullmatch("[0-9]{2}-[a-z]{3}", regex)
+    choice = complete(client, k=4, max_tokens=30, extra_body={"structured_outputs": {"choice": ["yes (sure)", "no"]}}).choices[0].text
+    assert choice in ("yes (sure)", "no")
+    text = chat(client, k=4, max_tokens=40, extra_body={"structured_outputs": {"grammar": 'root ::= "<" [a-c]{1,3} ">"'}}).choices[0]
+    assert re.fullmatch("<[a-c]{1,3}>", text.message.content)
+    assert chat(client, max_tokens=8, response_format={"type": "text"}).choices[0].message.content
+
+
 def test_logprobs_in_chat_and_completions_unary_and_streamed(stack, client, tokenizer):
     """OpenAI's shapes, equal with and without speculation and between unary and streamed; the
     values are the gRPC API's (test_logprobs.py proves those exact)."""
@@ -216,6 +253,14 @@ BAD = {
     "top_logprobs without logprobs": (chat, dict(top_logprobs=2), "top_logprobs", "invalid_value"),
     "completion logprobs over 20": (complete, dict(logprobs=21), "logprobs", "invalid_value"),
     "echo": (complete, dict(echo=True), "echo", "unsupported_parameter"),
+    "response_format type": (chat, dict(response_format={"type": "yaml"}), "response_format", "invalid_value"),
+    "response_format schema missing": (chat, dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+                                       "response_format.json_schema", "invalid_value"),
+    "response_format bad regex": (complete, dict(extra_body={"structured_outputs": {"regex": "(open"}}), "structured_outputs.regex",
+                                  "invalid_argument"),
+    "structured_outputs two keys": (chat, dict(extra_body={"structured_outputs": {"regex": "a", "choice": ["b"]}}), "structured_outputs",
+                                    "invalid_value"),
+
     "unknown parameter": (chat, dict(extra_body={"temprature": 0.5}), "temprature", "unknown_parameter"),
     "unknown role": (chat, dict(messages=[{"role": "wizard", "content": "hi"}]), "messages[0].role", "invalid_argument"),
     "image part": (chat, dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
@@ -321,8 +366,8 @@ def run(command: list[str]) -> str:
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl command")
-def test_every_curl_example_in_the_docs_runs(stack):
-    outputs = [run(["bash", "-e", "-o", "pipefail", "-c", block]) for block in doc_blocks(stack, "sh")]
+def test_every_curl_example_in_the_docs_runs(eos_stack):
+    outputs = [run(["bash", "-e", "-o", "pipefail", "-c", block]) for block in doc_blocks(eos_stack, "sh")]
     assert len(outputs) >= 5
     assert json.loads(outputs[0])["data"][0]["id"] == MODEL
     assert json.loads(outputs[1])["choices"][0]["message"]["content"]
