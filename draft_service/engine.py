@@ -108,7 +108,7 @@ class DraftEngine:
         prefix = f"items[{index}]."
         session = self.sessions.get(item.session_id, prefix + "session_id")
         validation.token_ids(item.tokens, self.drafter.vocab_size, prefix + "tokens")
-        validation.logit_bias_ids(item.sampling, self.drafter.vocab_size, prefix + "sampling.logit_bias")
+        validation.sampling_token_ids(item.sampling, self.drafter.vocab_size, prefix + "sampling.")
         validation.num_speculative_tokens(item.num_speculative_tokens, self.max_speculative_tokens, prefix + "num_speculative_tokens", 1)
         if item.prefix_len > len(session.ids):
             raise FailedPrecondition(

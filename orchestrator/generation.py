@@ -72,6 +72,9 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...] = ()  # generation stops at these too (finish "stop"); not output
     ignore_eos: bool = False  # EOS tokens are output like any other
     seed_stable: bool = False  # draws keyed by (seed, position): the same output whatever K, drafter or batch
+    min_tokens: int = 0  # EOS and stop_token_ids are forbidden before this many output tokens
+    include_stop_str_in_output: bool = False  # the text ends after the stop string, not before
+    skip_special_tokens: bool = True  # special tokens decode to nothing
     grammar: Grammar | None = None  # structured output: what the output must match
 
 
@@ -142,22 +145,30 @@ class GenerationEngine:
             raise InvalidArgument(
                 f"max_new_tokens must be in [1, {self.max_new_tokens}], got {request.max_new_tokens}", "max_new_tokens"
             )
-        sampling = validation.sampling_params(
-            request.temperature, request.top_k, request.top_p, vocab_size=self.target_info.vocab_size, min_p=request.min_p,
-            repetition_penalty=request.repetition_penalty, presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty, logit_bias=dict(request.logit_bias),
-            position_seed=seed if request.seed_stable else None,
-        )
-        # a seeded request samples the same uniforms only with the same K every round; seed-stable draws need none
-        seeded_uniforms = request.seed is not None and not sampling.deterministic
-        policy = self.k_resolver.policy(request.num_speculative_tokens, seeded_uniforms, self.load)
+        if request.seed is not None and not 0 <= request.seed < 1 << 64:
+            raise InvalidArgument(f"seed must be in [0, 2^64), got {request.seed}", "seed")
         validation.logprobs(request.logprobs, "logprobs")
         if len(request.stop) > MAX_STOPS or any(not s for s in request.stop):
             raise InvalidArgument(f"at most {MAX_STOPS} stop strings, none of them empty", "stop")
         if len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise InvalidArgument(f"at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(request.stop_token_ids)}", "stop_token_ids")
         validation.token_ids(request.stop_token_ids, self.target_info.vocab_size, "stop_token_ids", allow_empty=True)
+        if request.min_tokens > request.max_new_tokens:
+            raise InvalidArgument(f"min_tokens ({request.min_tokens}) exceeds max_new_tokens ({request.max_new_tokens})", "min_tokens")
+        ends = set(request.stop_token_ids) | (set() if request.ignore_eos else set(self.target_info.eos_token_ids))
+        sampling = validation.sampling_params(
+            request.temperature, request.top_k, request.top_p, vocab_size=self.target_info.vocab_size, min_p=request.min_p,
+            repetition_penalty=request.repetition_penalty, presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty, logit_bias=dict(request.logit_bias),
+            position_seed=seed if request.seed_stable else None,
+            min_tokens=request.min_tokens, end_token_ids=tuple(sorted(ends)) if request.min_tokens else (),
+        )
+        # a seeded request samples the same uniforms only with the same K every round; seed-stable draws need none
+        seeded_uniforms = request.seed is not None and not sampling.deterministic
+        policy = self.k_resolver.policy(request.num_speculative_tokens, seeded_uniforms, self.load)
         if request.grammar is not None:
+            if request.min_tokens:
+                raise InvalidArgument("a grammar decides where the output ends: min_tokens cannot go with it", "min_tokens")
             if request.ignore_eos:
                 raise InvalidArgument("a grammar ends the output with an end-of-sequence token: ignore_eos cannot go with it", "ignore_eos")
             self.check_grammar(request.grammar)
@@ -188,7 +199,7 @@ class GenerationEngine:
             num_speculative_tokens=0 if adaptive else policy.num_speculative_tokens, adaptive_k=adaptive, prompt_tokens=len(prompt)
         )
         draft = self.draft if policy.max_speculative_tokens > 0 else None
-        text = TextStream(self.tokenizer, list(request.stop))
+        text = TextStream(self.tokenizer, list(request.stop), request.include_stop_str_in_output, request.skip_special_tokens)
         eos = set() if request.ignore_eos else set(self.target_info.eos_token_ids)
         stop_ids = set(request.stop_token_ids)
         try:

@@ -40,6 +40,9 @@ def request_from_proto(message: orchestrator_pb2.GenerateRequest) -> GenerationR
         stop_token_ids=tuple(message.stop_token_ids),
         ignore_eos=message.ignore_eos,
         seed_stable=message.seed_stable,
+        min_tokens=message.min_tokens,
+        include_stop_str_in_output=message.include_stop_str_in_output,
+        skip_special_tokens=message.skip_special_tokens if message.HasField("skip_special_tokens") else True,
         grammar=wire.grammar_from_proto(message.grammar, message.HasField("grammar"), "grammar"),
     )
 

@@ -15,15 +15,19 @@ REPLACEMENT = "\ufffd"
 
 
 class TextStream:
-    def __init__(self, tokenizer, stops: list[str]):
+    def __init__(self, tokenizer, stops: list[str], include_stop: bool = False, skip_special_tokens: bool = True):
+        """`include_stop`: the text ends after the stop string that ended it instead of before;
+        `skip_special_tokens`: special tokens (EOS, chat markers) decode to nothing."""
         self.tokenizer = tokenizer
         self.stops = [s for s in stops if s]
+        self.include_stop = include_stop
+        self.skip_special_tokens = skip_special_tokens
         self.token_ids: list[int] = []
         self.text = ""  # decoded text of token_ids[:self._read]
         self._prefix = 0  # start of the previous window: decoded again as context for the next token
         self._read = 0
         self.emitted = 0  # characters of self.text already released
-        self.end: int | None = None  # where a stop string begins, once one appeared
+        self.end: int | None = None  # where the text ends once a stop string appeared (its start, or its end when included)
 
     @property
     def stopped(self) -> bool:
@@ -35,9 +39,10 @@ class TextStream:
         self._decode_new(final=False)
         longest = max((len(s) for s in self.stops), default=0)
         search_from = max(0, self.emitted - longest)
-        hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((self.text.find(s, search_from), s) for s in self.stops) if i >= 0]
         if hits:
-            self.end = min(hits)
+            start, stop = min(hits)
+            self.end = start + len(stop) if self.include_stop else start
         return self.stopped
 
     def release(self, final: bool = False) -> str:
@@ -55,7 +60,7 @@ class TextStream:
         """Append the text of tokens not yet decoded, unless it ends mid-character (and not final)."""
         if self._read == len(self.token_ids):
             return
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)  # noqa: E731
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False)  # noqa: E731
         before = decode(self.token_ids[self._prefix : self._read])
         window = decode(self.token_ids[self._prefix :])
         if not final and (len(window) <= len(before) or window.endswith(REPLACEMENT)):

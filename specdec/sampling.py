@@ -52,6 +52,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), ids ascending
+    # The tokens that end an output (EOS, stop token ids) are forbidden while it holds fewer than
+    # min_tokens tokens.
+    min_tokens: int = 0
+    end_token_ids: tuple[int, ...] = ()
     # Seed-stable sampling: each draw is the Gumbel-max choice with noise of (position_seed, its
     # position in the sequence) (`position_noise`), so the output depends on the seed alone.
     position_seed: int | None = None
@@ -74,7 +78,7 @@ class SamplingParams:
     @property
     def processes_logits(self) -> bool:
         """Whether the logits change before warping (and then depend on the sequence so far)."""
-        return bool(self.logit_bias) or self.penalized
+        return bool(self.logit_bias) or self.penalized or (self.min_tokens > 0 and bool(self.end_token_ids))
 
     @property
     def penalized(self) -> bool:
@@ -94,9 +98,9 @@ class History:
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams, history: History, drafts: Sequence[int] = ()) -> torch.Tensor:
-    """Logits with the logit bias added, then the repetition, frequency and presence penalties
-    applied (vLLM's order), position by position: row j follows history and drafts[:j], so a draft
-    token counts for the rows after it.
+    """Logits with the logit bias added, the repetition, frequency and presence penalties applied
+    (vLLM's order) and the end tokens forbidden before min_tokens, position by position: row j
+    follows history and drafts[:j], so a draft token counts for the rows after it.
 
     logits: [N, V] with N <= len(drafts) + 1 -> [N, V] float32 (a new tensor).
     """
@@ -105,6 +109,9 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, history: Histor
     if params.logit_bias:
         ids, bias = zip(*params.logit_bias)
         logits[:, list(ids)] += torch.tensor(bias)
+    short = max(0, min(rows, params.min_tokens - len(history.output)))  # rows whose output is still too short
+    if short and params.end_token_ids:
+        logits[:short, list(params.end_token_ids)] = float("-inf")
     if not params.penalized:
         return logits
     counts = torch.bincount(torch.tensor(list(history.output), dtype=torch.long), minlength=vocab).float().expand(rows, vocab)  # [N, V]

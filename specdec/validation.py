@@ -17,9 +17,11 @@ MAX_LOGIT_BIAS = 1024  # entries of a logit_bias map
 def sampling_params(
     temperature: float, top_k: int, top_p: float, prefix: str = "", *, vocab_size: int = 0, min_p: float = 0.0,
     repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-    logit_bias: dict[int, float] | None = None, position_seed: int | None = None,
+    logit_bias: dict[int, float] | None = None, position_seed: int | None = None, min_tokens: int = 0,
+    end_token_ids: tuple[int, ...] = (),
 ) -> SamplingParams:
-    """Validated SamplingParams (logit_bias ids in [0, vocab_size); any id >= 0 when it is 0)."""
+    """Validated SamplingParams (logit_bias and end token ids in [0, vocab_size); any id >= 0 when
+    it is 0)."""
     if not math.isfinite(temperature) or temperature < 0:
         raise InvalidArgument(f"temperature must be a finite number >= 0, got {temperature}", prefix + "temperature")
     if top_k < 0:
@@ -43,19 +45,21 @@ def sampling_params(
         temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), min_p=float(min_p),
         repetition_penalty=float(repetition_penalty), presence_penalty=float(presence_penalty),
         frequency_penalty=float(frequency_penalty), logit_bias=tuple(sorted((int(t), float(b)) for t, b in logit_bias.items())),
-        position_seed=position_seed,
+        position_seed=position_seed, min_tokens=int(min_tokens), end_token_ids=tuple(end_token_ids),
     )
-    logit_bias_ids(params, vocab_size, prefix + "logit_bias")
+    if min_tokens < 0:
+        raise InvalidArgument(f"min_tokens must be >= 0, got {min_tokens}", prefix + "min_tokens")
+    sampling_token_ids(params, vocab_size, prefix)
     if position_seed is not None and not 0 <= position_seed < 1 << 64:
         raise InvalidArgument(f"the seed must be in [0, 2^64), got {position_seed}", prefix + "position_seed")
     return params
 
 
-def logit_bias_ids(params: SamplingParams, vocab_size: int, field: str) -> None:
-    """Every logit_bias id in [0, vocab_size) (any id >= 0 when vocab_size is 0: unknown)."""
-    for token, _ in params.logit_bias:
-        if token < 0 or (vocab_size and token >= vocab_size):
-            raise InvalidArgument(f"token id {token} is outside the vocabulary [0, {vocab_size})", field)
+def sampling_token_ids(params: SamplingParams, vocab_size: int, prefix: str) -> None:
+    """Every logit_bias and end token id in [0, vocab_size) (any id >= 0 when vocab_size is 0:
+    unknown); the fields are named after `prefix`."""
+    token_ids([t for t, _ in params.logit_bias], vocab_size, prefix + "logit_bias", allow_empty=True)
+    token_ids(params.end_token_ids, vocab_size, prefix + "end_token_ids", allow_empty=True)
 
 
 MAX_TOP_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's limit)

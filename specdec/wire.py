@@ -23,6 +23,7 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
         temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
         repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty, logit_bias=dict(params.logit_bias), position_seed=params.position_seed,
+        min_tokens=params.min_tokens, end_token_ids=params.end_token_ids,
     )
 
 
@@ -33,6 +34,7 @@ def sampling_from_proto(message: common_pb2.SamplingParams, prefix: str) -> Samp
         repetition_penalty=message.repetition_penalty or 1.0, presence_penalty=message.presence_penalty,
         frequency_penalty=message.frequency_penalty, logit_bias=dict(message.logit_bias),
         position_seed=message.position_seed if message.HasField("position_seed") else None,
+        min_tokens=message.min_tokens, end_token_ids=tuple(message.end_token_ids),
     )
 
 

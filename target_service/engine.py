@@ -257,7 +257,7 @@ class TargetEngine:
         prefix = f"items[{index}]."
         session = self.sessions.get(work.session_id, prefix + "session_id")
         validation.logprobs(work.logprobs, prefix + "logprobs")
-        validation.logit_bias_ids(work.sampling, self.vocab_size, prefix + "sampling.logit_bias")
+        validation.sampling_token_ids(work.sampling, self.vocab_size, prefix + "sampling.")
         validation.token_ids(work.tokens, self.vocab_size, prefix + "tokens")
         validation.token_ids(work.draft_tokens, self.vocab_size, prefix + "draft_tokens", allow_empty=True)
         k = validation.num_speculative_tokens(len(work.draft_tokens), self.max_speculative_tokens, prefix + "draft_tokens")

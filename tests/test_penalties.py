@@ -33,7 +33,8 @@ from tests.test_sampling import hf_warp, reference_processing
 from tests.test_speculation import PROMPT, assert_target_marginals, sample_many
 
 PENALIZED = SamplingParams(
-    0.9, top_k=10, min_p=0.02, repetition_penalty=1.6, presence_penalty=0.7, frequency_penalty=0.5, logit_bias=((2, 1.5), (7, -2.0))
+    0.9, top_k=10, min_p=0.02, repetition_penalty=1.6, presence_penalty=0.7, frequency_penalty=0.5, logit_bias=((2, 1.5), (7, -2.0)),
+    min_tokens=4, end_token_ids=(7, 9),
 )
 
 
@@ -167,6 +168,20 @@ def test_greedy_output_with_penalties_equals_target_only(tiny_target, penalty, k
         assert baseline == hf[0, len(prompt_ids) :].tolist()
 
 
+def test_min_tokens_holds_back_eos_and_stop_token_ids_exactly(tiny_target):
+    free, _ = joined(run_generation(in_process_engine(with_eos(tiny_target, ())), GenerationRequest(prompt=PROMPT, max_new_tokens=16)))
+    position = next(i for i in range(2, 16) if free[i] not in free[:i])
+    target = with_eos(tiny_target, (free[position],))
+    for stops in ((), (free[1],)):
+        request = dict(prompt=PROMPT, max_new_tokens=16, min_tokens=position + 2, stop_token_ids=stops)
+        baseline = run_generation(in_process_engine(target), GenerationRequest(num_speculative_tokens=0, **request))
+        ids = joined(baseline)[0]
+        assert len(ids) >= position + 2 and free[position] not in ids[: position + 2] and (not stops or stops[0] not in ids[: position + 2])
+        for drafter in (ModelDrafter(target), NGramDrafter()):
+            events = run_generation(in_process_engine(target, drafter), GenerationRequest(num_speculative_tokens=4, **request))
+            assert joined(events)[0] == ids
+
+
 def test_stop_token_ids_end_generation_and_ignore_eos_goes_past_eos(tiny_target):
     free, _ = joined(run_generation(in_process_engine(with_eos(tiny_target, ())), GenerationRequest(prompt=PROMPT, max_new_tokens=16)))
     position = next(i for i in range(2, 16) if free[i] not in free[:i])
@@ -193,6 +208,7 @@ def test_stop_token_ids_end_generation_and_ignore_eos_goes_past_eos(tiny_target)
         (dict(logit_bias=((10**6, 1.0),)), "logit_bias"),
         (dict(stop_token_ids=(-1,)), "stop_token_ids"),
         (dict(stop_token_ids=tuple(range(65))), "stop_token_ids"),
+        (dict(min_tokens=5), "min_tokens"),
     ],
 )
 def test_bad_sampling_parameters_name_their_field(tiny_target, fields, field):

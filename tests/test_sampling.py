@@ -16,11 +16,15 @@ from specdec.sampling import GREEDY, SamplingParams
 
 def reference_processing(logits: torch.Tensor, params: SamplingParams, prompt=(), output=()) -> torch.Tensor:
     """The definition of the logit processing for one row [V] after `prompt` + `output`, token by
-    token: the bias, then the repetition penalty on every token seen, then the frequency and
-    presence penalties per output token."""
+    token: the bias, the end tokens while the output is shorter than min_tokens, then the
+    repetition penalty on every token seen, then the frequency and presence penalties per output
+    token."""
     scores = logits.float().clone()
     for token, bias in params.logit_bias:
         scores[token] += bias
+    if len(output) < params.min_tokens:
+        for token in params.end_token_ids:
+            scores[token] = float("-inf")
     if params.repetition_penalty != 1.0:
         for token in set(prompt) | set(output):
             value = float(scores[token])

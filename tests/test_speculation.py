@@ -115,6 +115,18 @@ def test_stop_string_spanning_two_rounds(tiny_target):
     assert all(stop not in e.text for e in events)
 
 
+def test_the_stop_string_can_be_kept_and_special_tokens_shown(tiny_target):
+    target = with_eos(tiny_target, ())
+    _, free_text, _ = greedy(in_process_engine(target), k=0, max_new_tokens=20)
+    stop = free_text[8:12]
+    request = GenerationRequest(prompt=PROMPT, max_new_tokens=20, num_speculative_tokens=2, stop=(stop,), include_stop_str_in_output=True)
+    events = run_generation(in_process_engine(target, ModelDrafter(target)), request)
+    assert joined(events)[1] == free_text[: free_text.find(stop) + len(stop)] and events[-1].finish_reason == "stop"
+    special = dict(prompt=PROMPT, max_new_tokens=3, logit_bias=((2, 100.0),))  # <|im_end|>, not an EOS of this target
+    assert joined(run_generation(in_process_engine(target), GenerationRequest(**special)))[1] == ""
+    assert joined(run_generation(in_process_engine(target), GenerationRequest(skip_special_tokens=False, **special)))[1] == "<|im_end|>" * 3
+
+
 def test_prompt_at_the_context_limit(tokenizer):
     target = tiny_lm(seed=1, vocab_size=len(tokenizer), tokenizer=tokenizer, max_context=64, eos=())
     prompt = " a" * 80

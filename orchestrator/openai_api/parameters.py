@@ -89,9 +89,6 @@ def _no_value(value) -> bool:
 # Parameters of later parts (issue 15) and of other servers: accepted at the value that changes
 # nothing (or null), refused otherwise. name -> (test of a no-op value, that value as documented)
 NO_OPS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "min_tokens": (lambda v: v == 0, "0"),
-    "include_stop_str_in_output": (lambda v: v is False, "false"),
-    "skip_special_tokens": (lambda v: v is True, "true"),
     "tools": (lambda v: v == [], "[]"),
     "functions": (lambda v: v == [], "[]"),
     "tool_choice": (lambda v: v in ("none", "auto"), '"none"'),
@@ -112,10 +109,12 @@ COMPLETION_NO_OPS = {
 }
 # Parameters that do not change the output: accepted, whatever their value, and ignored.
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"})
-COMMON = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream", "stream_options",
-                    "num_speculative_tokens", "logprobs", "warped_logprobs", "min_p", "repetition_penalty", "presence_penalty",
-                    "frequency_penalty", "logit_bias", "stop_token_ids", "ignore_eos", "seed_stable", "response_format",
-                    "structured_outputs"})
+COMMON = frozenset({
+    "model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream", "stream_options", "num_speculative_tokens",
+    "logprobs", "warped_logprobs", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias",
+    "stop_token_ids", "ignore_eos", "seed_stable", "min_tokens", "include_stop_str_in_output", "skip_special_tokens",
+    "response_format", "structured_outputs",
+})
 CHAT_PARAMETERS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_PARAMETERS = COMMON | {"prompt"}
 MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "refusal", "function_call"}
@@ -375,6 +374,9 @@ def parse_request(body: dict, chat: bool) -> ParsedRequest:
         stop_token_ids=_token_ids(body, "stop_token_ids"),
         ignore_eos=_boolean(body, "ignore_eos"),
         seed_stable=_boolean(body, "seed_stable"),
+        min_tokens=_integer(body, "min_tokens", 0),
+        include_stop_str_in_output=_boolean(body, "include_stop_str_in_output"),
+        skip_special_tokens=_boolean(body, "skip_special_tokens", True),
         grammar=grammar,
     )
     params = {"max_new_tokens": max_param, "prompt": "messages" if chat else "prompt", "logprobs": logprobs_param, "grammar": grammar_param}

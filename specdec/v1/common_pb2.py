@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specdec/v1/common.proto\x12\nspecdec.v1\"\xc2\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12=\n\nlogit_bias\x18\x08 \x03(\x0b\x32).specdec.v1.SamplingParams.LogitBiasEntry\x12\x1a\n\rposition_seed\x18\t \x01(\x04H\x00\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x10\n\x0e_position_seed\"6\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x01(\x0c\x12\r\n\x05probs\x18\x02 \x01(\x0c\"\xdb\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x19\n\x11vocab_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x1e\n\x16max_speculative_tokens\x18\x06 \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\x07 \x01(\r\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x1b\n\x13\x66orward_cost_tokens\x18\n \x03(\r\x12\x1c\n\x14\x66orward_cost_seconds\x18\x0b \x03(\x01\x12\x15\n\rweight_format\x18\x0c \x01(\t\x12\x1c\n\x14weight_format_reason\x18\r \x01(\t\x12\x16\n\x0e\x66\x65\x61ture_layers\x18\x0e \x03(\x05\"D\n\x08\x46\x65\x61tures\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"p\n\x07Grammar\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x0e\n\x04\x65\x62nf\x18\x04 \x01(\tH\x00\x12\x0e\n\x04lark\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x15\n\x13GetModelInfoRequest\"\x95\x01\n\x13StartSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x16\n\x0e\x66\x65\x61ture_layers\x18\x03 \x03(\x05\x12\x12\n\nprompt_len\x18\x04 \x01(\r\x12$\n\x07grammar\x18\x05 \x01(\x0b\x32\x13.specdec.v1.Grammar\"/\n\x14StartSessionResponse\x12\x17\n\x0f\x63ompute_seconds\x18\x01 \x01(\x01\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"%\n\x12\x45ndSessionResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specdec/v1/common.proto\x12\nspecdec.v1\"\xed\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12=\n\nlogit_bias\x18\x08 \x03(\x0b\x32).specdec.v1.SamplingParams.LogitBiasEntry\x12\x1a\n\rposition_seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\n \x01(\r\x12\x15\n\rend_token_ids\x18\x0b \x03(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x10\n\x0e_position_seed\"6\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x01(\x0c\x12\r\n\x05probs\x18\x02 \x01(\x0c\"\xdb\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x19\n\x11vocab_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x1e\n\x16max_speculative_tokens\x18\x06 \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\x07 \x01(\r\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x1b\n\x13\x66orward_cost_tokens\x18\n \x03(\r\x12\x1c\n\x14\x66orward_cost_seconds\x18\x0b \x03(\x01\x12\x15\n\rweight_format\x18\x0c \x01(\t\x12\x1c\n\x14weight_format_reason\x18\r \x01(\t\x12\x16\n\x0e\x66\x65\x61ture_layers\x18\x0e \x03(\x05\"D\n\x08\x46\x65\x61tures\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"p\n\x07Grammar\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x0e\n\x04\x65\x62nf\x18\x04 \x01(\tH\x00\x12\x0e\n\x04lark\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x15\n\x13GetModelInfoRequest\"\x95\x01\n\x13StartSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x16\n\x0e\x66\x65\x61ture_layers\x18\x03 \x03(\x05\x12\x12\n\nprompt_len\x18\x04 \x01(\r\x12$\n\x07grammar\x18\x05 \x01(\x0b\x32\x13.specdec.v1.Grammar\"/\n\x14StartSessionResponse\x12\x17\n\x0f\x63ompute_seconds\x18\x01 \x01(\x01\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"%\n\x12\x45ndSessionResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,25 +34,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=40
-  _globals['_SAMPLINGPARAMS']._serialized_end=362
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=296
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=344
-  _globals['_SPARSEDISTRIBUTION']._serialized_start=364
-  _globals['_SPARSEDISTRIBUTION']._serialized_end=418
-  _globals['_MODELINFO']._serialized_start=421
-  _globals['_MODELINFO']._serialized_end=768
-  _globals['_FEATURES']._serialized_start=770
-  _globals['_FEATURES']._serialized_end=838
-  _globals['_GRAMMAR']._serialized_start=840
-  _globals['_GRAMMAR']._serialized_end=952
-  _globals['_GETMODELINFOREQUEST']._serialized_start=954
-  _globals['_GETMODELINFOREQUEST']._serialized_end=975
-  _globals['_STARTSESSIONREQUEST']._serialized_start=978
-  _globals['_STARTSESSIONREQUEST']._serialized_end=1127
-  _globals['_STARTSESSIONRESPONSE']._serialized_start=1129
-  _globals['_STARTSESSIONRESPONSE']._serialized_end=1176
-  _globals['_ENDSESSIONREQUEST']._serialized_start=1178
-  _globals['_ENDSESSIONREQUEST']._serialized_end=1217
-  _globals['_ENDSESSIONRESPONSE']._serialized_start=1219
-  _globals['_ENDSESSIONRESPONSE']._serialized_end=1256
+  _globals['_SAMPLINGPARAMS']._serialized_end=405
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=339
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=387
+  _globals['_SPARSEDISTRIBUTION']._serialized_start=407
+  _globals['_SPARSEDISTRIBUTION']._serialized_end=461
+  _globals['_MODELINFO']._serialized_start=464
+  _globals['_MODELINFO']._serialized_end=811
+  _globals['_FEATURES']._serialized_start=813
+  _globals['_FEATURES']._serialized_end=881
+  _globals['_GRAMMAR']._serialized_start=883
+  _globals['_GRAMMAR']._serialized_end=995
+  _globals['_GETMODELINFOREQUEST']._serialized_start=997
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1018
+  _globals['_STARTSESSIONREQUEST']._serialized_start=1021
+  _globals['_STARTSESSIONREQUEST']._serialized_end=1170
+  _globals['_STARTSESSIONRESPONSE']._serialized_start=1172
+  _globals['_STARTSESSIONRESPONSE']._serialized_end=1219
+  _globals['_ENDSESSIONREQUEST']._serialized_start=1221
+  _globals['_ENDSESSIONREQUEST']._serialized_end=1260
+  _globals['_ENDSESSIONRESPONSE']._serialized_start=1262
+  _globals['_ENDSESSIONRESPONSE']._serialized_end=1299
 # @@protoc_insertion_point(module_scope)

@@ -54,7 +54,11 @@ type SamplingParams struct {
 	// by a hash of (position_seed, t) (specdec/sampling.py, position_noise); the draft drafts the
 	// same way and the target accepts a draft token exactly when it equals its own choice. No
 	// uniforms are sent and drafts are point masses. Ignored when greedy.
-	PositionSeed  *uint64 `protobuf:"varint,9,opt,name=position_seed,json=positionSeed,proto3,oneof" json:"position_seed,omitempty"`
+	PositionSeed *uint64 `protobuf:"varint,9,opt,name=position_seed,json=positionSeed,proto3,oneof" json:"position_seed,omitempty"`
+	// The tokens that end the output (end-of-sequence and stop token ids) are forbidden while the
+	// output holds fewer than min_tokens tokens.
+	MinTokens     uint32  `protobuf:"varint,10,opt,name=min_tokens,json=minTokens,proto3" json:"min_tokens,omitempty"`
+	EndTokenIds   []int32 `protobuf:"varint,11,rep,packed,name=end_token_ids,json=endTokenIds,proto3" json:"end_token_ids,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -150,6 +154,20 @@ func (x *SamplingParams) GetPositionSeed() uint64 {
 		return *x.PositionSeed
 	}
 	return 0
+}
+
+func (x *SamplingParams) GetMinTokens() uint32 {
+	if x != nil {
+		return x.MinTokens
+	}
+	return 0
+}
+
+func (x *SamplingParams) GetEndTokenIds() []int32 {
+	if x != nil {
+		return x.EndTokenIds
+	}
+	return nil
 }
 
 // A distribution on a sparse support, for one draft position: token i of `token_ids` has
@@ -851,7 +869,7 @@ var File_specdec_v1_common_proto protoreflect.FileDescriptor
 const file_specdec_v1_common_proto_rawDesc = "" +
 	"\n" +
 	"\x17specdec/v1/common.proto\x12\n" +
-	"specdec.v1\"\xbc\x03\n" +
+	"specdec.v1\"\xff\x03\n" +
 	"\x0eSamplingParams\x12 \n" +
 	"\vtemperature\x18\x01 \x01(\x02R\vtemperature\x12\x13\n" +
 	"\x05top_k\x18\x02 \x01(\x05R\x04topK\x12\x13\n" +
@@ -862,7 +880,11 @@ const file_specdec_v1_common_proto_rawDesc = "" +
 	"\x11frequency_penalty\x18\a \x01(\x02R\x10frequencyPenalty\x12H\n" +
 	"\n" +
 	"logit_bias\x18\b \x03(\v2).specdec.v1.SamplingParams.LogitBiasEntryR\tlogitBias\x12(\n" +
-	"\rposition_seed\x18\t \x01(\x04H\x00R\fpositionSeed\x88\x01\x01\x1a<\n" +
+	"\rposition_seed\x18\t \x01(\x04H\x00R\fpositionSeed\x88\x01\x01\x12\x1d\n" +
+	"\n" +
+	"min_tokens\x18\n" +
+	" \x01(\rR\tminTokens\x12\"\n" +
+	"\rend_token_ids\x18\v \x03(\x05R\vendTokenIds\x1a<\n" +
 	"\x0eLogitBiasEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x02R\x05value:\x028\x01B\x10\n" +

@@ -189,9 +189,16 @@ type GenerateRequest struct {
 	// Structured output: the generated text matches this JSON schema, JSON object, regular
 	// expression or grammar (an output cut by max_new_tokens or a stop string may be incomplete).
 	// Speculation keeps the output exact. Cannot be combined with ignore_eos.
-	Grammar       *Grammar `protobuf:"bytes,20,opt,name=grammar,proto3" json:"grammar,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Grammar *Grammar `protobuf:"bytes,20,opt,name=grammar,proto3" json:"grammar,omitempty"`
+	// The output ends no earlier than this many tokens: end-of-sequence and stop_token_ids are
+	// forbidden before (stop strings are not). At most max_new_tokens; not with a grammar.
+	MinTokens uint32 `protobuf:"varint,21,opt,name=min_tokens,json=minTokens,proto3" json:"min_tokens,omitempty"`
+	// The text ends after the stop string that ended it instead of before it.
+	IncludeStopStrInOutput bool `protobuf:"varint,22,opt,name=include_stop_str_in_output,json=includeStopStrInOutput,proto3" json:"include_stop_str_in_output,omitempty"`
+	// Unset or true: special tokens (end of sequence, chat markers) decode to no text.
+	SkipSpecialTokens *bool `protobuf:"varint,23,opt,name=skip_special_tokens,json=skipSpecialTokens,proto3,oneof" json:"skip_special_tokens,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *GenerateRequest) Reset() {
@@ -362,6 +369,27 @@ func (x *GenerateRequest) GetGrammar() *Grammar {
 		return x.Grammar
 	}
 	return nil
+}
+
+func (x *GenerateRequest) GetMinTokens() uint32 {
+	if x != nil {
+		return x.MinTokens
+	}
+	return 0
+}
+
+func (x *GenerateRequest) GetIncludeStopStrInOutput() bool {
+	if x != nil {
+		return x.IncludeStopStrInOutput
+	}
+	return false
+}
+
+func (x *GenerateRequest) GetSkipSpecialTokens() bool {
+	if x != nil && x.SkipSpecialTokens != nil {
+		return *x.SkipSpecialTokens
+	}
+	return false
 }
 
 // Log-probabilities of one output token and of the most probable tokens at its position.
@@ -791,7 +819,7 @@ const file_specdec_v1_orchestrator_proto_rawDesc = "" +
 	"specdec.v1\x1a\x17specdec/v1/common.proto\";\n" +
 	"\vChatMessage\x12\x12\n" +
 	"\x04role\x18\x01 \x01(\tR\x04role\x12\x18\n" +
-	"\acontent\x18\x02 \x01(\tR\acontent\"\x98\a\n" +
+	"\acontent\x18\x02 \x01(\tR\acontent\"\xc0\b\n" +
 	"\x0fGenerateRequest\x12\x16\n" +
 	"\x06prompt\x18\x01 \x01(\tR\x06prompt\x123\n" +
 	"\bmessages\x18\x02 \x03(\v2\x17.specdec.v1.ChatMessageR\bmessages\x12$\n" +
@@ -816,7 +844,11 @@ const file_specdec_v1_orchestrator_proto_rawDesc = "" +
 	"ignore_eos\x18\x12 \x01(\bR\tignoreEos\x12\x1f\n" +
 	"\vseed_stable\x18\x13 \x01(\bR\n" +
 	"seedStable\x12-\n" +
-	"\agrammar\x18\x14 \x01(\v2\x13.specdec.v1.GrammarR\agrammar\x1a<\n" +
+	"\agrammar\x18\x14 \x01(\v2\x13.specdec.v1.GrammarR\agrammar\x12\x1d\n" +
+	"\n" +
+	"min_tokens\x18\x15 \x01(\rR\tminTokens\x12:\n" +
+	"\x1ainclude_stop_str_in_output\x18\x16 \x01(\bR\x16includeStopStrInOutput\x123\n" +
+	"\x13skip_special_tokens\x18\x17 \x01(\bH\x05R\x11skipSpecialTokens\x88\x01\x01\x1a<\n" +
 	"\x0eLogitBiasEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x02R\x05value:\x028\x01B\b\n" +
@@ -824,7 +856,8 @@ const file_specdec_v1_orchestrator_proto_rawDesc = "" +
 	"\x05_seedB\x19\n" +
 	"\x17_num_speculative_tokensB\v\n" +
 	"\t_logprobsB\x15\n" +
-	"\x13_repetition_penalty\"p\n" +
+	"\x13_repetition_penaltyB\x16\n" +
+	"\x14_skip_special_tokens\"p\n" +
 	"\rTokenLogprobs\x12\x18\n" +
 	"\alogprob\x18\x01 \x01(\x02R\alogprob\x12\"\n" +
 	"\rtop_token_ids\x18\x02 \x03(\x05R\vtopTokenIds\x12!\n" +
