@@ -19,12 +19,13 @@ import torch
 
 from orchestrator.backends import DraftBackend, TargetBackend, is_draft_failure
 from orchestrator.policy import AdaptiveK, CostCurve, KResolver, KSettings, LoadEstimates, Policy
-from orchestrator.speculation import Speculation, remaining, speculate
+from orchestrator.replicas import ReplicaSet, is_replica_failure
+from orchestrator.speculation import MAX_TARGET_REBUILDS, Speculation, TargetLost, remaining, speculate
 from orchestrator.stats import GenerationStats
 from orchestrator.text import TextStream
 from specdec import validation
 from specdec.chat import chat_token_ids
-from specdec.errors import FailedPrecondition, InvalidArgument, SpecdecError
+from specdec.errors import FailedPrecondition, InvalidArgument, OutputIncomplete, SpecdecError
 from specdec.grammar import Grammar, GrammarCompiler
 from specdec.messages import Logprobs, ModelInfo
 from specdec.sampling import SamplingParams
@@ -205,7 +206,7 @@ class GenerationEngine:
         try:
             draft = await self._start_sessions(spec, draft, stats)
             finish, last_ids, last_logprobs = "length", [], None
-            async with contextlib.aclosing(speculate(spec, self.target, draft, stats)) as rounds:
+            async with contextlib.aclosing(_with_output(speculate(spec, self.target, draft, stats), text)) as rounds:
                 async for tokens, logprobs in rounds:
                     released_ids = []
                     for token in tokens:
@@ -239,7 +240,7 @@ class GenerationEngine:
         """Prefill both sessions concurrently (the draft's only if the first round drafts);
         returns the draft, or None when it failed to start (the request then runs target-only)."""
         timeout = remaining(spec.deadline)
-        calls = [self.target.start_session(spec.session_id, spec.prompt, timeout, grammar=spec.grammar, feature_layers=spec.feature_layers)]
+        calls = [self._start_target(spec, timeout)]
         if draft is not None and spec.policy.first_k() > 0:
             spec.draft_started = True
             calls.append(draft.start_session(spec.session_id, spec.prompt, timeout, grammar=spec.grammar))
@@ -259,6 +260,18 @@ class GenerationEngine:
         stats.add_draft_call(results[1])
         return draft
 
+    async def _start_target(self, spec: Speculation, timeout: float | None):
+        """Start the target session; when its replica fails, on another one (nothing has been
+        generated yet: the request moves freely)."""
+        for attempt in range(MAX_TARGET_REBUILDS + 1):
+            try:
+                return await self.target.start_session(spec.session_id, spec.prompt, timeout, grammar=spec.grammar, feature_layers=spec.feature_layers)
+            except SpecdecError as error:
+                movable = isinstance(self.target, ReplicaSet) and bool(self.target.healthy())
+                if attempt == MAX_TARGET_REBUILDS or not is_replica_failure(error) or not movable:
+                    raise
+                log.warning("session %s: target replica failed at the start (%s); trying another", spec.session_id, error.message)
+
     async def _end_sessions(self, session_id: str, draft: DraftBackend | None) -> None:
         await asyncio.gather(self._end_target(session_id), self._end_draft(session_id, draft))
 
@@ -275,6 +288,16 @@ class GenerationEngine:
             await draft.end_session(session_id, timeout=10.0)
         except SpecdecError as error:
             log.warning("session %s: draft did not end it (%s); its TTL will", session_id, error.message)
+
+
+async def _with_output(rounds: AsyncIterator, text: TextStream) -> AsyncIterator:
+    """The rounds; a lost target ends them with OutputIncomplete carrying the output so far."""
+    try:
+        async with contextlib.aclosing(rounds):
+            async for round_output in rounds:
+                yield round_output
+    except TargetLost as error:
+        raise OutputIncomplete(f"{error.message}; {len(text.token_ids)} tokens were generated", text.token_ids, text.text) from error
 
 
 async def _shielded(coroutine) -> None:

@@ -1,11 +1,12 @@
-"""The orchestrator's view of its model services' health: at start-up it waits until each reports
-SERVING; afterwards its own health follows its target's: without the target no request can succeed, so
-while the target is unreachable (or reports NOT_SERVING) the orchestrator reports NOT_SERVING,
-and load balancers route around it; it reports SERVING again by itself once the target answers.
-The draft does not count: without it requests still succeed, target-only (breaker.py).
+"""The orchestrator's view of its model services' health: at start-up it waits until a replica
+of each reports SERVING; afterwards it checks every replica each period (replicas.py places new
+sessions on healthy ones only) and follows its targets' health: without a target no request can
+succeed, so while no target replica is reachable (and SERVING) the orchestrator reports
+NOT_SERVING, and load balancers route around it; it reports SERVING again by itself once one
+answers. Drafts do not count: without them requests still succeed, target-only (breaker.py).
 
-Requests in flight when the target goes away are not retried (the target's session, its KV
-cache, is gone with it): they end with UNAVAILABLE naming the target (backends.py).
+Requests in flight when their target replica goes away start their session again on another
+replica (or the same one once it is back) from the tokens committed so far (speculation.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from orchestrator.replicas import ReplicaSet
 from specdec.errors import Unavailable
 from specdec.rpc.server import SERVING, Server
 
@@ -37,19 +39,46 @@ async def peer_is_serving(stub: health_pb2_grpc.HealthStub, timeout_s: float) ->
     return response.status == SERVING
 
 
-async def follow_target_health(channel: grpc.aio.Channel, server: Server, period_s: float, what: str) -> None:
-    """Poll the target's health every `period_s` (each check may take as long) and set the
-    orchestrator's to match, logging each change. Runs until cancelled; the orchestrator must
-    cancel it before it drains, or it could report SERVING again."""
-    stub = health_pb2_grpc.HealthStub(channel)
-    serving = True  # start() reports SERVING once the target answered
+async def follow_replicas(targets: ReplicaSet, drafts: ReplicaSet | None, server: Server, period_s: float, refresh, admit) -> None:
+    """Every `period_s`: `refresh()` (endpoints found again by name), then one health check of
+    every replica (each may take as long), setting its `healthy` (a replica serving for the first
+    time only once `admit(replica)` checked it), and the orchestrator's own status: SERVING while
+    any target replica is. Logs each change. Runs until cancelled; the orchestrator must cancel
+    it before it drains, or it could report SERVING again."""
+    serving = True  # start() reports SERVING once a target answered
     while True:
         await asyncio.sleep(period_s)
-        now_serving = await peer_is_serving(stub, period_s)
+        await refresh()
+        sets = [targets] + ([drafts] if drafts is not None else [])
+        replicas = [(s.role, r) for s in sets for r in s.replicas if not r.retired]
+        states = await asyncio.gather(*(peer_is_serving(health_pb2_grpc.HealthStub(r.channel), period_s) for _, r in replicas))
+        for (role, replica), healthy in zip(replicas, states):
+            if healthy and not replica.admitted:
+                healthy = await admit(replica)
+            if healthy != replica.healthy:
+                log.warning("%s replica %s is %s", role, replica.address, "back" if healthy else "unreachable")
+                replica.healthy = healthy
+        now_serving = bool(targets.healthy())
         if now_serving != serving:
             serving = now_serving
-            log.warning("%s is %s: orchestrator %s", what, *(("back", "SERVING") if serving else ("unreachable", "NOT_SERVING")))
+            log.warning("orchestrator %s: %s", *(("SERVING", "a target replica is back") if serving else ("NOT_SERVING", "no target replica is reachable")))
             await server.set_serving(serving)
+
+
+async def first_serving(channels: list[grpc.aio.Channel], timeout_s: float, what: str) -> int:
+    """The index of the first of `channels` whose peer reports SERVING (wait_until_serving on all)."""
+    waits = [asyncio.ensure_future(wait_until_serving(channel, timeout_s, what)) for channel in channels]
+    try:
+        for done in asyncio.as_completed(waits):
+            try:
+                await done
+            except Unavailable:
+                continue
+            return next(index for index, wait in enumerate(waits) if wait.done() and not wait.cancelled() and wait.exception() is None)
+        raise Unavailable(f"no {what} reported SERVING within {timeout_s:.0f} s")
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 async def wait_until_serving(channel: grpc.aio.Channel, timeout_s: float, what: str) -> None:

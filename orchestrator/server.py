@@ -14,13 +14,16 @@ import grpc
 from orchestrator.backends import GrpcDraft, GrpcTarget
 from orchestrator.breaker import CircuitBreaker, GuardedDraft
 from orchestrator.generation import GenerationEngine, check_compatible
-from orchestrator.health import RECONNECT_OPTIONS, follow_target_health, wait_until_serving
+from orchestrator.health import RECONNECT_OPTIONS, first_serving, follow_replicas
+from orchestrator.replicas import DNS_SCHEME, DraftReplicas, Replica, ReplicaSet, TargetReplicas, resolve
 from orchestrator.openai_api.app import HttpApi, RunningHttp
 from orchestrator.openai_api.app import serve as serve_http
 from orchestrator.policy import KSettings
 from orchestrator.servicer import METRICS_SERVICE, OrchestratorServicer
 from specdec import metrics
 from specdec.config import ServerConfig, option
+from specdec.errors import SpecdecError, Unavailable
+from specdec.messages import ModelInfo
 from specdec.models import vocab_fingerprint
 from specdec.rpc.interceptors import read_tokens
 from specdec.rpc.server import Server, channel_options, create_server, server_options
@@ -35,8 +38,8 @@ SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full
 @dataclass
 class OrchestratorConfig(ServerConfig):
     port: int = option(50050, "port to listen on; 0 picks a free one")
-    target: str = option("127.0.0.1:50051", "address of the target service (host:port)")
-    draft: str = option("127.0.0.1:50052", "address of the draft service (host:port); empty: target-only decoding")
+    target: str = option("127.0.0.1:50051", "target service: host:port, replicas as a comma-separated list, or dns:///name:port (all its addresses)")
+    draft: str = option("127.0.0.1:50052", "draft service, as --target (one or more replicas); empty: target-only decoding")
     tokenizer: str = option("embedded", "the target's tokenizer: a Hugging Face directory, a hub id, a .gguf file, or 'embedded'")
     num_speculative_tokens: int = option(
         4, "K of requests that leave num_speculative_tokens unset: drafted every round, or with --adaptive-k the most per round"
@@ -63,7 +66,7 @@ class OrchestratorConfig(ServerConfig):
         10.0, "while the breaker is open, one request per this many seconds probes the draft"
     )
     target_health_period_s: float = option(
-        1.0, "seconds between health checks of the target; while it is unreachable the orchestrator reports NOT_SERVING"
+        1.0, "seconds between health checks of every replica (and dns:/// lookups); NOT_SERVING while no target replica is reachable"
     )
     auth_token_file: str = option(
         "", "file of bearer tokens, one per line: calls must send 'authorization: Bearer <token>' (health exempt); empty = none"
@@ -106,10 +109,10 @@ class Serving:
 class RunningOrchestrator:
     server: Server
     servicer: OrchestratorServicer
-    channels: list[grpc.aio.Channel]
+    replica_sets: list[ReplicaSet]  # the target's, and the draft's when there is one
     metrics: metrics.MetricsEndpoint | None = None
     untrack_sessions: Callable[[], None] = lambda: None
-    target_watch: asyncio.Task | None = None  # follows the target's health (orchestrator/health.py)
+    target_watch: asyncio.Task | None = None  # follows every replica's health (orchestrator/health.py)
     http: RunningHttp | None = None  # the HTTP API (--http-port)
 
     @property
@@ -127,8 +130,8 @@ class RunningOrchestrator:
         await self.server.drain(grace_s, lambda: self.servicer.running)  # HTTP generations included
         if self.http is not None:
             await self.http.stop()  # before the channels close: cancelled generations end their sessions
-        for channel in self.channels:
-            await channel.close()
+        for replica in (r for replicas in self.replica_sets for r in replicas.replicas):
+            await replica.channel.close()
         self.untrack_sessions()
         if self.metrics is not None:
             await self.metrics.close()
@@ -144,6 +147,27 @@ def upstream_channel(config: OrchestratorConfig, address: str) -> grpc.aio.Chann
         options.append(("grpc.ssl_target_name_override", config.upstream_tls_server_name))
     credentials = channel_credentials(config.upstream_tls_ca_file, config.upstream_tls_cert_file, config.upstream_tls_key_file)
     return grpc.aio.secure_channel(address, credentials, options=options)
+
+
+def replica(config: OrchestratorConfig, address: str, role: str) -> Replica:
+    """A replica at `address`: a target, or a draft behind its own timeout and circuit breaker."""
+    channel = upstream_channel(config, address)
+    if role == "target":
+        return Replica(address, GrpcTarget(channel), channel)
+    breaker = CircuitBreaker(config.draft_breaker_failures, config.draft_breaker_cooldown_s)
+    return Replica(address, GuardedDraft(GrpcDraft(channel), breaker, config.draft_timeout_ms / 1000), channel)
+
+
+async def connect(config: OrchestratorConfig, spec: str, role: str, replicas: ReplicaSet) -> ModelInfo:
+    """Fill `replicas` with the endpoints of `spec` and wait until one of them serves; its info."""
+    addresses = await resolve(spec)
+    if not addresses:
+        raise Unavailable(f"--{role} {spec!r} names no address")
+    replicas.replicas = [replica(config, address, role) for address in addresses]
+    first = await first_serving([r.channel for r in replicas.replicas], config.connect_timeout_s, f"{role} service at {spec}")
+    for index, other in enumerate(replicas.replicas):
+        other.healthy = other.admitted = index == first  # the others join once their health check passes (admit)
+    return await replicas.replicas[first].backend.info(timeout=config.connect_timeout_s)
 
 
 def load_tokenizer(name: str):
@@ -168,9 +192,10 @@ async def start(config: OrchestratorConfig, tokenizer=None) -> RunningOrchestrat
     )
     await server.start()
     serving = Serving(server)
-    channels = [upstream_channel(config, config.target)]
+    targets = TargetReplicas("target")
+    drafts = DraftReplicas("draft") if config.draft else None
     running = RunningOrchestrator(
-        server, servicer, channels, metrics.serve(config.host, config.metrics_port),
+        server, servicer, [targets] + ([drafts] if drafts else []), metrics.serve(config.host, config.metrics_port),
         metrics.track_sessions(METRICS_SERVICE, lambda: servicer.running),
     )
     try:
@@ -182,16 +207,8 @@ async def start(config: OrchestratorConfig, tokenizer=None) -> RunningOrchestrat
                 api, config.host, config.http_port, config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file,
                 config.log_level,
             )
-        await wait_until_serving(channels[0], config.connect_timeout_s, f"target service at {config.target}")
-        target = GrpcTarget(channels[0])
-        target_info = await target.info(timeout=config.connect_timeout_s)
-        draft, draft_info = None, None
-        if config.draft:
-            channels.append(upstream_channel(config, config.draft))
-            await wait_until_serving(channels[1], config.connect_timeout_s, f"draft service at {config.draft}")
-            breaker = CircuitBreaker(config.draft_breaker_failures, config.draft_breaker_cooldown_s)
-            draft = GuardedDraft(GrpcDraft(channels[1]), breaker, config.draft_timeout_ms / 1000)
-            draft_info = await draft.info(timeout=config.connect_timeout_s)
+        target_info = await connect(config, config.target, "target", targets)
+        draft_info = await connect(config, config.draft, "draft", drafts) if drafts is not None else None
         tokenizer = tokenizer or load_tokenizer(config.tokenizer)
         check_compatible(target_info, draft_info, vocab_fingerprint(tokenizer))
     except BaseException:
@@ -199,11 +216,42 @@ async def start(config: OrchestratorConfig, tokenizer=None) -> RunningOrchestrat
         raise
     k_settings = KSettings(config.num_speculative_tokens, config.adaptive_k, config.max_speculative_tokens)
     servicer.engine = GenerationEngine(
-        tokenizer, target, target_info, draft, draft_info, k_settings, config.max_new_tokens, config.pipeline_drafts
+        tokenizer, targets, target_info, drafts, draft_info, k_settings, config.max_new_tokens, config.pipeline_drafts
     )
     await serving.set_serving(True)
+
+    refused: set[str] = set()  # addresses serving another vocabulary
+
+    async def admit(candidate: Replica) -> bool:
+        """A replica's first time serving: it must share the target's vocabulary, or it leaves its set."""
+        try:
+            info = await candidate.backend.info(timeout=config.target_health_period_s * 5)
+        except SpecdecError:
+            return False
+        candidate.admitted = True
+        if info.vocab_fingerprint and info.vocab_fingerprint != target_info.vocab_fingerprint:
+            log.error("replica %s serves %s, with another vocabulary than the target's: not used", candidate.address, info.model)
+            refused.add(candidate.address)
+            for replicas in running.replica_sets:
+                if candidate in replicas.replicas:
+                    replicas.replicas.remove(candidate)
+            await candidate.channel.close()
+            return False
+        return True
+
+    async def refresh() -> None:
+        """Endpoints of dns:/// names found again: new ones join (once admitted), vanished ones retire."""
+        for replicas, spec in ((targets, config.target), (drafts, config.draft)):
+            if replicas is None or DNS_SCHEME not in spec:
+                continue
+            found = set(await resolve(spec)) - refused
+            known = {r.address for r in replicas.replicas}
+            replicas.replicas += [replace(replica(config, a, replicas.role), healthy=False) for a in sorted(found - known)]
+            for each in replicas.replicas:
+                each.retired = each.address not in found
+
     running.target_watch = asyncio.create_task(
-        follow_target_health(channels[0], serving, config.target_health_period_s, f"target service at {config.target}")
+        follow_replicas(targets, drafts, serving, config.target_health_period_s, refresh, admit)
     )
     log.info(
         "orchestrator SERVING on %s:%d: target %s (%s), draft %s (%s)",

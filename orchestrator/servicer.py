@@ -61,6 +61,8 @@ def record_metrics(stats: GenerationStats, finish_reason: str) -> None:
     metrics.EMITTED_TOKENS.labels(**labels).inc(stats.committed_tokens)
     metrics.TARGET_FORWARDS.labels(**labels).inc(stats.target_forward_passes)
     metrics.GENERATION_TOKENS.labels(**labels).inc(stats.generated_tokens)
+    metrics.SESSION_REBUILDS.labels(role="target", **labels).inc(stats.target_rebuilds)
+    metrics.SESSION_REBUILDS.labels(role="draft", **labels).inc(stats.draft_rebuilds)
     metrics.E2E_LATENCY.labels(**labels).observe(stats.total_seconds)
     if stats.generated_tokens:
         metrics.TIME_TO_FIRST_TOKEN.labels(**labels).observe(stats.time_to_first_token_seconds)

@@ -41,13 +41,22 @@ import torch
 
 from orchestrator.backends import DraftBackend, TargetBackend, is_draft_failure
 from orchestrator.policy import LoadEstimates, Policy
+from orchestrator.replicas import ReplicaSet, is_replica_failure
 from orchestrator.stats import GenerationStats
-from specdec.errors import DeadlineExceeded, SpecdecError
+from specdec.errors import DeadlineExceeded, SpecdecError, Unavailable
 from specdec.grammar import Grammar
 from specdec.messages import Features, Logprobs, Proposal, ProposeWork, VerifyWork
 from specdec.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+
+MAX_TARGET_REBUILDS = 3  # per request: then it ends with UNAVAILABLE (TargetLost)
+MAX_DRAFT_REBUILDS = 2  # per request: then it goes on target-only
+REBUILD_BACKOFF_S = (0.0, 0.25, 1.0)  # before each target rebuild: a lone replica may be restarting
+
+
+class TargetLost(Unavailable):
+    """Every rebuild of the request's target session failed; generation.py adds the output so far."""
 
 
 @dataclass
@@ -151,8 +160,13 @@ async def speculate(
                 except SpecdecError as error:
                     if not is_draft_failure(error):
                         raise
-                    log.warning("session %s: draft failed (%s); continuing target-only", spec.session_id, error.message)
-                    draft = None
+                    if is_replica_failure(error) and isinstance(draft, ReplicaSet) and draft.healthy() and stats.draft_rebuilds < MAX_DRAFT_REBUILDS:
+                        log.warning("session %s: draft replica failed (%s); starting it on another", spec.session_id, error.message)
+                        stats.draft_rebuilds += 1
+                        spec.draft_started = False  # the next round that drafts starts it again, from the sequence so far
+                    else:
+                        log.warning("session %s: draft failed (%s); continuing target-only", spec.session_id, error.message)
+                        draft = None
             verify = VerifyWork(
                 spec.session_id,
                 committed,
@@ -166,10 +180,11 @@ async def speculate(
             )
             if spec.pipeline and proposal_tokens and draft is not None and not spec.feature_layers:
                 ahead = _propose_ahead(spec, draft, sequence, proposal_tokens, left)
-            verdict, cost = await target.verify(verify, remaining(spec.deadline))
+            verdict, cost = await _verify(spec, target, verify, sequence, stats)
             calls_s += cost.wall_s + cost.conversion_s
-            if verdict.features is not None and draft is not None:
-                unsent.append(verdict.features)
+            if verdict.features is not None and draft is not None and verdict.features.end > features_end:
+                # a rebuilt target session returns every position's features again: keep the new ones
+                unsent.append(verdict.features.after(features_end))
                 features_end = verdict.features.end
             stats.add_target_call(cost)
             stats.add_round(len(proposal_tokens), verdict.accepted)
@@ -191,6 +206,27 @@ async def speculate(
             ahead.task.cancel()
             with contextlib.suppress(BaseException):
                 await ahead.task
+
+
+async def _verify(spec: Speculation, target: TargetBackend, work: VerifyWork, sequence: list[int], stats: GenerationStats):
+    """The round's Verify; when the target session's replica fails, the session is started again
+    (on another replica if there is one) from the prompt and every committed token, and the same
+    work, uniforms included, is verified there: the output is the same as without the failure."""
+    for rebuilds in range(MAX_TARGET_REBUILDS + 1):
+        try:
+            if rebuilds:
+                await asyncio.sleep(REBUILD_BACKOFF_S[rebuilds - 1])
+                stats.target_rebuilds += 1
+                stats.add_target_call(await target.start_session(
+                    spec.session_id, sequence, remaining(spec.deadline), len(spec.prompt), spec.grammar, spec.feature_layers
+                ))
+            return await target.verify(work, remaining(spec.deadline))
+        except SpecdecError as error:
+            if not is_replica_failure(error):
+                raise
+            log.warning("session %s: target failed (%s: %s)", spec.session_id, error.code_name, error.message)
+            failure = error
+    raise TargetLost(f"the target failed and {MAX_TARGET_REBUILDS} attempts to start the session again failed: {failure.message}")
 
 
 def _propose_ahead(spec: Speculation, draft: DraftBackend, sequence: list[int], drafts: list[int], left: int) -> _Ahead | None:

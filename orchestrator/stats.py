@@ -38,6 +38,8 @@ class GenerationStats:
     time_to_first_token_seconds: float = 0.0
     accepted_per_position: list[int] = field(default_factory=list)
     pipelined_rounds: int = 0  # rounds whose drafts were proposed during the previous verify (see speculation.py)
+    target_rebuilds: int = 0  # target sessions started again after their replica failed
+    draft_rebuilds: int = 0
     prompt_tokens: int = 0  # the prompt's length in tokens (the HTTP API's usage; not in the proto)
 
     @property

@@ -22,6 +22,13 @@ class InvalidArgument(SpecdecError):
     code_name = "INVALID_ARGUMENT"
 
 
+class NotFound(SpecdecError):
+    """A session the service does not hold (never started, ended, expired, or lost with a restart):
+    its own status, so that a caller can tell a lost session from a bad request."""
+
+    code_name = "NOT_FOUND"
+
+
 class FailedPrecondition(SpecdecError):
     code_name = "FAILED_PRECONDITION"
 
@@ -38,6 +45,16 @@ class ResourceExhausted(SpecdecError):
 
 class Unavailable(SpecdecError):
     code_name = "UNAVAILABLE"
+
+
+class OutputIncomplete(Unavailable):
+    """A generation that could not go on (its target was lost): what it generated so far travels
+    with the status (an ErrorInfo detail), so a unary caller does not lose it."""
+
+    def __init__(self, message: str, token_ids: list[int], text: str):
+        super().__init__(message)
+        self.token_ids = token_ids
+        self.text = text
 
 
 class DeadlineExceeded(SpecdecError):

@@ -29,6 +29,10 @@ class Features:
     def end(self) -> int:
         return self.start + len(self.rows)
 
+    def after(self, position: int) -> "Features":
+        """The rows from `position` on (position in [start, end))."""
+        return self if position <= self.start else Features(position, self.rows[position - self.start :])
+
     @staticmethod
     def joined(parts: list["Features"]) -> "Features | None":
         """Consecutive parts as one (None for none)."""

@@ -71,6 +71,9 @@ EMITTED_TOKENS = Counter(
 TARGET_FORWARDS = Counter(
     _name("spec_decode_num_target_forward_passes"), "Target forward passes (Verify rounds; prefill not counted).", ["service"]
 )
+SESSION_REBUILDS = Counter(
+    _name("session_rebuilds"), "Sessions started again on a replica after the one holding them failed, by role.", ["service", "role"]
+)
 GENERATION_TOKENS = Counter(_name("generation_tokens"), "Output tokens of finished requests.", ["service"])
 
 # Requests, as vLLM names them.

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Generic, TypeVar
 
-from specdec.errors import InvalidArgument, ResourceExhausted
+from specdec.errors import InvalidArgument, NotFound, ResourceExhausted
 
 State = TypeVar("State")
 
@@ -54,7 +54,7 @@ class SessionStore(Generic[State]):
         try:
             state, _ = self._entries[session_id]
         except KeyError:
-            raise InvalidArgument(f"unknown session {session_id!r} (never started, ended or expired)", field) from None
+            raise NotFound(f"unknown session {session_id!r} (never started, ended, expired, or lost in a restart)", field) from None
         self._entries[session_id] = (state, self._clock())
         return state
 

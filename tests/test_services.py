@@ -120,11 +120,11 @@ def test_unknown_session_on_the_model_services(stack):
         item = target_pb2.VerifyItem(session_id="nobody", prefix_len=0, tokens=[1], sampling=common_pb2.SamplingParams(top_p=1))
         with pytest.raises(grpc.RpcError) as error:
             target.Verify(target_pb2.VerifyRequest(items=[item]), timeout=10)
-        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_request_fields(error.value)[0] == "items[0].session_id"
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND and bad_request_fields(error.value)[0] == "items[0].session_id"
         propose = draft_pb2.ProposeItem(session_id="nobody", tokens=[1], num_speculative_tokens=2, sampling=common_pb2.SamplingParams(top_p=1))
         with pytest.raises(grpc.RpcError) as error:
             draft.Propose(draft_pb2.ProposeRequest(items=[propose]), timeout=10)
-        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_request_fields(error.value)[0] == "items[0].session_id"
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND and bad_request_fields(error.value)[0] == "items[0].session_id"
         assert not target.EndSession(common_pb2.EndSessionRequest(session_id="nobody"), timeout=10).existed
 
 

@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from specdec.errors import ResourceExhausted, SpecdecError
+from specdec.errors import OutputIncomplete, ResourceExhausted, SpecdecError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,9 @@ def error_status(error: SpecdecError) -> grpc.Status:
     if error.field:
         violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=message)
         status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    if isinstance(error, OutputIncomplete):
+        metadata = {"generated_tokens": str(len(error.token_ids)), "generated_text": bounded(error.text)}
+        status.details.add().Pack(error_details_pb2.ErrorInfo(reason="OUTPUT_INCOMPLETE", domain="specdec.v1", metadata=metadata))
     if isinstance(error, ResourceExhausted):
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after_s * 1e9))

@@ -95,7 +95,7 @@ class TokenLogprobs(_message.Message):
     def __init__(self, logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("generated_tokens", "rounds", "draft_tokens", "accepted_tokens", "acceptance_rate", "tokens_per_target_forward", "target_forward_passes", "draft_forward_passes", "draft_seconds", "target_seconds", "network_seconds", "total_seconds", "time_to_first_token_seconds", "bytes_per_round", "num_speculative_tokens", "accepted_per_position", "queue_seconds", "adaptive_k", "orchestrator_seconds", "draft_conversion_seconds", "target_conversion_seconds", "draft_transport_seconds", "target_transport_seconds", "draft_service_overhead_seconds", "target_service_overhead_seconds", "pipelined_rounds")
+    __slots__ = ("generated_tokens", "rounds", "draft_tokens", "accepted_tokens", "acceptance_rate", "tokens_per_target_forward", "target_forward_passes", "draft_forward_passes", "draft_seconds", "target_seconds", "network_seconds", "total_seconds", "time_to_first_token_seconds", "bytes_per_round", "num_speculative_tokens", "accepted_per_position", "queue_seconds", "adaptive_k", "orchestrator_seconds", "draft_conversion_seconds", "target_conversion_seconds", "draft_transport_seconds", "target_transport_seconds", "draft_service_overhead_seconds", "target_service_overhead_seconds", "pipelined_rounds", "target_rebuilds", "draft_rebuilds")
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,8 @@ class GenerationStats(_message.Message):
     DRAFT_SERVICE_OVERHEAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TARGET_SERVICE_OVERHEAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PIPELINED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_REBUILDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_REBUILDS_FIELD_NUMBER: _ClassVar[int]
     generated_tokens: int
     rounds: int
     draft_tokens: int
@@ -148,7 +150,9 @@ class GenerationStats(_message.Message):
     draft_service_overhead_seconds: float
     target_service_overhead_seconds: float
     pipelined_rounds: int
-    def __init__(self, generated_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., tokens_per_target_forward: _Optional[float] = ..., target_forward_passes: _Optional[int] = ..., draft_forward_passes: _Optional[int] = ..., draft_seconds: _Optional[float] = ..., target_seconds: _Optional[float] = ..., network_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., time_to_first_token_seconds: _Optional[float] = ..., bytes_per_round: _Optional[float] = ..., num_speculative_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., queue_seconds: _Optional[float] = ..., adaptive_k: _Optional[bool] = ..., orchestrator_seconds: _Optional[float] = ..., draft_conversion_seconds: _Optional[float] = ..., target_conversion_seconds: _Optional[float] = ..., draft_transport_seconds: _Optional[float] = ..., target_transport_seconds: _Optional[float] = ..., draft_service_overhead_seconds: _Optional[float] = ..., target_service_overhead_seconds: _Optional[float] = ..., pipelined_rounds: _Optional[int] = ...) -> None: ...
+    target_rebuilds: int
+    draft_rebuilds: int
+    def __init__(self, generated_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., tokens_per_target_forward: _Optional[float] = ..., target_forward_passes: _Optional[int] = ..., draft_forward_passes: _Optional[int] = ..., draft_seconds: _Optional[float] = ..., target_seconds: _Optional[float] = ..., network_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., time_to_first_token_seconds: _Optional[float] = ..., bytes_per_round: _Optional[float] = ..., num_speculative_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., queue_seconds: _Optional[float] = ..., adaptive_k: _Optional[bool] = ..., orchestrator_seconds: _Optional[float] = ..., draft_conversion_seconds: _Optional[float] = ..., target_conversion_seconds: _Optional[float] = ..., draft_transport_seconds: _Optional[float] = ..., target_transport_seconds: _Optional[float] = ..., draft_service_overhead_seconds: _Optional[float] = ..., target_service_overhead_seconds: _Optional[float] = ..., pipelined_rounds: _Optional[int] = ..., target_rebuilds: _Optional[int] = ..., draft_rebuilds: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "stats", "logprobs")

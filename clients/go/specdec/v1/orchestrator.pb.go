@@ -513,8 +513,12 @@ type GenerationStats struct {
 	// (the orchestrator's --pipeline-drafts), on the guess that round accepted every draft and its
 	// bonus token was the draft's next one, and the guess held: their Propose cost no waiting.
 	PipelinedRounds uint32 `protobuf:"varint,26,opt,name=pipelined_rounds,json=pipelinedRounds,proto3" json:"pipelined_rounds,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Times the request's target or draft session was started again, from the prompt and the
+	// tokens committed so far, after the replica holding it failed (the output is unchanged).
+	TargetRebuilds uint32 `protobuf:"varint,27,opt,name=target_rebuilds,json=targetRebuilds,proto3" json:"target_rebuilds,omitempty"`
+	DraftRebuilds  uint32 `protobuf:"varint,28,opt,name=draft_rebuilds,json=draftRebuilds,proto3" json:"draft_rebuilds,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *GenerationStats) Reset() {
@@ -729,6 +733,20 @@ func (x *GenerationStats) GetPipelinedRounds() uint32 {
 	return 0
 }
 
+func (x *GenerationStats) GetTargetRebuilds() uint32 {
+	if x != nil {
+		return x.TargetRebuilds
+	}
+	return 0
+}
+
+func (x *GenerationStats) GetDraftRebuilds() uint32 {
+	if x != nil {
+		return x.DraftRebuilds
+	}
+	return 0
+}
+
 type GenerateResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Generate: the whole output. GenerateStream: the new text since the previous message; the
@@ -861,7 +879,8 @@ const file_specdec_v1_orchestrator_proto_rawDesc = "" +
 	"\rTokenLogprobs\x12\x18\n" +
 	"\alogprob\x18\x01 \x01(\x02R\alogprob\x12\"\n" +
 	"\rtop_token_ids\x18\x02 \x03(\x05R\vtopTokenIds\x12!\n" +
-	"\ftop_logprobs\x18\x03 \x03(\x02R\vtopLogprobs\"\xea\t\n" +
+	"\ftop_logprobs\x18\x03 \x03(\x02R\vtopLogprobs\"\xba\n" +
+	"\n" +
 	"\x0fGenerationStats\x12)\n" +
 	"\x10generated_tokens\x18\x01 \x01(\rR\x0fgeneratedTokens\x12\x16\n" +
 	"\x06rounds\x18\x02 \x01(\rR\x06rounds\x12!\n" +
@@ -890,7 +909,9 @@ const file_specdec_v1_orchestrator_proto_rawDesc = "" +
 	"\x18target_transport_seconds\x18\x17 \x01(\x01R\x16targetTransportSeconds\x12C\n" +
 	"\x1edraft_service_overhead_seconds\x18\x18 \x01(\x01R\x1bdraftServiceOverheadSeconds\x12E\n" +
 	"\x1ftarget_service_overhead_seconds\x18\x19 \x01(\x01R\x1ctargetServiceOverheadSeconds\x12)\n" +
-	"\x10pipelined_rounds\x18\x1a \x01(\rR\x0fpipelinedRounds\"\xec\x01\n" +
+	"\x10pipelined_rounds\x18\x1a \x01(\rR\x0fpipelinedRounds\x12'\n" +
+	"\x0ftarget_rebuilds\x18\x1b \x01(\rR\x0etargetRebuilds\x12%\n" +
+	"\x0edraft_rebuilds\x18\x1c \x01(\rR\rdraftRebuilds\"\xec\x01\n" +
 	"\x10GenerateResponse\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\x12\x1b\n" +
 	"\ttoken_ids\x18\x02 \x03(\x05R\btokenIds\x12=\n" +
