@@ -35,22 +35,26 @@ class ServiceStack:
     def __init__(self, target_model: str = "embedded", draft_model: str = "ngram", log_dir: Path | None = None,
                  extra_target_args: tuple[str, ...] = (), extra_draft_args: tuple[str, ...] = (), startup_timeout_s: float = 900,
                  extra_orchestrator_args: tuple[str, ...] = (), cores: dict[str, set[int]] | None = None,
-                 orchestrator_variants: dict[str, tuple[str, ...]] | None = None):
+                 orchestrator_variants: dict[str, tuple[str, ...]] | None = None, replicas: int = 1):
         """`cores`: per service the CPUs its process may run on (model services then run as many
         threads); None: every service may run anywhere. `orchestrator_variants`: further
         orchestrators over the same model services, by name, with these extra flags each (e.g.
-        {"pipelined": ("--pipeline-drafts",)}); they run on the orchestrator's cores."""
+        {"pipelined": ("--pipeline-drafts",)}); they run on the orchestrator's cores.
+        `replicas`: processes of each model service ("target", "target-2", ...; "draft", ...),
+        all of them given to the orchestrators."""
         self.cores = cores or {}
         self.variants = dict(orchestrator_variants or {})
-        self.ports = {"target": free_port(), "draft": free_port(), "orchestrator": free_port(), **{v: free_port() for v in self.variants}}
+        self.targets = ["target"] + [f"target-{i}" for i in range(2, replicas + 1)]
+        self.drafts = ["draft"] + [f"draft-{i}" for i in range(2, replicas + 1)]
+        self.ports = {name: free_port() for name in (*self.targets, *self.drafts, "orchestrator", *self.variants)}
         self.log_dir = log_dir or ROOT / ".logs"
         self.startup_timeout_s = startup_timeout_s
         self.commands = {
-            "target": ["target_service", "--model", target_model, *extra_target_args],
-            "draft": ["draft_service", "--model", draft_model, *extra_draft_args],
+            **{name: ["target_service", "--model", target_model, *extra_target_args] for name in self.targets},
+            **{name: ["draft_service", "--model", draft_model, *extra_draft_args] for name in self.drafts},
             "orchestrator": [
-                "orchestrator", "--target", self.address("target"), "--draft", self.address("draft"), "--tokenizer", target_model,
-                *extra_orchestrator_args,
+                "orchestrator", "--target", ",".join(map(self.address, self.targets)), "--draft", ",".join(map(self.address, self.drafts)),
+                "--tokenizer", target_model, *extra_orchestrator_args,
             ],
         }
         for name, flags in self.variants.items():
@@ -83,7 +87,7 @@ class ServiceStack:
     def spawn(self, name: str) -> subprocess.Popen:
         """Start one service's process on its port (again, after a crash: its log is appended to)."""
         module, *args = self.commands[name]
-        cores = self.cores.get("orchestrator" if name in self.variants else name)
+        cores = self.cores.get("orchestrator" if name in self.variants else name.split("-")[0])
         if cores and module != "orchestrator":
             args = [*args, "--threads", str(len(cores))]
         log = open(self.log_dir / f"{name}.log", "a" if name in self.processes else "w")

@@ -17,7 +17,7 @@ import torch
 from specdec import lm, sampling, validation
 from specdec.errors import FailedPrecondition, InvalidArgument, SpecdecError
 from specdec.grammar import Grammar, GrammarCompiler, GrammarState, apply_mask
-from specdec.lean_llama import supports_lean_path
+from specdec.lean_llama import PER_QUERY_MAX, supports_lean_path
 from specdec.messages import Features, Logprobs, ModelInfo, VerifyWork
 from specdec.model_service.batching import admit_calls, per_call
 from specdec.models import LoadedModel
@@ -160,10 +160,18 @@ class TargetEngine:
             raise InvalidArgument(f"feature_layers must be distinct decoder layers in [-{count}, {count})", "feature_layers")
 
     def prefill(self, session_id: str) -> int:
-        """Feed the next chunk of the session's prompt to its cache; tokens still to prefill."""
+        """Feed the next chunk of the session's prompt to its cache; tokens still to prefill.
+
+        The output a session starts with (a session rebuilt on this replica after another failed)
+        goes in rows of at most PER_QUERY_MAX tokens, as rounds feed it, never with the prompt:
+        a format whose long rows take another path (the native formats) then computes the same
+        cache, and the rebuilt session the same logits, as the lost one."""
         session = self.sessions.get(session_id)
-        done = session.cache.length
-        end = len(session.ids) if not session.chunk else min(len(session.ids), done + session.chunk)
+        done, prompt_end = session.cache.length, session.prompt_len - 1  # the prompt's last token is the first round's input
+        if done < prompt_end:
+            end = prompt_end if not session.chunk else min(prompt_end, done + session.chunk)
+        else:
+            end = min(len(session.ids), done + PER_QUERY_MAX)
         if end > done:
             output = lm.forward(self.loaded.model, [session.cache], [session.ids[done:end]], logits_for_last=1, features=session.feature_layers)
             if session.feature_layers:
