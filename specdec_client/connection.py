@@ -74,7 +74,9 @@ class RequestError(Exception):
     `code` is the grpc.StatusCode (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE,
     DEADLINE_EXCEEDED, UNAUTHENTICATED, ...); `field_violations` name the request fields at fault
     (from a google.rpc.BadRequest detail) and `retry_after_s` says when retrying may succeed
-    (from a google.rpc.RetryInfo), when the server sent them.
+    (from a google.rpc.RetryInfo), when the server sent them. `generated_text`: a request whose
+    target was lost on every replica (UNAVAILABLE, reason OUTPUT_INCOMPLETE) keeps the text it had
+    generated here; None otherwise.
     """
 
     def __init__(
@@ -83,24 +85,28 @@ class RequestError(Exception):
         message: str,
         field_violations: tuple[FieldViolation, ...] = (),
         retry_after_s: float | None = None,
+        generated_text: str | None = None,
     ):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
         self.field_violations = field_violations
         self.retry_after_s = retry_after_s
+        self.generated_text = generated_text
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> RequestError:
         """From a sync or asyncio gRPC error (both are calls with code, details and trailers)."""
-        violations, retry_after_s = [], None
+        violations, retry_after_s, generated_text = [], None, None
         for key, value in error.trailing_metadata() or ():
             if key != _DETAILS_KEY:
                 continue
             for detail in status_pb2.Status.FromString(value).details:
-                bad_request, retry = error_details_pb2.BadRequest(), error_details_pb2.RetryInfo()
+                bad_request, retry, info = error_details_pb2.BadRequest(), error_details_pb2.RetryInfo(), error_details_pb2.ErrorInfo()
                 if detail.Unpack(bad_request):
                     violations += [FieldViolation(v.field, v.description) for v in bad_request.field_violations]
                 elif detail.Unpack(retry):
                     retry_after_s = retry.retry_delay.ToTimedelta().total_seconds()
-        return cls(error.code(), error.details() or "", tuple(violations), retry_after_s)
+                elif detail.Unpack(info) and info.reason == "OUTPUT_INCOMPLETE":
+                    generated_text = info.metadata.get("generated_text")
+        return cls(error.code(), error.details() or "", tuple(violations), retry_after_s, generated_text)

@@ -12,7 +12,7 @@ from typing import Literal, Mapping, Sequence
 
 from google.protobuf.descriptor import FieldDescriptor
 
-from specdec.v1 import orchestrator_pb2
+from specdec.v1 import common_pb2, orchestrator_pb2
 
 FinishReason = Literal["length", "stop", "eos"]
 
@@ -31,7 +31,8 @@ class Request:
     template: `(role, content)` pairs or `{"role": ..., "content": ...}` mappings) must be set.
     `temperature` 0 is greedy; `top_p`, `seed` and `num_speculative_tokens` (K) left as None take
     the server's defaults (no nucleus truncation, a random seed, the server's K); K = 0 is plain
-    target-only decoding.
+    target-only decoding. `grammar`: structured output, one of {"json_schema": schema text},
+    {"json_object": True}, {"regex": ...}, {"ebnf": ...}, {"lark": ...}.
     """
 
     prompt: str = ""
@@ -45,6 +46,18 @@ class Request:
     num_speculative_tokens: int | None = None
     logprobs: int | None = None  # None: none; n in [0, 20]: each token's and the n most probable
     warped_logprobs: bool = False
+    min_p: float = 0.0
+    repetition_penalty: float | None = None  # None: 1.0, off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    seed_stable: bool = False
+    grammar: Mapping[str, str | bool] | None = None
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool | None = None  # None: true
 
     def to_proto(self) -> orchestrator_pb2.GenerateRequest:
         message = orchestrator_pb2.GenerateRequest(
@@ -54,12 +67,22 @@ class Request:
             top_k=self.top_k,
             stop=list(self.stop),
             warped_logprobs=self.warped_logprobs,
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=dict(self.logit_bias),
+            stop_token_ids=list(self.stop_token_ids),
+            ignore_eos=self.ignore_eos,
+            seed_stable=self.seed_stable,
+            grammar=common_pb2.Grammar(**self.grammar) if self.grammar is not None else None,
+            min_tokens=self.min_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
         )
         for turn in self.messages:
             role, content = (turn["role"], turn["content"]) if isinstance(turn, Mapping) else turn
             message.messages.add(role=role, content=content)
         # unset optional fields mean "the server's default", so None must stay unset, not 0
-        for name in ("top_p", "seed", "num_speculative_tokens", "logprobs"):
+        for name in ("top_p", "seed", "num_speculative_tokens", "logprobs", "repetition_penalty", "skip_special_tokens"):
             if getattr(self, name) is not None:
                 setattr(message, name, getattr(self, name))
         return message

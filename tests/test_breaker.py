@@ -47,7 +47,7 @@ class FailingDraft:
     def __init__(self, code: str):
         self.code, self.timeouts = code, []
 
-    async def start_session(self, session_id, prompt, timeout):
+    async def start_session(self, session_id, prompt, timeout, *more):
         self.timeouts.append(timeout)
         raise Upstream(self.code, "draft service: failed")
 

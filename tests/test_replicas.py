@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from harness.processes import ServiceStack
+from specdec_client.connection import RequestError
 from specdec.v1 import common_pb2, draft_pb2_grpc, orchestrator_pb2, orchestrator_pb2_grpc, target_pb2_grpc
 from tests.test_faults import LONG, ORCHESTRATOR_ARGS, eventually, health, request, SERVING, target_dir  # noqa: F401 (a fixture)
 
@@ -92,9 +93,18 @@ def test_a_draft_replica_killed_mid_stream_is_replaced(stack, orchestrator, refe
 
 
 def test_with_every_target_gone_requests_fail_cleanly_and_succeed_once_one_is_back(stack, orchestrator, reference):
-    for name in stack.targets:
-        stack.processes[name].kill()
-        stack.processes[name].wait(10)
+    streamed, error = "", None
+    try:
+        for message in orchestrator.GenerateStream(request(LONG), timeout=120):
+            streamed += message.text
+            if len(streamed) > 40 and stack.processes[stack.targets[0]].poll() is None:
+                for name in stack.targets:
+                    stack.processes[name].kill()
+                    stack.processes[name].wait(10)
+    except grpc.RpcError as raised:
+        error = RequestError.from_rpc_error(raised)
+    assert error is not None and error.code == grpc.StatusCode.UNAVAILABLE, "the stream outlived every target"
+    assert error.generated_text.startswith(streamed) and len(error.generated_text) > 40  # the output so far, in the details
     eventually(lambda: health(stack) != SERVING, 10, "orchestrator NOT_SERVING without targets")
     with pytest.raises(grpc.RpcError) as refused:
         orchestrator.Generate(request(), timeout=30)
