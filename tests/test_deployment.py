@@ -266,7 +266,7 @@ def test_compose_services_ports_and_health_checks_agree_with_the_clis(path):
     assert sorted(module for module, _ in configs.values()) == sorted(SERVICES)
     for name, service in services.items():
         _, config = configs[name]
-        container_ports = {int(interpolated(port).rsplit(":", 1)[1]) for port in service["ports"]}
+        container_ports = {int(interpolated(port).rsplit(":", 1)[-1]) for port in service["ports"]}  # host:container, or container
         http_port = getattr(config, "http_port", 0)  # the orchestrator's HTTP API, when on
         assert container_ports == {config.port} | ({http_port} if http_port else set()), name
         assert service["healthcheck"]["test"] == ["CMD", "grpc_health_probe", f"-addr=127.0.0.1:{config.port}"], name
@@ -274,7 +274,8 @@ def test_compose_services_ports_and_health_checks_agree_with_the_clis(path):
     orchestrator_name, orchestrator = by_module["orchestrator"]
     for module, address in (("target_service", orchestrator.target), ("draft_service", orchestrator.draft)):
         name, config = by_module[module]
-        assert address == f"{name}:{config.port}", f"the orchestrator's address of {module}"
+        replicated = services[name].get("deploy", {}).get("replicas", 1) > 1  # then every replica, by Docker's DNS
+        assert address == f"{'dns:///' if replicated else ''}{name}:{config.port}", f"the orchestrator's address of {module}"
         assert services[orchestrator_name]["depends_on"][name] == {"condition": "service_healthy"}
 
 
@@ -298,7 +299,9 @@ def test_cpu_compose_runs_the_embedded_defaults():
     configs = dict(compose_service_config(service) for service in services.values())
     assert configs["target_service"].model == "embedded" and configs["target_service"].device == "cpu"
     assert configs["draft_service"].device == "cpu"
-    assert all("deploy" not in service for service in services.values())
+    assert all("resources" not in service.get("deploy", {}) for service in services.values())  # no GPU reservations
+    by_module = {compose_service_config(service)[0]: service for service in services.values()}
+    assert by_module["target_service"]["deploy"]["replicas"] == by_module["draft_service"]["deploy"]["replicas"] == 2
 
 
 # Kubernetes ----------------------------------------------------------------------------------
@@ -400,14 +403,14 @@ def test_pod_ports_probes_and_service_agree_with_the_cli(module):
 
 
 @pytest.mark.parametrize("module", ["target_service", "draft_service"])
-def test_model_services_have_a_gpu_and_session_affinity(module):
+def test_model_services_have_a_gpu_two_replicas_and_a_headless_service(module):
     pod = pods()[module]
     assert pod.container["resources"]["limits"]["nvidia.com/gpu"] >= 1
     assert pod.config.device.startswith("cuda")
+    assert pod.deployment["spec"]["replicas"] >= 2
     spec = pod.service["spec"]
-    assert spec["sessionAffinity"] == "ClientIP", "every call of a session must reach the pod holding its KV cache"
-    assert spec["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"] > pod.config.session_ttl_s
-    assert spec.get("clusterIP") != "None", "affinity needs kube-proxy: not a headless Service"
+    # the orchestrator resolves every pod and pins each session to one: no kube-proxy balancing in between
+    assert spec.get("clusterIP") == "None" and "sessionAffinity" not in spec
 
 
 def test_orchestrator_and_model_services_speak_mutual_tls_from_the_mounted_secret():
@@ -433,11 +436,13 @@ def test_orchestrator_reaches_the_model_services_and_outwaits_them():
     for module, address in (("target_service", orchestrator.config.target), ("draft_service", orchestrator.config.draft)):
         pod = found[module]
         service_port = next(port["port"] for port in pod.service["spec"]["ports"] if port["name"] == "grpc")
-        assert address == f"{pod.service['metadata']['name']}:{service_port}"
+        assert address == f"dns:///{pod.service['metadata']['name']}:{service_port}"
         # The orchestrator waits for a model service as long as that one may take to load...
         assert orchestrator.config.connect_timeout_s >= startup_window_s(pod.container["startupProbe"])
     # ...and its own startup probe gives it that long.
     assert startup_window_s(orchestrator.container["startupProbe"]) > orchestrator.config.connect_timeout_s
+    # The pods are reached by address: TLS checks their certificate against the target Service's name.
+    assert orchestrator.config.upstream_tls_server_name == found["target_service"].service["metadata"]["name"]
 
 
 # Documentation -------------------------------------------------------------------------------
