@@ -38,7 +38,7 @@ COMPOSECHECK_SOURCES := tools/composecheck/go.mod tools/composecheck/go.sum tool
 COMPOSECHECK := $(TOOLS_DIR)/composecheck-$(shell cat $(COMPOSECHECK_SOURCES) | sha256sum | cut -c1-12)/composecheck
 export SPECDEC_COMPOSECHECK := $(COMPOSECHECK)
 
-.PHONY: deps tools demo test test-fast protos docs equality bench loadtest soak latency clean-venv help
+.PHONY: deps tools demo test test-fast protos docs equality bench loadtest soak chaos latency clean-venv help
 
 help:
 	@echo "make demo       start the three services with the embedded models, stream a generation, print acceptance and speedup"
@@ -50,6 +50,7 @@ help:
 	@echo "make bench      python -m bench --quick: services, Hugging Face baselines, theory, plots (python -m bench --help for the full run)"
 	@echo "make loadtest   ghz against the three services (unary and streaming); JSON reports in bench/results/ghz/"
 	@echo "make soak       20 minutes of normal, cancelled and invalid requests at concurrency 8 (SOAK_ARGS to change); bench/results/soak/"
+	@echo "make chaos      the soak for 30 minutes over two replicas of each model service, one killed and restarted every 1-3 minutes; bench/results/chaos/"
 	@echo "make latency    speedup at 0, 2 and 10 ms round-trip time through a delay proxy; bench/results/latency/"
 	@echo "make tools      go install the pinned ghz, grpc-health-probe and tools/composecheck"
 
@@ -107,6 +108,9 @@ loadtest: deps tools
 
 soak: deps
 	PYTHONPATH=$(CURDIR) $(PY) -m bench.soak $(SOAK_ARGS)
+
+chaos: deps
+	PYTHONPATH=$(CURDIR) $(PY) -m bench.soak --minutes 30 --concurrency 8 --replicas 2 --kill-every-s 60,180 --out bench/results/chaos $(CHAOS_ARGS)
 
 latency: deps
 	PYTHONPATH=$(CURDIR) $(PY) -m bench.latency

@@ -3,6 +3,12 @@ requests for a long time, to show that nothing leaks or wedges: not a unit test,
 
     python -m bench.soak --minutes 20 --concurrency 8     # embedded target, smollm2-draft-l6
     python -m bench.soak --minutes 1 --quick              # tiny random model: checks the tool works
+    python -m bench.soak --minutes 30 --replicas 2 --kill-every-s 60,180 --out bench/results/chaos   # make chaos
+
+Chaos (`--kill-every-s MIN,MAX` with `--replicas 2`): two replicas of each model service, and one
+of the four killed (kill -9) at a random moment every MIN to MAX seconds and started again; every
+normal request must still end OK (sessions are rebuilt on the other replica) and every greedy
+output must equal its reference (the prompt's target-only output, computed before the first kill).
 
 The services run as subprocesses (bench/stack.py). `--concurrency` clients loop until the time is
 up, each request drawn at random: a normal generation (unary or streamed, greedy or sampled, K in
@@ -20,6 +26,7 @@ import collections
 import contextlib
 import json
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -58,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="tiny random model for target and draft (outputs are gibberish)")
+    parser.add_argument("--replicas", type=int, default=1, help="processes of each model service, all given to the orchestrator")
+    parser.add_argument("--kill-every-s", default="", help="MIN,MAX: kill -9 a random model service this often, then restart it")
     return parser.parse_args(argv)
 
 
@@ -70,35 +79,62 @@ def normal_request(rng: random.Random, max_new_tokens: int) -> orchestrator_pb2.
     return request
 
 
-async def one_request(stub, rng: random.Random, kind: str, max_new_tokens: int) -> str:
-    """Run one request of `kind`; its outcome: OK, CANCELLED, or a status code name."""
+async def one_request(stub, rng: random.Random, kind: str, max_new_tokens: int, references: dict[str, list[int]]) -> str:
+    """Run one request of `kind`; its outcome: OK, CANCELLED, MISMATCH (a greedy output that is
+    not its reference's beginning), or a status code name."""
     try:
         if kind == "invalid":
             await stub.Generate(orchestrator_pb2.GenerateRequest(**rng.choice(INVALID)), timeout=60)
-        elif kind == "cancelled":
-            call = stub.GenerateStream(normal_request(rng, max_new_tokens), timeout=600)
+            return "OK"
+        request = normal_request(rng, max_new_tokens)
+        if kind == "cancelled":
+            call = stub.GenerateStream(request, timeout=600)
             for _ in range(rng.randint(1, 3)):
                 if await call.read() == grpc.aio.EOF:
                     return "OK"  # finished before we could cancel it
             call.cancel()
             return "CANCELLED"
-        elif rng.random() < 0.5:
-            await stub.Generate(normal_request(rng, max_new_tokens), timeout=600)
+        if rng.random() < 0.5:
+            tokens = list((await stub.Generate(request, timeout=600)).token_ids)
         else:
-            async for _ in stub.GenerateStream(normal_request(rng, max_new_tokens), timeout=600):
-                pass
+            tokens = [t async for message in stub.GenerateStream(request, timeout=600) for t in message.token_ids]
+        reference = references.get(request.prompt)
+        if request.temperature == 0 and reference is not None and tokens != reference[: len(tokens)]:
+            return "MISMATCH"
         return "OK"
     except grpc.aio.AioRpcError as error:
         return error.code().name
 
 
-async def client(address: str, deadline: float, rng: random.Random, args, outcomes: collections.Counter) -> None:
+async def client(address: str, deadline: float, rng: random.Random, args, outcomes: collections.Counter, references) -> None:
     kinds, weights = ["normal", "cancelled", "invalid"], [float(w) for w in args.mix.split(",")]
     async with grpc.aio.insecure_channel(address) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
         while time.monotonic() < deadline:
             kind = rng.choices(kinds, weights)[0]
-            outcomes[(kind, await one_request(stub, rng, kind, args.max_new_tokens))] += 1
+            outcomes[(kind, await one_request(stub, rng, kind, args.max_new_tokens, references))] += 1
+
+
+def greedy_references(stack: ServiceStack, max_new_tokens: int) -> dict[str, list[int]]:
+    """Each prompt's target-only greedy output at the longest length a request may ask for."""
+    with grpc.insecure_channel(stack.address("orchestrator")) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
+        return {prompt: list(stub.Generate(orchestrator_pb2.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens,
+                                                                            num_speculative_tokens=0), timeout=600).token_ids)
+                for prompt in PROMPTS}
+
+
+def chaos(stack: ServiceStack, every_s: tuple[float, float], rng: random.Random, stop: threading.Event, kills: list) -> None:
+    """Until `stop`: wait a random time in `every_s`, kill -9 a random model service, start it again
+    (and wait until it serves), record (name, seconds since the start, seconds down)."""
+    started = time.monotonic()
+    while not stop.wait(rng.uniform(*every_s)):
+        victim = rng.choice(stack.targets + stack.drafts)
+        killed = time.monotonic()
+        stack.processes[victim].kill()
+        stack.processes[victim].wait(30)
+        stack.restart(victim)
+        kills.append({"service": victim, "at_s": round(killed - started, 1), "down_s": round(time.monotonic() - killed, 1)})
 
 
 def resident_mb(stack: ServiceStack) -> dict[str, float]:
@@ -106,8 +142,8 @@ def resident_mb(stack: ServiceStack) -> dict[str, float]:
 
 
 def sessions_held(stack: ServiceStack, settle_s: float = 15.0) -> dict[str, int]:
-    """Sessions the model services still hold once in-flight cleanup had `settle_s` to finish."""
-    stubs = {"target": target_pb2_grpc.TargetServiceStub, "draft": draft_pb2_grpc.DraftServiceStub}
+    """Sessions each model service process still holds once in-flight cleanup had `settle_s` to finish."""
+    stubs = {**{n: target_pb2_grpc.TargetServiceStub for n in stack.targets}, **{n: draft_pb2_grpc.DraftServiceStub for n in stack.drafts}}
     deadline = time.monotonic() + settle_s
     while True:
         held = {}
@@ -119,7 +155,7 @@ def sessions_held(stack: ServiceStack, settle_s: float = 15.0) -> dict[str, int]
         time.sleep(0.5)
 
 
-def report(args, outcomes: collections.Counter, memory: dict, held: dict, seconds: float) -> dict:
+def report(args, outcomes: collections.Counter, memory: dict, held: dict, seconds: float, kills: list) -> dict:
     by_kind: dict[str, dict[str, int]] = collections.defaultdict(dict)
     errors: collections.Counter = collections.Counter()
     for (kind, outcome), count in sorted(outcomes.items()):
@@ -137,6 +173,8 @@ def report(args, outcomes: collections.Counter, memory: dict, held: dict, second
         "unexpected_outcomes": unexpected,
         "sessions_held_at_end": held,
         "resident_memory_mb": memory,
+        "kills": len(kills),
+        "kill_log": kills,
     }
 
 
@@ -153,24 +191,35 @@ def main(argv: list[str] | None = None) -> None:
             from harness.tiny import tiny_model_for
 
             args.target = args.draft = tiny_model_for(cleanup)
-        stack = cleanup.enter_context(ServiceStack(target_model=args.target, draft_model=args.draft, log_dir=args.out / "logs"))
+        stack = cleanup.enter_context(ServiceStack(target_model=args.target, draft_model=args.draft, log_dir=args.out / "logs",
+                                                   replicas=args.replicas))
+        references = greedy_references(stack, args.max_new_tokens)
         start_memory = resident_mb(stack)
         started = time.monotonic()
         outcomes: collections.Counter = collections.Counter()
         deadline = started + args.minutes * 60
+        stop, kills = threading.Event(), []
+        killer = None
+        if args.kill_every_s:
+            every = tuple(float(v) for v in args.kill_every_s.split(","))
+            killer = threading.Thread(target=chaos, args=(stack, every, random.Random(args.seed - 1), stop, kills), daemon=True)
+            killer.start()
 
         async def clients():
             await asyncio.gather(*(
-                client(stack.address("orchestrator"), deadline, random.Random(args.seed + i), args, outcomes)
+                client(stack.address("orchestrator"), deadline, random.Random(args.seed + i), args, outcomes, references)
                 for i in range(args.concurrency)
             ))
 
         asyncio.run(clients())
+        stop.set()
+        if killer is not None:
+            killer.join()
         seconds = time.monotonic() - started
         held = sessions_held(stack)
         end_memory = resident_mb(stack)
     memory = {name: {"start": round(start_memory[name], 1), "end": round(end_memory[name], 1)} for name in start_memory}
-    summary = report(args, outcomes, memory, held, seconds)
+    summary = report(args, outcomes, memory, held, seconds, kills)
     (args.out / "soak.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     print(f"written to {args.out / 'soak.json'}")
