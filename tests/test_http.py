@@ -177,6 +177,21 @@ def eos_client(eos_stack):
         yield client
 
 
+def test_several_choices_unary_and_streamed(client):
+    sampled = chat(client, k=4, n=3, temperature=0.9, seed=1, max_tokens=12)
+    assert [c.index for c in sampled.choices] == [0, 1, 2] and len({c.message.content for c in sampled.choices}) == 3
+    assert sampled.usage.completion_tokens == 36
+    assert chat(client, k=4, n=1, temperature=0.9, seed=2, max_tokens=12).choices[0].message.content == sampled.choices[1].message.content
+    chunks = list(complete(client, k=4, n=2, temperature=0.9, seed=1, max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    streamed: dict[int, str] = {}
+    for choice in (choice for c in chunks for choice in c.choices):
+        streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    unary = complete(client, k=4, n=2, temperature=0.9, seed=1, max_tokens=12)
+    assert streamed == {c.index: c.text for c in unary.choices} and chunks[-1].usage.completion_tokens == 24
+    greedy = complete(client, k=2, n=2, max_tokens=12).choices
+    assert greedy[0].text == greedy[1].text
+
+
 def test_structured_output_in_chat_and_completions_equal_with_and_without_speculation(client, eos_client):
     with pytest.raises(openai.BadRequestError) as error:  # the module's target has no end-of-sequence token
         chat(client, response_format={"type": "json_object"})
@@ -237,7 +252,7 @@ BAD = {
     "max_tokens 0": (chat, dict(max_tokens=0), "max_tokens", "invalid_argument"),
     "max_completion_tokens 0": (chat, dict(max_completion_tokens=0), "max_completion_tokens", "invalid_argument"),
     "completion max_tokens over the context": (complete, dict(max_tokens=600), "max_tokens", "invalid_argument"),
-    "n 2": (chat, dict(n=2), "n", "unsupported_parameter"),
+    "n 9": (chat, dict(n=9), "n", "invalid_value"),
     "top_p 0": (complete, dict(top_p=0), "top_p", "invalid_argument"),
     "top_k negative": (complete, dict(extra_body={"top_k": -5}), "top_k", "invalid_argument"),
     "K over the limit": (chat, dict(extra_body={"num_speculative_tokens": 99}), "num_speculative_tokens", "invalid_argument"),

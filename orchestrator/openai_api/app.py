@@ -96,6 +96,11 @@ class Generation:
         self.task.cancel()
 
 
+def _cancel(generations: list[Generation]) -> None:
+    for generation in generations:
+        generation.cancel()
+
+
 async def _disconnected(receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -266,40 +271,38 @@ class HttpApi:
                 parsed = replace(parsed, generation=replace(parsed.generation, max_new_tokens=room))
             return parsed, self.served_model()
 
-    def _start(self, parsed: ParsedRequest) -> Generation:
+    def _start(self, parsed: ParsedRequest) -> list[Generation]:
+        """One generation per choice, all running at once (the target batches their rounds)."""
         timeout = self.servicer.default_timeout_s
         deadline = None if timeout is None else time.monotonic() + timeout
-        return Generation(self.servicer.events(parsed.generation, deadline), self.generations)
+        return [Generation(self.servicer.events(choice, deadline), self.generations) for choice in parsed.choices()]
 
     async def _generate(self, request: Request, chat: bool) -> Response:
         params: dict[str, str] = {}
-        generation = None
+        generations: list[Generation] = []
         try:
             parsed, model = self._prepare(await self._read_json(request), chat)
             params = parsed.params
-            generation = self._start(parsed)
+            generations = self._start(parsed)
             if not parsed.stream:
-                events = await unless_disconnected(request, generation.collect())
-                return JSONResponse(unary_body(events, chat, model, self.servicer.engine.tokenizer))
-            # The first event before the headers: errors at the start (validation, RESOURCE_EXHAUSTED
+                choices = await unless_disconnected(request, asyncio.gather(*(g.collect() for g in generations)))
+                return JSONResponse(unary_body(choices, chat, model, self.servicer.engine.tokenizer))
+            # The first events before the headers: errors at the start (validation, RESOURCE_EXHAUSTED
             # from a model service) get their HTTP status, which clients retry on, not an SSE error.
-            first = await unless_disconnected(request, generation.next())
+            firsts = await unless_disconnected(request, asyncio.gather(*(g.next() for g in generations)))
         except ClientGone:
-            generation.cancel()
+            _cancel(generations)
             return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
         except SpecdecError as error:
-            if generation is not None:
-                generation.cancel()
+            _cancel(generations)
             return self._error(error, params)
         except Exception as error:  # noqa: BLE001 - the boundary where every error gets a status
-            if generation is not None:
-                generation.cancel()
+            _cancel(generations)
             return await self._internal_error(request, error)
         except BaseException:
-            if generation is not None:
-                generation.cancel()
+            _cancel(generations)
             raise
-        chunks = sse_chunks(generation, first, chat, model, parsed.include_usage, params, self.servicer.engine.tokenizer)
+        chunks = sse_chunks(generations, firsts, chat, model, parsed.include_usage, params, self.servicer.engine.tokenizer)
         return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
 
 

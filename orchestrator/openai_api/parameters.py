@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from starlette.responses import JSONResponse
@@ -37,6 +37,7 @@ STATUS = {
     "DEADLINE_EXCEEDED": (504, "timeout_error"),
 }
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_CHOICES = 8  # n: each choice is a generation of its own
 
 
 class ParameterError(InvalidArgument):
@@ -327,14 +328,21 @@ class ParsedRequest:
     include_usage: bool
     params: dict[str, str]  # the engine's field names -> this request's parameter names
     default_max_tokens: bool  # max_tokens left out: as many as the context holds (chat)
+    n: int = 1  # choices: generations of the same request, choice i seeded with seed + i
+
+    def choices(self) -> list[GenerationRequest]:
+        """The generation of each choice: with a seed, choice i draws with seed + i, so that sampled
+        choices differ and the request is still reproducible."""
+        seeded = self.generation.seed is not None
+        return [replace(self.generation, seed=(self.generation.seed + i) % (1 << 64)) if seeded else self.generation for i in range(self.n)]
 
 
 def parse_request(body: dict, chat: bool) -> ParsedRequest:
     """A GenerationRequest from an OpenAI request body; ParameterError (400) for what it cannot map."""
     _check_names(body, CHAT_PARAMETERS if chat else COMPLETION_PARAMETERS, CHAT_NO_OPS if chat else COMPLETION_NO_OPS)
     n = _integer(body, "n", 1)
-    if n != 1:
-        raise ParameterError(f"n must be 1 (one choice per request), got {n}", "n", "unsupported_parameter")
+    if not 1 <= n <= MAX_CHOICES:
+        raise ParameterError(f"n must be in [1, {MAX_CHOICES}], got {n}", "n")
     max_tokens = _integer(body, "max_tokens")
     max_param = "max_tokens"
     if chat and body.get("max_completion_tokens") is not None:  # the newer name wins
@@ -380,4 +388,4 @@ def parse_request(body: dict, chat: bool) -> ParsedRequest:
         grammar=grammar,
     )
     params = {"max_new_tokens": max_param, "prompt": "messages" if chat else "prompt", "logprobs": logprobs_param, "grammar": grammar_param}
-    return ParsedRequest(generation, stream, include_usage, params, chat and max_tokens is None)
+    return ParsedRequest(generation, stream, include_usage, params, chat and max_tokens is None, n)

@@ -6,6 +6,7 @@ can no longer change the HTTP status: it is the stream's last event, before `dat
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -30,14 +31,6 @@ STATS_FIELDS = tuple(f.name for f in orchestrator_pb2.GenerationStats.DESCRIPTOR
 def stats_json(stats: GenerationStats) -> dict:
     """`specdec_stats`: the fields of GenerationStats in orchestrator.proto, same names."""
     return {name: (list(value) if isinstance(value := getattr(stats, name), list) else value) for name in STATS_FIELDS}
-
-
-def usage_json(stats: GenerationStats) -> dict:
-    return {
-        "prompt_tokens": stats.prompt_tokens,
-        "completion_tokens": stats.generated_tokens,
-        "total_tokens": stats.prompt_tokens + stats.generated_tokens,
-    }
 
 
 UNLIKELY = -9999.0  # what JSON gets for a logprob of -inf (a token the warped distribution excludes), as vLLM
@@ -87,29 +80,45 @@ def _sse(data: dict | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-def unary_body(events: list[GenerationEvent], chat: bool, model: str, tokenizer=None) -> dict:
-    whole = GenerationEvent.joined(events)
-    text, last = whole.text, events[-1]
-    choice: dict = {"index": 0}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-    choice |= {"logprobs": LogprobsJson(tokenizer, chat).of(whole), "finish_reason": FINISH_REASONS[last.finish_reason]}
+def usage_of(stats: list[GenerationStats]) -> dict:
+    """The usage of a request's choices: one prompt, every choice's completion."""
+    completion = sum(s.generated_tokens for s in stats)
+    return {"prompt_tokens": stats[0].prompt_tokens, "completion_tokens": completion, "total_tokens": stats[0].prompt_tokens + completion}
+
+
+def unary_body(choices: list[list[GenerationEvent]], chat: bool, model: str, tokenizer=None) -> dict:
+    """The answer of a request with one or more choices (each the events of one generation);
+    `specdec_stats` is the first choice's, and with several choices each one carries its own."""
+    bodies, stats = [], []
+    for index, events in enumerate(choices):
+        whole = GenerationEvent.joined(events)
+        last = events[-1]
+        choice: dict = {"index": index}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": whole.text}
+        else:
+            choice["text"] = whole.text
+        choice |= {"logprobs": LogprobsJson(tokenizer, chat).of(whole), "finish_reason": FINISH_REASONS[last.finish_reason]}
+        if len(choices) > 1:
+            choice["specdec_stats"] = stats_json(last.stats)
+        bodies.append(choice)
+        stats.append(last.stats)
     return {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": model,
         "system_fingerprint": None,
-        "choices": [choice],
-        "usage": usage_json(last.stats),
-        "specdec_stats": stats_json(last.stats),
+        "choices": bodies,
+        "usage": usage_of(stats),
+        "specdec_stats": stats_json(stats[0]),
     }
 
 
-async def sse_chunks(generation: Generation, event: GenerationEvent, chat: bool, model: str, include_usage: bool,
+async def sse_chunks(generations: list[Generation], firsts: list[GenerationEvent], chat: bool, model: str, include_usage: bool,
                      params: dict[str, str], tokenizer=None) -> AsyncIterator[bytes]:
+    """The events of one or more generations (the choices, their first events already taken) as
+    chunks, each choice's in its order, the choices interleaved as their events come."""
     head = {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
         "object": "chat.completion.chunk" if chat else "text_completion",
@@ -117,31 +126,47 @@ async def sse_chunks(generation: Generation, event: GenerationEvent, chat: bool,
         "model": model,
         "system_fingerprint": None,
     }
+    logprobs_json = [LogprobsJson(tokenizer, chat) for _ in generations]
 
-    logprobs_json = LogprobsJson(tokenizer, chat)
-
-    def chunk(text: str | None, finish_reason: str | None = None, role: bool = False, logprobs: dict | None = None, **extra) -> bytes:
+    def chunk(index: int, text: str | None, finish_reason: str | None = None, role: bool = False, logprobs: dict | None = None,
+              **extra) -> bytes:
         if chat:
             delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
-            choice = {"index": 0, "delta": delta}
+            choice = {"index": index, "delta": delta}
         else:
-            choice = {"index": 0, "text": text or ""}
+            choice = {"index": index, "text": text or ""}
         choice |= {"logprobs": logprobs, "finish_reason": finish_reason}
         return _sse(head | {"choices": [choice]} | ({"usage": None} if include_usage else {}) | extra)
 
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def follow(index: int, generation: Generation, event: GenerationEvent) -> None:
+        try:
+            while True:
+                events.put_nowait((index, event))
+                if event.finish_reason is not None:
+                    return
+                event = await generation.next()
+        except Exception as error:  # noqa: BLE001 - handed to the stream, which ends with it
+            events.put_nowait((index, error))
+
+    followers = [asyncio.ensure_future(follow(i, g, e)) for i, (g, e) in enumerate(zip(generations, firsts))]
     try:
         if chat:
-            yield chunk("", role=True)
-        while True:
+            for index in range(len(generations)):
+                yield chunk(index, "", role=True)
+        finished: dict[int, GenerationStats] = {}
+        while len(finished) < len(generations):
+            index, event = await events.get()
+            if isinstance(event, Exception):
+                raise event
             if event.text or (event.logprobs is not None and event.token_ids):  # a token's logprobs may come before its text
-                yield chunk(event.text, logprobs=logprobs_json.of(event))
+                yield chunk(index, event.text, logprobs=logprobs_json[index].of(event))
             if event.finish_reason is not None:
-                break
-            event = await generation.next()
-        stats = event.stats
-        yield chunk(None if chat else "", FINISH_REASONS[event.finish_reason], specdec_stats=stats_json(stats))
+                finished[index] = event.stats
+                yield chunk(index, None if chat else "", FINISH_REASONS[event.finish_reason], specdec_stats=stats_json(event.stats))
         if include_usage:
-            yield _sse(head | {"choices": [], "usage": usage_json(stats)})
+            yield _sse(head | {"choices": [], "usage": usage_of([finished[i] for i in range(len(generations))])})
     except SpecdecError as error:  # after the headers: the error is the stream's last event
         _, body, _ = error_content(error, params)
         yield _sse(body)
@@ -150,5 +175,7 @@ async def sse_chunks(generation: Generation, event: GenerationEvent, chat: bool,
         yield _sse({"error": {"message": f"internal error: {type(error).__name__}: {error}", "type": "server_error",
                               "param": None, "code": "internal"}})
     finally:
-        generation.cancel()  # a no-op once it finished; frees both sessions when the client went away
+        for follower, generation in zip(followers, generations):
+            follower.cancel()
+            generation.cancel()  # a no-op once it finished; frees both sessions when the client went away
     yield _sse("[DONE]")
