@@ -16,7 +16,7 @@ from draft_service.engine import DraftEngine
 from harness.inprocess import start_stack
 from harness.tiny import tiny_lm
 from specdec import sampling
-from specdec.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from specdec.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from specdec.messages import ProposeWork, VerifyWork
 from specdec.model_service.batching import BatchingConfig, BatchScheduler
 from specdec.model_service.runtime import ModelWorker
@@ -191,7 +191,7 @@ def test_fused_verify_isolates_an_invalid_call(small):
     twice = [VerifyWork("a", 2, [3], [7], None, sampling.GREEDY, [])]
     outcome = engine.verify_calls([good, unknown, twice, [VerifyWork("b", 2, [6], [], None, sampling.GREEDY, [])]])
     assert len(outcome[0]) == 1 and len(outcome[3]) == 1
-    assert isinstance(outcome[1], InvalidArgument) and outcome[1].field == "items[0].session_id"
+    assert isinstance(outcome[1], NotFound) and outcome[1].field == "items[0].session_id"
     assert isinstance(outcome[2], FailedPrecondition)
 
 

@@ -14,7 +14,7 @@ from draft_service.drafters.ngram import lookup
 from draft_service.engine import DraftEngine
 from harness.tiny import tiny_lm
 from specdec import lean_llama, lm, sampling
-from specdec.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from specdec.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from specdec.messages import ProposeWork, VerifyWork
 from specdec.sessions import SessionLimits, SessionStore
 from target_service.engine import TargetEngine
@@ -132,7 +132,7 @@ def test_target_engine_checks_prefix_and_session(small):
     engine.start_session("s", [1, 2, 3])
     with pytest.raises(FailedPrecondition):
         engine.verify([VerifyWork("s", 5, [3], [], None, sampling.GREEDY, [])])
-    with pytest.raises(InvalidArgument) as error:
+    with pytest.raises(NotFound) as error:
         engine.verify([VerifyWork("nope", 2, [3], [], None, sampling.GREEDY, [])])
     assert error.value.field == "items[0].session_id"
     with pytest.raises(InvalidArgument) as error:
