@@ -332,7 +332,7 @@ def test_an_error_quoting_a_huge_session_id_stays_a_clear_status(stubs, which):
         request, method = draft_pb2.ProposeRequest(items=[draft_pb2.ProposeItem(**item, num_speculative_tokens=1)]), stubs["draft"].Propose
     with pytest.raises(grpc.RpcError) as error:
         method(request, timeout=30)
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(error.value.details()) <= 1000
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND and len(error.value.details()) <= 1000
     assert_clear(error.value, request)
 
 

@@ -121,7 +121,7 @@ def test_a_request_starting_at_k_zero_starts_the_draft_session_at_its_first_prob
     draft_engine = generator.draft.engine
     started = []
     original_start = draft_engine.start_session
-    draft_engine.start_session = lambda session_id, prompt, prompt_len=0: started.append(len(prompt)) or original_start(session_id, prompt, prompt_len)
+    draft_engine.start_session = lambda session_id, prompt, *more: started.append(len(prompt)) or original_start(session_id, prompt, *more)
     events = run_generation(generator, GenerationRequest(prompt="Lazy", max_new_tokens=60))
     assert joined(events) == baseline
     prompt_length = len(target.tokenizer("Lazy").input_ids)
@@ -146,6 +146,6 @@ def test_k_is_capped_by_the_drafts_own_limit_and_the_breaker_stays_closed(tiny_t
                 assert reply.stats.num_speculative_tokens == 2
                 assert reply.stats.draft_tokens == 2 * reply.stats.rounds and reply.stats.acceptance_rate == 1.0
                 assert reply.stats.rounds == 4  # 3 tokens per round
-        assert stack.orchestrator.servicer.engine.draft.breaker.state == CLOSED
+        assert all(r.backend.breaker.state == CLOSED for r in stack.orchestrator.servicer.engine.draft.replicas)
     finally:
         stack.stop()
