@@ -1,6 +1,7 @@
-"""What losing a target replica costs a stream: the time from the kill (-9) of the replica holding
-the stream's session to the next tokens the client receives, per context length, beside the
-stream's usual gap between two messages. Two target replicas and two n-gram drafts; each trial
+"""What losing a target replica costs a stream: the longest wait for tokens from the kill (-9) of
+the replica holding the stream's session on (detection, the session's rebuild on the other
+replica, its prefill, the round), per context length, beside the stream's usual gap between two
+messages. Two target replicas and two n-gram drafts; each trial
 streams a prompt of about L tokens, kills the holder after 16 tokens, checks that the output equals
 an undisturbed run's, and starts the killed replica again.
 
@@ -56,7 +57,10 @@ def trial(stack: ServiceStack, stub, request, kill: bool) -> dict:
     record = {"tokens": tokens, "rebuilds": final.stats.target_rebuilds,
               "usual_gap_s": statistics.median(b - a for a, b in zip(arrivals, arrivals[1:])) if len(arrivals) > 2 else 0.0}
     if killed_at is not None:
-        record["gap_after_kill_s"] = min(t for t in arrivals if t > killed_at) - killed_at
+        # the stall: the longest wait for tokens from the kill on (messages already on their way
+        # when it happened arrive first, so the first arrival after it is not the measure)
+        after = [killed_at] + [t for t in arrivals if t > killed_at]
+        record["gap_after_kill_s"] = max(b - a for a, b in zip(after, after[1:]))
         stack.restart(victim)
     return record
 
