@@ -29,6 +29,7 @@ from specdec.messages import ProposeWork, VerifyWork
 from specdec.sampling import History, SamplingParams
 from target_service.engine import TargetEngine
 from tests.helpers import joined
+from tests.test_engines import full_logits, small  # noqa: F401 (a fixture)
 from tests.test_sampling import hf_warp, reference_processing
 from tests.test_speculation import PROMPT, assert_target_marginals, sample_many
 
@@ -63,16 +64,6 @@ def test_each_row_counts_the_drafts_before_it():
     rows = sampling.process_logits(logits, PENALIZED, History(prompt, output), drafts)
     for j in range(4):
         torch.testing.assert_close(rows[j], reference_processing(logits[j], PENALIZED, prompt, output + drafts[:j]))
-
-
-@pytest.fixture(scope="module")
-def small():
-    return tiny_lm(seed=5, vocab_size=64, max_context=256)
-
-
-def full_logits(model, ids):
-    with torch.inference_mode():
-        return model(torch.tensor([ids])).logits[0]
 
 
 @pytest.mark.parametrize("greedy", [False, True], ids=["sampled", "greedy"])

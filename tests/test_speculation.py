@@ -170,9 +170,10 @@ def test_sampling_is_reproducible_with_a_seed(tiny_target, tiny_draft):
     assert first == second
 
 
-def exact_target_marginals(loaded, prompt, params, steps):
+def exact_target_marginals(loaded, prompt, params, steps, allowed=None):
     """P(token at step s) for s < steps, by enumerating every prefix (vocab 16: 16 + 256 contexts).
-    Warped by Hugging Face's processors, not sampling.warp, so that a warping bug shows here too."""
+    Warped by Hugging Face's processors, not sampling.warp, so that a warping bug shows here too.
+    `allowed(prefix)`: the tokens a grammar allows after it ([V] bool), the others masked out."""
     vocab = loaded.vocab_size
     marginals = []
     prefixes = {(): 1.0}
@@ -182,6 +183,8 @@ def exact_target_marginals(loaded, prompt, params, steps):
         for prefix, weight in prefixes.items():
             # the forward path the services run, in the model's weight format
             logits = lm.forward(loaded.model, [lm.SequenceCache()], [prompt + list(prefix)], logits_for_last=1)[0][-1]
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed(prefix), float("-inf"))
             p = hf_warp(logits[None], params, prompt, prefix)[0].double()
             dist += weight * p
             for token in range(vocab):

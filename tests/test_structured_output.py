@@ -25,13 +25,11 @@ from draft_service.drafters.ngram import NGramDrafter
 from harness.inprocess import in_process_engine, run_generation
 from harness.tiny import tiny_lm, with_eos
 from orchestrator.generation import GenerationRequest
-from specdec import lm
 from specdec.errors import InvalidArgument
 from specdec.grammar import Grammar, GrammarCompiler
 from specdec.sampling import SamplingParams
 from tests.helpers import joined
-from tests.test_sampling import hf_warp
-from tests.test_speculation import chisquare_pvalue, sample_many
+from tests.test_speculation import chisquare_pvalue, exact_target_marginals, sample_many
 
 EOS = 2  # <|im_end|> of the SmolLM2 tokenizer
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
@@ -167,22 +165,6 @@ def oracle_allowed(prefix: tuple[int, ...]) -> torch.Tensor:
     return allowed
 
 
-def exact_constrained_marginals(loaded, prompt, params, steps):
-    vocab, marginals, prefixes = loaded.vocab_size, [], {(): 1.0}
-    for _ in range(steps):
-        dist, following = torch.zeros(vocab, dtype=torch.float64), {}
-        for prefix, weight in prefixes.items():
-            logits = lm.forward(loaded.model, [lm.SequenceCache()], [prompt + list(prefix)], logits_for_last=1)[0][-1]
-            p = hf_warp(logits.masked_fill(~oracle_allowed(prefix), float("-inf"))[None], params)[0].double()
-            dist += weight * p
-            for token in range(vocab):
-                if p[token] > 0:
-                    following[prefix + (token,)] = weight * float(p[token])
-        marginals.append(dist)
-        prefixes = following
-    return marginals
-
-
 def test_constrained_sampled_output_distribution_equals_the_targets():
     target = tiny_lm(seed=21, vocab_size=16, eos=(0,), init=0.1)
     draft = tiny_lm(seed=22, vocab_size=16, eos=(0,), init=0.1)
@@ -191,7 +173,7 @@ def test_constrained_sampled_output_distribution_equals_the_targets():
     counts, stats = asyncio.run(sample_many(target, ModelDrafter(draft), prompt, params, 2, steps, trials=2000,
                                             grammar=Grammar("regex", "(ab|ba|cc)[xyz]{1,2}"), grammars=grammars))
     assert stats.accepted_tokens > 50 and stats.draft_tokens - stats.accepted_tokens > 50
-    for step, exact in enumerate(exact_constrained_marginals(target, prompt, params, steps)):
+    for step, exact in enumerate(exact_target_marginals(target, prompt, params, steps, oracle_allowed)):
         support = exact > 1e-9
         assert counts[step][~support].sum() == 0, step
         assert chisquare_pvalue(counts[step][support], exact[support]) > 1e-3, step
