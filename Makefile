@@ -110,7 +110,7 @@ soak: deps
 	PYTHONPATH=$(CURDIR) $(PY) -m bench.soak $(SOAK_ARGS)
 
 chaos: deps
-	PYTHONPATH=$(CURDIR) $(PY) -m bench.soak --minutes 30 --concurrency 8 --replicas 2 --kill-every-s 60,180 --out bench/results/chaos $(CHAOS_ARGS)
+	PYTHONPATH=$(CURDIR) $(PY) -m bench.soak --minutes 30 --concurrency 8 --replicas 2 --dtype q4_1 --kill-every-s 60,180 --out bench/results/chaos $(CHAOS_ARGS)
 
 latency: deps
 	PYTHONPATH=$(CURDIR) $(PY) -m bench.latency

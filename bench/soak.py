@@ -66,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="tiny random model for target and draft (outputs are gibberish)")
     parser.add_argument("--replicas", type=int, default=1, help="processes of each model service, all given to the orchestrator")
+    parser.add_argument("--dtype", default="", help="weight format of the target replicas (they must share one); empty: the service's default")
     parser.add_argument("--kill-every-s", default="", help="MIN,MAX: kill -9 a random model service this often, then restart it")
     return parser.parse_args(argv)
 
@@ -191,8 +192,9 @@ def main(argv: list[str] | None = None) -> None:
             from harness.tiny import tiny_model_for
 
             args.target = args.draft = tiny_model_for(cleanup)
+        dtype = ("--dtype", args.dtype) if args.dtype else ()
         stack = cleanup.enter_context(ServiceStack(target_model=args.target, draft_model=args.draft, log_dir=args.out / "logs",
-                                                   replicas=args.replicas))
+                                                   replicas=args.replicas, extra_target_args=dtype))
         references = greedy_references(stack, args.max_new_tokens)
         start_memory = resident_mb(stack)
         started = time.monotonic()

@@ -234,7 +234,8 @@ class GenerationEngine:
                 last_logprobs = Logprobs([], [], [])
             yield GenerationEvent(text.release(final=True), last_ids, finish, stats, last_logprobs)
         finally:
-            await _shielded(self._end_sessions(spec.session_id, draft if spec.draft_started else None))
+            # a draft session moving to another replica (rebuilds) may end between the two: the set forgets it
+            await _shielded(self._end_sessions(spec.session_id, draft if spec.draft_started or stats.draft_rebuilds else None))
 
     async def _start_sessions(self, spec: Speculation, draft: DraftBackend | None, stats: GenerationStats) -> DraftBackend | None:
         """Prefill both sessions concurrently (the draft's only if the first round drafts);

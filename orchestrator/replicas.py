@@ -127,6 +127,7 @@ class ReplicaSet:
         return await self.call(session_id, lambda backend: backend.start_session(session_id, prompt, timeout, *args, **kwargs))
 
     async def end_session(self, session_id: str, timeout: float | None) -> bool:
+        """End the session on its replica; False when it has none (never placed, or ended)."""
         replica = self.placement.pop(session_id, None)
         if replica is None:
             return False

@@ -223,14 +223,18 @@ async def start(config: OrchestratorConfig, tokenizer=None) -> RunningOrchestrat
     refused: set[str] = set()  # addresses serving another vocabulary
 
     async def admit(candidate: Replica) -> bool:
-        """A replica's first time serving: it must share the target's vocabulary, or it leaves its set."""
+        """A replica's first time serving: it must share the target's vocabulary, and a target
+        replica its weight format too (a session rebuilt on it must compute the same logits), or
+        it leaves its set."""
         try:
             info = await candidate.backend.info(timeout=config.target_health_period_s * 5)
         except SpecdecError:
             return False
         candidate.admitted = True
-        if info.vocab_fingerprint and info.vocab_fingerprint != target_info.vocab_fingerprint:
-            log.error("replica %s serves %s, with another vocabulary than the target's: not used", candidate.address, info.model)
+        other_format = candidate in targets.replicas and info.weight_format != target_info.weight_format
+        if (info.vocab_fingerprint and info.vocab_fingerprint != target_info.vocab_fingerprint) or other_format:
+            log.error("replica %s serves %s (%s), not the target's vocabulary and format (%s): not used", candidate.address, info.model,
+                      info.weight_format, target_info.weight_format)
             refused.add(candidate.address)
             for replicas in running.replica_sets:
                 if candidate in replicas.replicas:
