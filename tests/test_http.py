@@ -3,7 +3,8 @@ in-process), with the official `openai` client: chat and completions, unary and 
 output with speculation equal to target-only output and to the gRPC API's, usage, stop strings,
 seeds; errors in OpenAI's shape naming the parameter; bearer tokens and TLS; 503 before the model
 services are ready and while draining; a client that disconnects frees both sessions; and every
-curl example of docs/http-api.md."""
+curl example of docs/http-api.md. One file (over 450 lines) because its tests share two running
+stacks, which take seconds each to start."""
 
 from __future__ import annotations
 
