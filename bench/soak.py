@@ -14,8 +14,11 @@ The services run as subprocesses (bench/stack.py). `--concurrency` clients loop 
 up, each request drawn at random: a normal generation (unary or streamed, greedy or sampled, K in
 0..6), a stream the client cancels after a few messages, or an invalid request (which must be
 INVALID_ARGUMENT). Reported, to stdout and --out/soak.json: requests by kind and outcome, errors
-by status code, sessions still held by the model services at the end (must be 0), and each
-service's resident memory (RSS) at start and end.
+by status code, sessions still held by the model services at the end (must be 0), and the
+resident memory (RSS) of every process lifetime (a restarted service is a new lifetime), sampled
+every 15 s: its warm value (the sample a minute after the lifetime began: a fresh process first
+grows its allocator arenas and KV buffers), its peak and its last; a lifetime of 5 minutes or more
+whose last sample is more than 10 % above its warm one marks the run as leaking.
 """
 
 from __future__ import annotations
@@ -138,8 +141,32 @@ def chaos(stack: ServiceStack, every_s: tuple[float, float], rng: random.Random,
         kills.append({"service": victim, "at_s": round(killed - started, 1), "down_s": round(time.monotonic() - killed, 1)})
 
 
-def resident_mb(stack: ServiceStack) -> dict[str, float]:
-    return {name: psutil.Process(process.pid).memory_info().rss / 2**20 for name, process in stack.processes.items()}
+MEMORY_EVERY_S, WARM_AFTER_S, FLAT_AFTER_S, FLAT_WITHIN = 15.0, 60.0, 300.0, 0.10
+
+
+def sample_memory(stack: ServiceStack, stop: threading.Event, samples: dict) -> None:
+    """Until `stop`: every MEMORY_EVERY_S, append (seconds, RSS in MiB) to samples[(name, pid)]."""
+    while True:
+        for name, process in list(stack.processes.items()):
+            with contextlib.suppress(psutil.Error):  # killed between listing and reading
+                rss = psutil.Process(process.pid).memory_info().rss / 2**20
+                samples.setdefault((name, process.pid), []).append((time.monotonic(), rss))
+        if stop.wait(MEMORY_EVERY_S):
+            return
+
+
+def memory_lifetimes(samples: dict) -> list[dict]:
+    """One row per process lifetime: warm, peak and last RSS, and whether it stayed flat."""
+    rows = []
+    for (name, pid), series in samples.items():
+        began = series[0][0]
+        warm = next((rss for t, rss in series if t - began >= WARM_AFTER_S), series[0][1])
+        minutes, last = (series[-1][0] - began) / 60, series[-1][1]
+        rows.append({"service": name, "pid": pid, "minutes": round(minutes, 1), "warm_mb": round(warm, 1),
+                     "peak_mb": round(max(rss for _, rss in series), 1), "last_mb": round(last, 1),
+                     "growth": round(last / warm - 1, 3),
+                     "flat": minutes * 60 < FLAT_AFTER_S or last <= warm * (1 + FLAT_WITHIN)})
+    return rows
 
 
 def sessions_held(stack: ServiceStack, settle_s: float = 15.0) -> dict[str, int]:
@@ -156,7 +183,7 @@ def sessions_held(stack: ServiceStack, settle_s: float = 15.0) -> dict[str, int]
         time.sleep(0.5)
 
 
-def report(args, outcomes: collections.Counter, memory: dict, held: dict, seconds: float, kills: list) -> dict:
+def report(args, outcomes: collections.Counter, memory: list[dict], held: dict, seconds: float, kills: list) -> dict:
     by_kind: dict[str, dict[str, int]] = collections.defaultdict(dict)
     errors: collections.Counter = collections.Counter()
     for (kind, outcome), count in sorted(outcomes.items()):
@@ -173,6 +200,7 @@ def report(args, outcomes: collections.Counter, memory: dict, held: dict, second
         "errors_by_status": dict(errors),
         "unexpected_outcomes": unexpected,
         "sessions_held_at_end": held,
+        "memory_flat": all(row["flat"] for row in memory),
         "resident_memory_mb": memory,
         "kills": len(kills),
         "kill_log": kills,
@@ -196,11 +224,12 @@ def main(argv: list[str] | None = None) -> None:
         stack = cleanup.enter_context(ServiceStack(target_model=args.target, draft_model=args.draft, log_dir=args.out / "logs",
                                                    replicas=args.replicas, extra_target_args=dtype))
         references = greedy_references(stack, args.max_new_tokens)
-        start_memory = resident_mb(stack)
         started = time.monotonic()
         outcomes: collections.Counter = collections.Counter()
         deadline = started + args.minutes * 60
-        stop, kills = threading.Event(), []
+        stop, kills, samples = threading.Event(), [], {}
+        sampler = threading.Thread(target=sample_memory, args=(stack, stop, samples), daemon=True)
+        sampler.start()
         killer = None
         if args.kill_every_s:
             every = tuple(float(v) for v in args.kill_every_s.split(","))
@@ -217,11 +246,10 @@ def main(argv: list[str] | None = None) -> None:
         stop.set()
         if killer is not None:
             killer.join()
+        sampler.join()
         seconds = time.monotonic() - started
         held = sessions_held(stack)
-        end_memory = resident_mb(stack)
-    memory = {name: {"start": round(start_memory[name], 1), "end": round(end_memory[name], 1)} for name in start_memory}
-    summary = report(args, outcomes, memory, held, seconds, kills)
+    summary = report(args, outcomes, memory_lifetimes(samples), held, seconds, kills)
     (args.out / "soak.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     print(f"written to {args.out / 'soak.json'}")
