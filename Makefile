@@ -4,6 +4,7 @@
 # file, so a second clone (or CI on the same machine) reuses it; pip's cache keeps reinstalls fast.
 
 PYTHON ?= python3
+comma := ,
 LOCK_HASH := $(shell cat requirements.lock | sha256sum | cut -c1-12)
 VENV ?= $(HOME)/.cache/specdec/venv-$(LOCK_HASH)
 PY := $(VENV)/bin/python
@@ -38,7 +39,24 @@ COMPOSECHECK_SOURCES := tools/composecheck/go.mod tools/composecheck/go.sum tool
 COMPOSECHECK := $(TOOLS_DIR)/composecheck-$(shell cat $(COMPOSECHECK_SOURCES) | sha256sum | cut -c1-12)/composecheck
 export SPECDEC_COMPOSECHECK := $(COMPOSECHECK)
 
+# Containers (docker/README.md): docker where its engine runs, else podman (installed when missing). The defaults reach Docker
+# Hub and PyTorch's index; without a registry (as on our development machines) build the base with
+# mmdebstrap from a Debian mirror and take torch from PyPI:
+#   make images BASE_IMAGE=localhost/debian-base:bookworm TORCH_INDEX=
+ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)
+COMPOSE ?= $(if $(filter podman,$(ENGINE)),podman-compose,docker compose)
+BASE_IMAGE ?= debian:bookworm-slim
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+DEBIAN_MIRROR ?= http://deb.debian.org/debian
+export SPECDEC_IMAGE ?= localhost/specdec:cpu
+# The CAs the build trusts besides the image's own (a TLS-intercepting proxy's), given as a build
+# secret, never stored in an image: by default, those this shell trusts.
+BUILD_CA ?= $(SSL_CERT_FILE)
+export CONTAINERS_CONF ?= $(CURDIR)/docker/podman/containers.conf
+CPU_COMPOSE := $(COMPOSE) -f docker/compose.cpu.yaml
+
 .PHONY: deps tools demo test test-fast protos docs equality bench loadtest soak chaos latency clean-venv help
+.PHONY: container-engine base-image images compose-up compose-down
 
 help:
 	@echo "make demo       start the three services with the embedded models, stream a generation, print acceptance and speedup"
@@ -53,6 +71,8 @@ help:
 	@echo "make chaos      the soak for 30 minutes over two replicas of each model service, one killed and restarted every 1-3 minutes; bench/results/chaos/"
 	@echo "make latency    speedup at 0, 2 and 10 ms round-trip time through a delay proxy; bench/results/latency/"
 	@echo "make tools      go install the pinned ghz, grpc-health-probe and tools/composecheck"
+	@echo "make images     build the CPU image (\$$SPECDEC_IMAGE) with podman or docker; BASE_IMAGE, TORCH_INDEX: see the Makefile"
+	@echo "make compose-up / compose-down   the CPU Compose stack (docker/compose.cpu.yaml) from that image"
 
 $(STAMP): requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -87,7 +107,7 @@ tools: $(GHZ) $(GRPC_HEALTH_PROBE) $(COMPOSECHECK) $(GRPCURL) $(PROTOC_GEN_GO) $
 demo: deps
 	PYTHONPATH=$(CURDIR) $(PY) -m bench.demo
 
-test: deps tools
+test: deps tools container-engine
 	PYTHONPATH=$(CURDIR) $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: deps tools
@@ -103,7 +123,7 @@ docs: deps
 bench: deps
 	PYTHONPATH=$(CURDIR) $(PY) -m bench --quick --drafters smollm2-draft-l6,ngram --out bench/results/quick
 
-loadtest: deps tools
+loadtest: deps tools container-engine
 	PYTHONPATH=$(CURDIR) $(PY) -m bench.loadtest $(LOADTEST_ARGS)
 
 soak: deps
@@ -117,6 +137,32 @@ latency: deps
 
 equality: deps
 	PYTHONPATH=$(CURDIR) $(PY) -m bench.greedy_equality --prompts $(SPECBENCH_DEV)
+
+# podman, podman-compose and mmdebstrap from the Debian archive where they are missing and apt-get
+# runs as root; elsewhere a note (tests/test_containers.py then skips, saying why).
+container-engine:
+	@if command -v $(ENGINE) >/dev/null && command -v $(firstword $(COMPOSE)) >/dev/null \
+	    && { [ "$(ENGINE)" != podman ] || command -v mmdebstrap >/dev/null; }; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	    podman podman-compose runc netavark aardvark-dns mmdebstrap; \
+	else echo "no container engine, and none can be installed here (apt-get as root): the container tests will skip"; fi
+
+# A Debian 12 base image from the mirror, for hosts that reach no container registry.
+base-image: container-engine
+	$(ENGINE) image exists localhost/debian-base:bookworm || { mmdebstrap --variant=minbase --include=python3,ca-certificates \
+	  bookworm - $(DEBIAN_MIRROR) | $(ENGINE) import - localhost/debian-base:bookworm; }
+
+images: container-engine $(if $(filter localhost/debian-base:%,$(BASE_IMAGE)),base-image)
+	$(ENGINE) build -f docker/Dockerfile.cpu $(if $(filter podman,$(ENGINE)),--ignorefile docker/Dockerfile.cpu.dockerignore) \
+	  --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg TORCH_INDEX=$(TORCH_INDEX) \
+	  $(if $(BUILD_CA),--secret id=build_ca$(comma)src=$(BUILD_CA)) -t $(SPECDEC_IMAGE) .
+
+compose-up: container-engine
+	$(CPU_COMPOSE) up -d
+
+compose-down: container-engine
+	$(CPU_COMPOSE) down
 
 clean-venv:
 	rm -rf $(VENV)

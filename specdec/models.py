@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,10 +85,17 @@ def convert_gguf(gguf: Path) -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
     plain.generation_config = quantized.generation_config
-    partial = target.with_name(target.name + ".partial")
+    # Replicas sharing one cache volume may convert at the same time: each writes its own folder,
+    # and the first rename wins (a later one finds the target there and drops its copy).
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     plain.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(target)
+    try:
+        partial.rename(target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(partial)
     return target
 
 
