@@ -153,8 +153,10 @@ base-image: container-engine
 	$(ENGINE) image exists localhost/debian-base:bookworm || { mmdebstrap --variant=minbase --include=python3,ca-certificates \
 	  bookworm - $(DEBIAN_MIRROR) | $(ENGINE) import - localhost/debian-base:bookworm; }
 
+# podman: --format docker, as its default (OCI) format drops HEALTHCHECK; --ignorefile, as only
+# BuildKit finds the .dockerignore beside a Dockerfile.
 images: container-engine $(if $(filter localhost/debian-base:%,$(BASE_IMAGE)),base-image)
-	$(ENGINE) build -f docker/Dockerfile.cpu $(if $(filter podman,$(ENGINE)),--ignorefile docker/Dockerfile.cpu.dockerignore) \
+	$(ENGINE) build -f docker/Dockerfile.cpu $(if $(filter podman,$(ENGINE)),--format docker --ignorefile docker/Dockerfile.cpu.dockerignore) \
 	  --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg TORCH_INDEX=$(TORCH_INDEX) \
 	  $(if $(BUILD_CA),--secret id=build_ca$(comma)src=$(BUILD_CA)) -t $(SPECDEC_IMAGE) .
 

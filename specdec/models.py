@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,13 @@ DTYPES = {
 def cache_dir() -> Path:
     """Where converted models live: $SPECDEC_CACHE, else ~/.cache/specdec."""
     return Path(os.environ.get("SPECDEC_CACHE", Path.home() / ".cache" / "specdec"))
+
+
+def partial_path(path: Path) -> Path:
+    """Where to write `path` before renaming it into place: a name no other writer of the cache
+    uses at the same time. Not the process id: replicas in containers sharing one cache volume
+    are each process 1 of their own (found when the Compose stack first ran)."""
+    return path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
 
 
 def embedded_gguf_path() -> Path:
@@ -87,7 +95,7 @@ def convert_gguf(gguf: Path) -> Path:
     plain.generation_config = quantized.generation_config
     # Replicas sharing one cache volume may convert at the same time: each writes its own folder,
     # and the first rename wins (a later one finds the target there and drops its copy).
-    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    partial = partial_path(target)
     plain.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     try:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +49,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from specdec.models import partial_path
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,6 @@ def save_choice(path: Path, key: str, choice: FormatChoice) -> None:
     choices = {k: asdict(v) for k, v in load_choices(path).items()}
     choices[key] = asdict(choice)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial = partial_path(path)
     partial.write_text(json.dumps(choices, indent=1))
     partial.replace(path)

@@ -129,3 +129,40 @@ def test_orchestrator_drain_finishes_the_running_stream_and_refuses_new_ones(tin
             stopped.result(30)  # the server stops once the stream is done, long before the grace period ends
     finally:
         stack.stop()
+
+
+# A target whose model never finishes loading: its loader sleeps (what SIGTERM must interrupt).
+LOADING_FOREVER = """
+import asyncio, sys, time
+import target_service.server as server
+from specdec.config import parse
+from specdec.model_service.runtime import run_model_service
+server.load_causal_lm = lambda *args: time.sleep(600)
+asyncio.run(run_model_service(parse(server.TargetConfig, "target_service", "SPECDEC_TARGET", "", sys.argv[1:]), server.start))
+"""
+
+
+@pytest.mark.parametrize("service", ["target_service", "orchestrator"])
+def test_sigterm_during_start_up_exits_0_at_once(service):
+    """A target still loading its model, an orchestrator still waiting for model services that
+    never come: SIGTERM ends either with exit 0 within seconds. (In a container the service is
+    process 1, which a signal without a handler never reaches: the runtime's SIGKILL ended both,
+    with 137, when the Compose stack first ran.)"""
+    port = free_port()
+    if service == "target_service":
+        command = [sys.executable, "-c", LOADING_FOREVER, "--model", "unused", "--port", str(port)]
+    else:
+        nobody = f"127.0.0.1:{free_port()}"
+        command = [sys.executable, "-m", "orchestrator", "--port", str(port), "--target", nobody, "--draft", nobody]
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            wait_for_health(channel, NOT_SERVING, timeout_s=120)  # listening, not ready
+        time.sleep(1)  # well into loading or waiting
+        process.send_signal(signal.SIGTERM)
+        assert exit_code_within(process, 10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from specdec import metrics, wire
 from specdec.errors import Unavailable
 from specdec.grammar import Grammar
 from specdec.model_service.batching import BatchingConfig, BatchScheduler
-from specdec.rpc.server import Server, create_server, server_options, wait_for_signal
+from specdec.rpc.server import Server, create_server, server_options, stop_requested, unless_stopped
 from specdec.sessions import SessionLimits
 from specdec.v1 import common_pb2
 
@@ -114,8 +115,15 @@ async def start_model_service(
 async def run_model_service(config, start: Callable) -> None:
     """A service's main: start it, serve until SIGTERM, drain, stop."""
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    service = await start(config)
-    await wait_for_signal()
+    stop = stop_requested()
+    service = await unless_stopped(start(config), stop)
+    if service is None:
+        # Stopped while loading: nothing was served, so nothing to drain; and the model worker's
+        # thread, still loading, would hold a normal exit until it finished (minutes, at times).
+        log.info("stopped before the model was loaded")
+        logging.shutdown()
+        os._exit(0)
+    await stop.wait()
     log.info("stopping: draining in-flight calls for up to %.1f s", config.grace_s)
     await service.stop(config.grace_s)
 

@@ -82,7 +82,7 @@ def _processor_flags() -> str:
 @functools.cache
 def _build() -> tuple[ctypes.CDLL | None, str]:
     """(the loaded library, "") or (None, why not)."""
-    from specdec.models import cache_dir
+    from specdec.models import cache_dir, partial_path
 
     compiler = _compiler()
     if compiler is None:
@@ -95,7 +95,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     library = cache_dir() / "native" / f"llama-{key}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
-        partial = library.with_name(f"{library.name}.{os.getpid()}.partial")
+        partial = partial_path(library)
         built = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE), "-lm"], capture_output=True, text=True)
         if built.returncode != 0:
             return None, f"{compiler} failed on {SOURCE.name}: {built.stderr.strip()[-500:]}"

@@ -6,11 +6,12 @@ NOT_SERVING until the service says otherwise, reflection, TLS, and graceful shut
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,6 +20,8 @@ from grpc_reflection.v1alpha import reflection
 from specdec.rpc.errors import ErrorStatus
 from specdec.rpc.interceptors import BearerTokenAuth, DrainGate
 from specdec.rpc.tls import server_credentials
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +136,27 @@ def create_server(
     return Server(server, port, health_servicer, service_names, gate)
 
 
-async def wait_for_signal() -> None:
-    """Return on SIGTERM or SIGINT (the caller then drains and stops)."""
+def stop_requested() -> asyncio.Event:
+    """An event set on SIGTERM or SIGINT, with the handlers installed now. A service's main calls
+    it first thing: in a container the service is process 1, and the kernel drops any signal that
+    process 1 has no handler for, so a SIGTERM during start-up (loading a model, waiting for the
+    model services) would otherwise be lost until the runtime's SIGKILL (found when the Compose
+    stack first ran)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    return stop
+
+
+async def unless_stopped(starting: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """What `starting` returns, or None once `stop` is set first (`starting` is then cancelled)."""
+    task, stopped = asyncio.ensure_future(starting), asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
