@@ -6,17 +6,22 @@ replica is gone, the request ends with UNAVAILABLE carrying the output so far.""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from draft_service.drafters.model import ModelDrafter
 from draft_service.engine import DraftEngine
 from harness.inprocess import run_generation
-from harness.tiny import with_eos
+from harness.loop import LoopThread
+from harness.tiny import tiny_lm, with_eos
+from orchestrator import server as orchestrator_server
 from orchestrator.backends import InProcessDraft, InProcessTarget
 from orchestrator.generation import GenerationEngine, GenerationRequest
 from orchestrator.replicas import DraftReplicas, Replica, TargetReplicas, resolve
+from specdec import lm
 from specdec.errors import OutputIncomplete, Upstream
+from target_service import server as target_server
 from target_service.engine import TargetEngine
 from tests.helpers import joined
 
@@ -128,3 +133,35 @@ def test_dns_names_expand_to_every_address():
     endpoints = asyncio.run(expand())
     assert endpoints[0] == "10.0.0.1:50051" and len(endpoints) == len(set(endpoints)) >= 2
     assert all(e.endswith(":50052") for e in endpoints[1:]) and "127.0.0.1:50052" in endpoints
+
+
+def test_a_target_replica_in_another_weight_format_is_not_used(tokenizer):
+    """Two real target servers of the same model, one in float32, one in bfloat16: the orchestrator
+    keeps only the one in its reference replica's format, since a session rebuilt on the other
+    would not compute the same logits."""
+    same, other = (tiny_lm(seed=1, vocab_size=len(tokenizer), tokenizer=tokenizer, name="tiny-target") for _ in range(2))
+    lm.use_format(other.model, "bfloat16")
+    loop = LoopThread()
+
+    async def start_all():
+        servers = [await target_server.start(target_server.TargetConfig(port=0), loaded=model) for model in (same, other)]
+        config = orchestrator_server.OrchestratorConfig(
+            port=0, target=",".join(f"127.0.0.1:{s.port}" for s in servers), draft="", target_health_period_s=0.2
+        )
+        return servers, await orchestrator_server.start(config, tokenizer=same.tokenizer)
+
+    servers, orchestrator = loop.run(start_all())
+    try:
+        targets = orchestrator.replica_sets[0]
+        deadline = time.monotonic() + 30
+        while len(targets.replicas) == 2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # refused on the first health round that finds it serving
+        (kept,) = targets.replicas
+        formats = {f"127.0.0.1:{s.port}": lm.weight_format(m.model) for s, m in zip(servers, (same, other))}
+        assert formats[kept.address] == orchestrator.servicer.engine.target_info.weight_format
+    finally:
+        async def stop_all():
+            await asyncio.gather(orchestrator.stop(), *(s.stop() for s in servers))
+
+        loop.run(stop_all())
+        loop.close()

@@ -1,7 +1,9 @@
 """Graceful shutdown: on SIGTERM a service reports NOT_SERVING at once, refuses new work with
 UNAVAILABLE, lets the work in flight finish within --grace-s, then exits 0. A real SIGTERM to a
 real `python -m draft_service` (n-gram drafting: no model to load), and the orchestrator's drain,
-the function its SIGTERM handler runs, in process with a generation streaming through it."""
+the function its SIGTERM handler runs, in process with a generation streaming through it; and
+SIGTERM during start-up (a target loading its model, an orchestrator waiting for model services)
+ends a real process with exit 0 at once."""
 
 from __future__ import annotations
 
