@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from specdec.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
-pytestmark = pytest.mark.slow  # builds an image (minutes) and runs five containers
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # builds an image (minutes), runs five containers
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker" / "compose.cpu.yaml"
@@ -95,6 +95,7 @@ class Stack:
         for name in self.containers():  # whatever compose left behind
             run([self.engine, "rm", "-f", name], 120, self.env, check=False)
         run([self.engine, "volume", "rm", "-f", f"{self.project}_cache"], 60, self.env, check=False)
+        run([self.engine, "network", "rm", "-f", f"{self.project}_default"], 60, self.env, check=False)  # podman-compose 1.0.3 keeps it
 
 
 @pytest.fixture(scope="module")

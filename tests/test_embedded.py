@@ -3,9 +3,12 @@ from its command line, as a user runs them. Slow (model load, CPU decoding), run
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from harness.processes import ServiceStack
+from specdec.models import convert_gguf, embedded_gguf_path
 from specdec.v1 import orchestrator_pb2
 
 pytestmark = pytest.mark.slow
@@ -39,3 +42,15 @@ def test_embedded_pair_greedy_output_equals_target_only(draft, tmp_path):
         processes = list(stack.processes.values())
     # SIGTERM: each service drained and exited cleanly.
     assert [p.returncode for p in processes] == [0, 0, 0]
+
+
+def test_replicas_converting_the_embedded_model_at_once_share_one_cache(tmp_path, monkeypatch):
+    """Two writers dequantize the embedded GGUF into one empty cache at the same time, as replicas
+    sharing a cache volume do at their first start: both get the same complete folder and nothing
+    half-written stays. (Both threads of one process: a partial name made of the process id, the
+    same for both here and for every container's process 1, collides.)"""
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    with ThreadPoolExecutor(2) as pool:
+        folders = list(pool.map(lambda _: convert_gguf(embedded_gguf_path()), range(2)))
+    assert folders[0] == folders[1] and (folders[0] / "config.json").exists()
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [folders[0].name]
