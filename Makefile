@@ -50,8 +50,9 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 DEBIAN_MIRROR ?= http://deb.debian.org/debian
 export SPECDEC_IMAGE ?= localhost/specdec:cpu
 # The CAs the build trusts besides the image's own (a TLS-intercepting proxy's), given as a build
-# secret, never stored in an image: by default, those this shell trusts.
-BUILD_CA ?= $(SSL_CERT_FILE)
+# secret, never stored in an image: by default, those this host trusts (SSL_CERT_FILE, else the
+# system bundle).
+BUILD_CA ?= $(or $(SSL_CERT_FILE),$(wildcard /etc/ssl/certs/ca-certificates.crt))
 export CONTAINERS_CONF ?= $(CURDIR)/docker/podman/containers.conf
 CPU_COMPOSE := $(COMPOSE) -f docker/compose.cpu.yaml
 

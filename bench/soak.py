@@ -150,7 +150,8 @@ def sample_memory(stack: ServiceStack, stop: threading.Event, samples: dict) -> 
         for name, process in list(stack.processes.items()):
             with contextlib.suppress(psutil.Error):  # killed between listing and reading
                 rss = psutil.Process(process.pid).memory_info().rss / 2**20
-                samples.setdefault((name, process.pid), []).append((time.monotonic(), rss))
+                if rss:  # 0: killed, not yet reaped
+                    samples.setdefault((name, process.pid), []).append((time.monotonic(), rss))
         if stop.wait(MEMORY_EVERY_S):
             return
 
