@@ -1,10 +1,10 @@
-"""The CPU image and the CPU Compose stack, for real: `make images` builds the image (podman, else
-docker), the Compose file starts two targets, two drafts and the orchestrator as containers on
-their own network, and from the host: every container reports SERVING over gRPC health, a
-streamed generation through the published orchestrator port equals target-only decoding, it stays
-equal once both drafts are stopped (the orchestrator falls back), and on SIGTERM every container
-exits 0 within the grace period. The stack, its network and its volume are removed afterwards,
-even on failure.
+"""The CPU image and the CPU Compose stack, for real: `make images` builds the image (docker where
+its engine runs, else podman), the Compose file starts two targets, two drafts and the orchestrator
+as containers on their own network, and from the host: every container reports SERVING over gRPC
+health and passes its own health check, a streamed generation through the published orchestrator
+port equals target-only decoding, it stays equal once both drafts are stopped (the orchestrator
+falls back), and on SIGTERM every container exits 0 within the grace period. The stack, its
+network and its volume are removed afterwards, even on failure.
 
 The image is built the way that needs no container registry (docker/README.md): a Debian base made
 with mmdebstrap from a Debian mirror, torch from PyPI. SPECDEC_TEST_BASE_IMAGE and
@@ -85,6 +85,16 @@ class Stack:
     def inspect(self, container: str) -> dict:
         return json.loads(run([self.engine, "inspect", container], 60, self.env).stdout)[0]
 
+    def health_check_passes(self, container: str) -> bool:
+        """Run the container's health check now: podman without systemd never runs it by itself,
+        and docker's runs on its interval (then wait for its verdict)."""
+        if self.engine == "podman":
+            return run(["podman", "healthcheck", "run", container], 60, self.env, check=False).returncode == 0
+        deadline = time.monotonic() + 60
+        while (status := self.inspect(container)["State"]["Health"]["Status"]) == "starting" and time.monotonic() < deadline:
+            time.sleep(2)
+        return status == "healthy"
+
     def logs(self) -> str:
         return "\n".join(f"--- {name}\n" + run([self.engine, "logs", "--tail", "30", name], 60, self.env, check=False).stdout
                          + run([self.engine, "logs", "--tail", "30", name], 60, self.env, check=False).stderr
@@ -153,6 +163,9 @@ def test_compose_stack_serves_exact_output_falls_back_and_stops_cleanly(stack):
         exited = [name for name in containers if stack.inspect(name)["State"]["Status"] == "exited"]
         assert not exited and time.monotonic() < deadline, f"not SERVING: exited {exited}\n{stack.logs()}"
         time.sleep(3)
+
+    for name in containers:  # each container's own health check (Compose's test) passes inside it
+        assert stack.health_check_passes(name), name
 
     orchestrator = f"127.0.0.1:{stack.grpc_port}"
     reference, _ = generate(orchestrator, num_speculative_tokens=0)
