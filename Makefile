@@ -54,7 +54,8 @@ export SPECDEC_IMAGE ?= localhost/specdec:cpu
 # system bundle).
 BUILD_CA ?= $(or $(SSL_CERT_FILE),$(wildcard /etc/ssl/certs/ca-certificates.crt))
 export CONTAINERS_CONF ?= $(CURDIR)/docker/podman/containers.conf
-CPU_COMPOSE := $(COMPOSE) -f docker/compose.cpu.yaml
+# The project name given, as podman-compose 1.0.3 ignores the file's `name:`.
+CPU_COMPOSE := $(COMPOSE) -p specdec-cpu -f docker/compose.cpu.yaml
 
 .PHONY: deps tools demo test test-fast protos docs equality bench loadtest soak chaos latency clean-venv help
 .PHONY: container-engine base-image images compose-up compose-down
@@ -166,6 +167,7 @@ compose-up: container-engine
 
 compose-down: container-engine
 	$(CPU_COMPOSE) down
+	$(if $(filter podman,$(ENGINE)),-podman network rm -f specdec-cpu_default)  # podman-compose 1.0.3 leaves it
 
 clean-venv:
 	rm -rf $(VENV)
