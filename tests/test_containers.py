@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from harness.probes import free_port
 from specdec.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # builds an image (minutes), runs five containers
@@ -53,12 +53,6 @@ def run(command: list[str], timeout: float, env: dict | None = None, check: bool
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} exited {result.returncode}:\n{(result.stdout + result.stderr)[-4000:]}")
     return result
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Stack:
@@ -96,9 +90,8 @@ class Stack:
         return status == "healthy"
 
     def logs(self) -> str:
-        return "\n".join(f"--- {name}\n" + run([self.engine, "logs", "--tail", "30", name], 60, self.env, check=False).stdout
-                         + run([self.engine, "logs", "--tail", "30", name], 60, self.env, check=False).stderr
-                         for name in self.containers())
+        tails = {name: run([self.engine, "logs", "--tail", "30", name], 60, self.env, check=False) for name in self.containers()}
+        return "\n".join(f"--- {name}\n{tail.stdout}{tail.stderr}" for name, tail in tails.items())
 
     def down(self) -> None:
         run([*self.compose, "down", "-v"], 300, self.env, check=False)
