@@ -8,6 +8,7 @@ from draft_service.drafters.base import Drafter
 from draft_service.drafters.feature import is_feature_drafter, load_feature_drafter, trained_on
 from draft_service.drafters.model import ModelDrafter, draft_vocabulary_of
 from draft_service.drafters.ngram import NGramDrafter
+from draft_service.drafters.staged import StagedDrafter, parse_spec
 from draft_service.engine import DraftEngine
 from draft_service.servicer import DraftServicer
 from specdec.config import ModelServiceConfig, option
@@ -24,7 +25,8 @@ class DraftConfig(ModelServiceConfig):
     port: int = option(50052, "port to listen on; 0 picks a free one")
     model: str = option(
         NGRAM,
-        "'ngram' (prompt lookup), a draft model (HF directory, hub id, .gguf, 'embedded') or a feature drafter's directory",
+        "'ngram' (prompt lookup), a draft model (HF directory, hub id, .gguf, 'embedded'), a feature drafter's directory, "
+        "or staged:FIRST+SECOND (FIRST, 'ngram' or a draft model, drafts for the draft model SECOND)",
     )
     feature_target: str = option("", "feature drafters: the target whose embedding and head they borrow (default: the one they were trained on)")
     ngram_max: int = option(3, "n-gram drafting: longest n-gram to match")
@@ -35,13 +37,24 @@ class DraftConfig(ModelServiceConfig):
 
 def build_drafter(config: DraftConfig) -> tuple[Drafter, int]:
     """The drafter the configuration names, and the longest sequence it handles."""
-    if config.model == NGRAM:
-        return NGramDrafter(config.ngram_max, config.ngram_min), config.max_context
+    stages = parse_spec(config.model)
+    if stages is not None:
+        (first, _), (second, context) = (token_drafter(config, name) for name in stages)
+        if not isinstance(second, ModelDrafter):
+            raise ValueError(f"the second stage of {config.model!r} must be a draft model")
+        return StagedDrafter(first, second), context
     if is_feature_drafter(config.model):
         target = load_causal_lm(config.feature_target or trained_on(config.model), config.device, "float32")
         return load_feature_drafter(config.model, target, config.max_support), target.max_context
-    loaded = load_causal_lm(config.model, config.device, config.dtype)
-    return ModelDrafter(loaded, config.max_support, draft_vocabulary_of(config.model)), loaded.max_context
+    return token_drafter(config, config.model)
+
+
+def token_drafter(config: DraftConfig, model: str) -> tuple[Drafter, int]:
+    """n-gram lookup or a draft model, and the longest sequence it handles."""
+    if model == NGRAM:
+        return NGramDrafter(config.ngram_max, config.ngram_min), config.max_context
+    loaded = load_causal_lm(model, config.device, config.dtype)
+    return ModelDrafter(loaded, config.max_support, draft_vocabulary_of(model)), loaded.max_context
 
 
 async def start(config: DraftConfig, drafter: Drafter | None = None, max_context: int | None = None) -> RunningModelService:
