@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from draft_service.drafters import early_exit
 from draft_service.drafters.base import Drafter
 from draft_service.drafters.feature import is_feature_drafter, load_feature_drafter, trained_on
 from draft_service.drafters.model import ModelDrafter, draft_vocabulary_of
@@ -26,9 +27,11 @@ class DraftConfig(ModelServiceConfig):
     model: str = option(
         NGRAM,
         "'ngram' (prompt lookup), a draft model (HF directory, hub id, .gguf, 'embedded'), a feature drafter's directory, "
-        "or staged:FIRST+SECOND (FIRST, 'ngram' or a draft model, drafts for the draft model SECOND)",
+        "an early exit (early-exit:L or its directory), or staged:FIRST+SECOND (FIRST drafts for the draft model SECOND)",
     )
-    feature_target: str = option("", "feature drafters: the target whose embedding and head they borrow (default: the one they were trained on)")
+    feature_target: str = option(
+        "", "feature drafters and early exits: the target they borrow layers, embedding and head from (default: their own)"
+    )
     ngram_max: int = option(3, "n-gram drafting: longest n-gram to match")
     ngram_min: int = option(2, "n-gram drafting: shortest n-gram to match (2 beat 1 in bench/tune_ngram.py: single-token matches mostly miss)")
     max_support: int = option(64, "model drafting when sampling: tokens of the draft distribution sent per position (it stays exact)")
@@ -50,9 +53,15 @@ def build_drafter(config: DraftConfig) -> tuple[Drafter, int]:
 
 
 def token_drafter(config: DraftConfig, model: str) -> tuple[Drafter, int]:
-    """n-gram lookup or a draft model, and the longest sequence it handles."""
+    """n-gram lookup, an early exit or a draft model, and the longest sequence it handles."""
     if model == NGRAM:
         return NGramDrafter(config.ngram_max, config.ngram_min), config.max_context
+    exit_directory = early_exit.directory_of(model)
+    if exit_directory is not None:
+        target_name = config.feature_target or early_exit.read_config(exit_directory).target
+        target = load_causal_lm(target_name, config.device, "float32")
+        loaded, vocabulary = early_exit.assemble(exit_directory, target, config.dtype)
+        return ModelDrafter(loaded, config.max_support, vocabulary), loaded.max_context
     loaded = load_causal_lm(model, config.device, config.dtype)
     return ModelDrafter(loaded, config.max_support, draft_vocabulary_of(model)), loaded.max_context
 

@@ -49,9 +49,12 @@ class Trainee:
     optimizer: torch.optim.Optimizer | None = None
     losses: list[float] = field(default_factory=list)  # recent per-sequence losses
     agreement: list[list[float]] = field(default_factory=list)  # recent top-1 agreement per draft position
+    # (net, features, ids, log_p, response_start) -> (summed loss, agreement per position); None:
+    # the chain or multi-token loss, by the net's kind
+    loss: Callable | None = None
 
 
-def _kl(log_p: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, float]:
+def kl_and_agreement(log_p: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Summed KL(p || q) over rows [N, V'] and the rows' top-1 agreement rate."""
     log_q = torch.log_softmax(logits.float(), -1)
     kl = (log_p.exp() * (log_p - log_q)).sum()
@@ -69,7 +72,7 @@ def chain_loss(net: ChainNet, features, ids, log_p, response_start: int, unroll:
     for j, predicted in enumerate(outputs):
         first = max(j, response_start - 2)  # first position with a loss
         offset = 0 if j == 0 else from_row  # position of the output's first row
-        kl, agree = _kl(log_p[first + 2 - response_start :], net.logits(predicted[first - offset : length - 1 - offset]))
+        kl, agree = kl_and_agreement(log_p[first + 2 - response_start :], net.logits(predicted[first - offset : length - 1 - offset]))
         total = total + decay**j * kl
         agreement.append(agree)
     return total, agreement
@@ -87,7 +90,7 @@ def multi_token_loss(net: MultiTokenNet, features, ids, log_p, response_start: i
         if last <= first:
             agreement.append(0.0)
             continue
-        kl, agree = _kl(log_p[first + 2 + k - response_start : last + 2 + k - response_start], net.logits(predicted[first - first_input : last - first_input]))
+        kl, agree = kl_and_agreement(log_p[first + 2 + k - response_start : last + 2 + k - response_start], net.logits(predicted[first - first_input : last - first_input]))
         total = total + kl
         agreement.append(agree)
     return total, agreement
@@ -152,7 +155,9 @@ def train(
                 log_p = labels_from.target_log_probs(features[start - 1 :]).float()  # [T - start, V']: the response tokens
             for t in trainees:
                 with autocast:
-                    if isinstance(t.net, ChainNet):
+                    if t.loss is not None:
+                        loss, agreement = t.loss(t.net, features, ids, log_p, start)
+                    elif isinstance(t.net, ChainNet):
                         loss, agreement = chain_loss(t.net, features, ids, log_p, start, settings.unroll, settings.decay)
                     else:
                         loss, agreement = multi_token_loss(t.net, features, ids, log_p, start)
