@@ -63,6 +63,7 @@ def summarize_method(rows: list[dict], baselines: dict[str, dict[int, dict]]) ->
             tokens_per_target_forward_per_prompt=spread([r["tokens_per_target_forward"] for r in speculative]),
             accepted_per_position=[positions[i] / rounds for i in sorted(positions)] if rounds else [],
             draft_ms_per_forward=_ms(speculative, "draft_seconds", "draft_forward_passes"),
+            draft_ms_per_round=_ms(speculative, "draft_seconds", "rounds"),  # staged drafters: one pass may draft several tokens
             network_ms_per_round=1000 * _ratio(sum(r["network_seconds"] for r in speculative), rounds) if rounds else None,
             bytes_per_round=_ratio(sum(r["bytes_per_round"] * r["rounds"] for r in speculative), rounds),
         )
