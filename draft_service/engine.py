@@ -52,7 +52,8 @@ class DraftEngine:
         if len(prompt) >= self.max_context:
             raise InvalidArgument(f"prompt of {len(prompt)} tokens leaves no room in the context of {self.max_context}", "prompt_token_ids")
         self.sessions.check_budget(len(prompt) * self.drafter.bytes_per_token())
-        session = DraftSession(ids=prompt, prompt_len=prompt_len, grammar=self._grammar_state(grammar, prompt[prompt_len:]))
+        grammar_state = self._grammar_state(grammar, prompt[prompt_len:])
+        session = DraftSession(ids=prompt, prompt_len=prompt_len, grammar=grammar_state, session_id=session_id)
         self.sessions.add(session_id, session)
         self.drafter.start(session)
         return time.perf_counter() - started

@@ -26,7 +26,10 @@ class Stack:
     orchestrator: object
 
     def address(self, which: str) -> str:
-        return f"127.0.0.1:{getattr(self, which).port}"
+        """Of "target", "draft" or "orchestrator"; without a draft service, the draft API is the
+        target's own (--self-draft)."""
+        service = self.target if which == "draft" and self.draft is None else getattr(self, which)
+        return f"127.0.0.1:{service.port}"
 
     def channel(self, which: str) -> grpc.Channel:
         return grpc.insecure_channel(self.address(which))
@@ -48,18 +51,21 @@ def start_stack(
     draft_context: int | None = None,
     model_service_options: dict | None = None,
     draft_options: dict | None = None,
+    self_draft: str = "",
     **orchestrator_options,
 ) -> Stack:
     """Serve `target` and `drafter` (a Drafter, or None for target-only) on port 0, plus an
     orchestrator using the target's tokenizer. `model_service_options`: settings (ServerConfig
-    fields) of both model services; `draft_options`: of the draft service alone."""
+    fields) of both model services; `draft_options`: of the draft service alone; `self_draft`:
+    the target drafts for itself (--self-draft) and the orchestrator's draft is the target."""
     model_service_options = model_service_options or {}
     loop = LoopThread()
 
     async def start_all():
         started = []
         try:
-            target_running = await target_server.start(target_server.TargetConfig(port=0, **model_service_options), loaded=target)
+            target_config = target_server.TargetConfig(port=0, self_draft=self_draft, **model_service_options)
+            target_running = await target_server.start(target_config, loaded=target)
             started.append(target_running)
             draft_running = None
             if drafter is not None:
@@ -72,7 +78,7 @@ def start_stack(
             config = orchestrator_server.OrchestratorConfig(
                 port=0,
                 target=f"127.0.0.1:{target_running.port}",
-                draft=f"127.0.0.1:{draft_running.port}" if draft_running else "",
+                draft=f"127.0.0.1:{(draft_running or target_running).port}" if draft_running or self_draft else "",
                 connect_timeout_s=60,
                 **orchestrator_options,
             )
@@ -90,15 +96,21 @@ def start_stack(
         raise
 
 
-def in_process_engine(target: LoadedModel, drafter=None, **settings):
+def in_process_engine(target: LoadedModel, drafter=None, self_draft: str = "", **settings):
     """A GenerationEngine wired to model engines in this process (no network), with fresh
-    sessions; `settings`: GenerationEngine's (k_settings, max_new_tokens, pipeline_drafts)."""
+    sessions; `self_draft`: the target drafts for itself (--self-draft), instead of `drafter`;
+    `settings`: GenerationEngine's (k_settings, max_new_tokens, pipeline_drafts)."""
     from draft_service.engine import DraftEngine
     from orchestrator.backends import InProcessDraft, InProcessTarget
     from orchestrator.generation import GenerationEngine
+    from target_service import self_draft as self_drafting
     from target_service.engine import TargetEngine
 
-    target_engine = TargetEngine(target)
+    drafting = self_drafting.SelfDraft(target.model, *self_drafting.parse(self_draft)) if self_draft else None
+    target_engine = TargetEngine(target, self_draft=drafting)
+    if drafting is not None:
+        drafting.build_exit()
+        drafter = self_drafting.SelfDrafter(target_engine)
     draft_engine = DraftEngine(drafter, max_context=target.max_context) if drafter is not None else None
     return GenerationEngine(
         target.tokenizer,

@@ -21,14 +21,14 @@ from specdec.models import LoadedModel
 
 def tiny_lm(
     seed: int, vocab_size: int, tokenizer=None, max_context: int = 512, eos: tuple[int, ...] = (2,), name: str | None = None,
-    init: float = 0.5, hidden: int = 32,
+    init: float = 0.5, hidden: int = 32, layers: int = 2,
 ) -> LoadedModel:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=max_context,

@@ -126,18 +126,41 @@ class LeanLlama:
         padding is computed and no cache is copied, whatever the rows' lengths.
         """
         lengths = [len(tokens) for tokens in new_tokens]
+        wanted = [index % len(self.layers) for index in features]
+        x, kept = self.run_layers(self.embed(new_tokens), caches, lengths, [c.length for c in caches], range(len(self.layers)), wanted)
+        for cache, n in zip(caches, lengths):
+            cache.length += n
+        logits = self.logits(x, lengths, logits_for_last)
+        if not features:
+            return logits
+        hidden = torch.cat([kept[index] for index in wanted], -1) if len(wanted) > 1 else kept[wanted[0]]  # [N, H x layers]
+        return logits, list(hidden.split(lengths))
+
+    @torch.inference_mode()
+    def embed(self, new_tokens: list[list[int]]) -> torch.Tensor:
+        """The rows' tokens packed into one [N, H] input."""
+        flat = [token for tokens in new_tokens for token in tokens]
+        return self.embedding[torch.tensor(flat, device=self.embedding.device)]
+
+    @torch.inference_mode()
+    def run_layers(
+        self, x: torch.Tensor, caches: list, lengths: list[int], starts: list[int], indices, wanted: list[int] = ()
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Run decoder layers `indices` (ascending) over packed hidden states x [N, H]: row i's
+        lengths[i] positions start at starts[i], their keys and values are written there in each
+        layer's cache, and each query sees that layer's keys up to itself. Caches' `length` is
+        not moved (the caller does, once every layer holds the positions). Returns x after the
+        last layer and, for the layers in `wanted`, their outputs."""
         bounds = [0]
         for n in lengths:
             bounds.append(bounds[-1] + n)
-        flat = [token for tokens in new_tokens for token in tokens]
-        x = self.embedding[torch.tensor(flat, device=self.embedding.device)]  # [N, H]
-        positions = [cache.length + i for cache, n in zip(caches, lengths) for i in range(n)]
+        positions = [start + i for start, n in zip(starts, lengths) for i in range(n)]
         cos, sin = self._rope(positions, x.dtype)  # [N, 1, head_dim] each
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         total = bounds[-1]
-        wanted = [index % len(self.layers) for index in features]
         kept = {}
-        for index, layer in enumerate(self.layers):
+        for index in indices:
+            layer = self.layers[index]
             h = layer.qkv(self._norm(x, layer.input_norm))  # [N, q + 2 kv]
             if layer.qkv_bias is not None:
                 h = h + layer.qkv_bias
@@ -148,8 +171,8 @@ class LeanLlama:
             attended = []
             for row, cache in enumerate(caches):
                 rows = slice(bounds[row], bounds[row + 1])
-                past = cache.length
-                keys, values = cache.write(index, k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None])  # [1, kv, past + n, d]
+                past = starts[row]
+                keys, values = cache.write(index, k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None], past)  # [1, kv, past + n, d]
                 queries = q[rows].transpose(0, 1)[None]  # [1, heads, n, d]
                 if lengths[row] > PER_QUERY_MAX:  # query j sees the past and the new tokens up to j
                     mask = torch.ones(lengths[row], past + lengths[row], dtype=torch.bool, device=x.device).tril(past)
@@ -167,14 +190,12 @@ class LeanLlama:
             x = x + layer.down(F.silu(gate) * up)
             if index in wanted:
                 kept[index] = x
-        for cache, n in zip(caches, lengths):
-            cache.length += n
-        keep = [
-            torch.arange(end - min(logits_for_last or n, n), end, device=x.device) for end, n in zip(bounds[1:], lengths)
-        ]
+        return x, kept
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor, lengths: list[int], logits_for_last: int | None = None) -> list[torch.Tensor]:
+        """Per row float32 logits [n_i or logits_for_last, V'] from the last layer's packed output."""
+        ends = [sum(lengths[: i + 1]) for i in range(len(lengths))]
+        keep = [torch.arange(end - min(logits_for_last or n, n), end, device=x.device) for end, n in zip(ends, lengths)]
         logits = self.head(self._norm(x[torch.cat(keep)], self.final_norm)).float()  # [sum kept, V']
-        logits = list(logits.split([len(rows) for rows in keep]))
-        if not features:
-            return logits
-        hidden = torch.cat([kept[index] for index in wanted], -1) if len(wanted) > 1 else kept[wanted[0]]  # [N, H x layers]
-        return logits, list(hidden.split(lengths))
+        return list(logits.split([len(rows) for rows in keep]))

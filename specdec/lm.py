@@ -54,17 +54,20 @@ class SequenceCache:
         end = self.length if end is None else end
         return self.keys[index][:, :, :end], self.values[index][:, :, :end]
 
-    def write(self, index: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store [1, heads, n, head_dim] new keys and values of one layer after the valid prefix;
-        return that layer's views up to the new end. `length` moves once all layers are written."""
-        end = self.length + keys.shape[2]
+    def write(self, index: int, keys: torch.Tensor, values: torch.Tensor, at: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store [1, heads, n, head_dim] new keys and values of one layer at position `at` (default:
+        after the valid prefix); return that layer's views up to the new end. `length` moves once
+        all layers are written. A self-drafting target writes its first layers' entries for draft
+        tokens past `length` (target_service/self_draft.py); they stay until overwritten."""
+        at = self.length if at is None else at
+        end = at + keys.shape[2]
         if index == len(self.keys):
             self.keys.append(keys.new_empty(1, keys.shape[1], max(end, 16), keys.shape[3]))
             self.values.append(values.new_empty(1, values.shape[1], max(end, 16), values.shape[3]))
         elif end > self.keys[index].shape[2]:
             self._grow(index, end)
-        self.keys[index][:, :, self.length : end] = keys
-        self.values[index][:, :, self.length : end] = values
+        self.keys[index][:, :, at:end] = keys
+        self.values[index][:, :, at:end] = values
         return self.layer(index, end)
 
     def reserve(self, layers: int, heads: int, head_dim: int, needed: int, dtype: torch.dtype) -> None:
@@ -79,11 +82,12 @@ class SequenceCache:
                 self._grow(index, needed)
 
     def _grow(self, index: int, needed: int) -> None:
-        """Doubles (at least) one layer's buffers, keeping the valid prefix."""
+        """Doubles (at least) one layer's buffers, keeping what they hold (entries past `length`
+        included: a self-drafting target's)."""
         for buffers in (self.keys, self.values):
             buffer = buffers[index]
             bigger = buffer.new_empty(*buffer.shape[:2], max(needed, 2 * buffer.shape[2]), buffer.shape[3])
-            bigger[:, :, : self.length] = buffer[:, :, : self.length]
+            bigger[:, :, : buffer.shape[2]] = buffer
             buffers[index] = bigger
 
 
@@ -193,6 +197,12 @@ def _lean_path(model: torch.nn.Module) -> LeanLlama | None:
     return lean
 
 
+def lean_path(model: torch.nn.Module) -> LeanLlama | None:
+    """The model's lean path when its forward passes run through one (not the native formats)."""
+    path = _lean_path(model)
+    return path if isinstance(path, LeanLlama) else None
+
+
 def _path_for(model: torch.nn.Module, format: str):
     """The forward path that runs `format`: our native one for GGUF block formats, else the lean one."""
     if format in weights.NATIVE_FORMATS:
@@ -274,15 +284,16 @@ def forward_seconds(model: torch.nn.Module, tokens: int, context: int = 64, repe
     return fastest
 
 
-def choose_format(loaded, max_k: int = 4) -> weights.FormatChoice:
+def choose_format(loaded, max_k: int = 4, lean_only: bool = False) -> weights.FormatChoice:
     """Resolve `loaded.weight_format`: "auto" times each candidate format on this machine (a
     single step and verifies of up to max_k + 1 tokens, see weights.choose_format) and keeps the
-    fastest; an explicit format or the parameters' own dtype is kept as it is."""
+    fastest; an explicit format or the parameters' own dtype is kept as it is. `lean_only`: torch
+    formats only (a self-drafting target runs layer ranges, which the native formats do not)."""
     model = loaded.model
     if loaded.weight_format != weights.AUTO:
         choice = weights.FormatChoice(weight_format(model), "as configured (--dtype)", {})
     else:
-        choice = _timed_choice(loaded, max_k)
+        choice = _timed_choice(loaded, max_k, lean_only)
     if batch_invariant(model):
         return replace(choice, reason=choice.reason + "; batch-invariant")
     log.info("%s in %s is not batch-invariant: greedy speculation may part from target-only decoding at near-ties",
@@ -290,14 +301,14 @@ def choose_format(loaded, max_k: int = 4) -> weights.FormatChoice:
     return replace(choice, reason=choice.reason + "; not batch-invariant")
 
 
-def _timed_choice(loaded, max_k: int) -> weights.FormatChoice:
+def _timed_choice(loaded, max_k: int, lean_only: bool = False) -> weights.FormatChoice:
     """auto's choice for this model on this machine: timed once, then kept in the cache, so that a
     restarted service (or a second replica on the same machine) runs the same format and gives
     the same output, instead of a fresh timing that noise could tip the other way."""
     from specdec.models import cache_dir
 
     model = loaded.model
-    key = weights.machine_key(loaded.name, model.config.to_json_string(), loaded.device, max_k)
+    key = weights.machine_key(loaded.name, model.config.to_json_string(), loaded.device, max_k) + ("/lean" if lean_only else "")
     store = cache_dir() / "weight-formats.json"
     known = weights.load_choices(store)
     if key in known:
@@ -305,7 +316,7 @@ def _timed_choice(loaded, max_k: int) -> weights.FormatChoice:
         return replace(known[key], reason=known[key].reason + f" (timed earlier on this machine; cached in {store})")
     formats = weights.candidates(loaded.device) if supports_lean_path(model) else (format_of(model),)
     formats = tuple(f for f in formats if weights.supported(f, model.get_output_embeddings().weight))
-    if loaded.device.type == "cpu" and native_model.supports(model)[0]:
+    if loaded.device.type == "cpu" and native_model.supports(model)[0] and not lean_only:
         formats += weights.NATIVE_FORMATS
 
     def timed(format: str, tokens: int) -> float:

@@ -42,13 +42,30 @@ class TargetSession:
     feature_layers: tuple[int, ...] = ()  # layers whose outputs go back with every Verify
     unsent: list[torch.Tensor] = field(default_factory=list)  # feature rows held, not yet returned
     sent: int = 0  # positions whose features were returned
+    # self-drafting targets (target_service/self_draft.py): the layer-L states of the cached
+    # positions [cache.length, H] (the trained exit's input), and the latest draft's span
+    layer_rows: torch.Tensor | None = None
+    span: object = None
+
+    def keep_layer_rows(self, rows: torch.Tensor) -> None:
+        """Append the layer-L states of newly fed positions, keep those of cached positions only,
+        and forget the draft span (whatever it fed is now computed or rolled back)."""
+        held = rows if self.layer_rows is None else torch.cat([self.layer_rows, rows])
+        self.layer_rows, self.span = held[: self.cache.length], None
+
+    @property
+    def nbytes(self) -> int:
+        rows = self.layer_rows.numel() * self.layer_rows.element_size() if self.layer_rows is not None else 0
+        return self.cache.nbytes + rows
 
 
 class TargetEngine:
-    def __init__(self, loaded: LoadedModel, limits: SessionLimits = SessionLimits(), max_speculative_tokens: int = 16):
+    def __init__(self, loaded: LoadedModel, limits: SessionLimits = SessionLimits(), max_speculative_tokens: int = 16, self_draft=None):
+        """`self_draft`: a target_service.self_draft.SelfDraft when the target drafts for itself."""
         self.loaded = loaded
         self.max_speculative_tokens = max_speculative_tokens
-        self.sessions: SessionStore[TargetSession] = SessionStore(limits, lambda s: s.cache.nbytes)
+        self.self_draft = self_draft
+        self.sessions: SessionStore[TargetSession] = SessionStore(limits, lambda s: s.nbytes)
         self.vocab_fingerprint = loaded.vocab_fingerprint
         self._bytes_per_token = lm.kv_bytes_per_token(loaded.model)
         self.forward_cost: tuple[tuple[int, float], ...] = ()
@@ -78,7 +95,9 @@ class TargetEngine:
     def warm_up(self) -> None:
         """The weight format (timed when "auto"), one prefill and one verify, so the first real
         request does not pay for lazy setup; then the forward cost curve."""
-        self.format_choice = lm.choose_format(self.loaded)
+        self.format_choice = lm.choose_format(self.loaded, lean_only=self.self_draft is not None)
+        if self.self_draft is not None:
+            self.self_draft.build_exit()
         self._bytes_per_token = lm.kv_bytes_per_token(self.loaded.model)
         self.start_session("warm-up", [0, 1, 2])
         self.verify([VerifyWork("warm-up", 2, [2], [3], None, sampling.GREEDY, [])])
@@ -156,6 +175,8 @@ class TargetEngine:
         count = lm.num_layers(self.loaded.model)
         if layers and not supports_lean_path(self.loaded.model):
             raise InvalidArgument("this target's architecture cannot return features (Llama architectures can)", "feature_layers")
+        if layers and self.self_draft is not None:
+            raise InvalidArgument("this target drafts for itself (--self-draft) and returns no features", "feature_layers")
         if len(set(layers)) != len(layers) or any(not -count <= layer < count for layer in layers):
             raise InvalidArgument(f"feature_layers must be distinct decoder layers in [-{count}, {count})", "feature_layers")
 
@@ -173,9 +194,12 @@ class TargetEngine:
         else:
             end = min(len(session.ids), done + PER_QUERY_MAX)
         if end > done:
-            output = lm.forward(self.loaded.model, [session.cache], [session.ids[done:end]], logits_for_last=1, features=session.feature_layers)
+            layers = (self.self_draft.layers - 1,) if self.self_draft is not None else session.feature_layers
+            output = lm.forward(self.loaded.model, [session.cache], [session.ids[done:end]], logits_for_last=1, features=layers)
             if session.feature_layers:
                 session.unsent.append(output[1][0])
+            if self.self_draft is not None:
+                session.keep_layer_rows(output[1][0])
         return len(session.ids) - end
 
     def end_session(self, session_id: str) -> bool:
@@ -194,7 +218,14 @@ class TargetEngine:
         are not affected by it."""
         outcomes, items = admit_calls(calls, self._checked_call)
         verdicts = []
-        if items:
+        if items and self.self_draft is not None:
+            sessions = [s for _, s in items]
+            logits, states = self.self_draft.verify_forward([s.cache for s in sessions], [w.tokens + w.draft_tokens for w, _ in items],
+                                                            [s.span for s in sessions])
+            verdicts = [self._commit(work, session, rows) for (work, session), rows in zip(items, logits)]
+            for session, rows in zip(sessions, states):
+                session.keep_layer_rows(rows)
+        elif items:
             layers = tuple(dict.fromkeys(layer for _, s in items for layer in s.feature_layers))  # every layer any session reads
             output = lm.forward(
                 self.loaded.model, [s.cache for _, s in items], [w.tokens + w.draft_tokens for w, _ in items], logits_for_last=None, features=layers

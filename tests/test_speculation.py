@@ -211,13 +211,14 @@ def assert_target_marginals(counts: torch.Tensor, target, prompt, params) -> Non
 
 
 async def sample_many(target, drafter, prompt, params, k, steps, trials, make_policy=None, pipeline=False, seed_stable=False,
-                      grammar=None, grammars=None):
+                      grammar=None, grammars=None, target_engine=None):
     """Histograms of `trials` sampled generations; each round drafts `k` tokens, or as many as
     `make_policy()`'s policy says (one policy per trial). A feature drafter gets the target's
     features as through the orchestrator. `pipeline`: rounds proposed ahead (Speculation.pipeline).
     `seed_stable`: seed-stable sampling, each trial's seed its number. `grammar`: the output's,
-    compiled by `grammars` (a GrammarCompiler for models without a tokenizer)."""
-    target_engine, draft_engine = TargetEngine(target), DraftEngine(drafter, max_context=target.max_context)
+    compiled by `grammars` (a GrammarCompiler for models without a tokenizer). `target_engine`:
+    the target's engine when the drafter needs it (a self-drafting target's)."""
+    target_engine, draft_engine = target_engine or TargetEngine(target), DraftEngine(drafter, max_context=target.max_context)
     target_engine._grammars = draft_engine._grammars = grammars
     target_backend, draft_backend = InProcessTarget(target_engine), InProcessDraft(draft_engine)
     counts = torch.zeros(steps, target.vocab_size)

@@ -21,6 +21,7 @@ class DraftSession:
     prompt_len: int = 0  # tokens of ids that are the request's prompt (penalties count the output's)
     state: object = None
     grammar: GrammarState | None = None  # structured output: the matcher of ids[prompt_len:] and the drafts
+    session_id: str = ""  # the id the orchestrator gave it (a self-drafting target's session has the same)
 
     def history(self, drafted: list[int]) -> History:
         """The sequence before the next draft token, the session's `drafted` ones included."""

@@ -114,18 +114,26 @@ def read_config(directory: Path) -> ExitConfig:
     return ExitConfig(**json.loads((Path(directory) / CONFIG_FILE).read_text()))
 
 
+def load_exit(directory: Path, model_config, layer_index: int) -> tuple[LlamaDecoderLayer, torch.Tensor, torch.Tensor]:
+    """An exit's trained decoder layer (as layer `layer_index` of a model with `model_config`),
+    its final norm's weight and its draft vocabulary, in float32."""
+    tensors = load_file(str(Path(directory) / WEIGHTS_FILE))
+    layer = LlamaDecoderLayer(model_config, layer_idx=layer_index)
+    layer.load_state_dict({k.removeprefix("layers.0."): v.float() for k, v in tensors.items() if k.startswith("layers.0.")})
+    layer.requires_grad_(False)
+    return layer, tensors["norm.weight"].float(), tensors[VOCAB_KEY].long()
+
+
 def assemble(directory: Path, target: LoadedModel, dtype: str = "auto") -> tuple[LoadedModel, torch.Tensor]:
     """The draft model (the target's first L layers, the exit layer and norm; the target's head)
     and its draft vocabulary. `target` is taken apart: its later layers are dropped."""
     config = read_config(directory)
-    tensors = load_file(str(Path(directory) / WEIGHTS_FILE))
     model = target.model
     if config.layers >= len(model.model.layers):
         raise ValueError(f"an exit after {config.layers} layers needs a target with more than {config.layers}")
-    exit_layer = LlamaDecoderLayer(model.config, layer_idx=config.layers)
-    exit_layer.load_state_dict({k.removeprefix("layers.0."): v.float() for k, v in tensors.items() if k.startswith("layers.0.")})
+    exit_layer, norm, vocabulary = load_exit(directory, model.config, config.layers)
     model.model.layers = torch.nn.ModuleList([*model.model.layers[: config.layers], exit_layer.to(target.device)])
-    model.model.norm.weight.data.copy_(tensors["norm.weight"].float())
+    model.model.norm.weight.data.copy_(norm)
     model.config.num_hidden_layers = config.layers + 1
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = model.config.layer_types[: config.layers + 1]
@@ -134,4 +142,4 @@ def assemble(directory: Path, target: LoadedModel, dtype: str = "auto") -> tuple
         lm.use_format(model, dtype)
     loaded = LoadedModel(model, target.tokenizer, Path(directory).name, target.device, target.dtype, target.eos_token_ids,
                          target.max_context, dtype)
-    return loaded, tensors[VOCAB_KEY].long()
+    return loaded, vocabulary

@@ -47,6 +47,7 @@ class RunningModelService:
     expiry: asyncio.Task
     metrics: metrics.MetricsEndpoint | None = None
     untrack_sessions: Callable[[], None] = lambda: None
+    companions: tuple = ()  # servicers of the other services on the same server and worker
 
     @property
     def port(self) -> int:
@@ -57,7 +58,8 @@ class RunningModelService:
         `grace_s` passes), then stop."""
         self.expiry.cancel()
         await self.server.drain(grace_s, lambda: len(self.servicer.engine.sessions))
-        await self.servicer.scheduler.close()
+        for servicer in (self.servicer, *self.companions):
+            await servicer.scheduler.close()
         self.worker.shutdown()
         self.untrack_sessions()
         if self.metrics is not None:
@@ -70,19 +72,21 @@ async def start_model_service(
     add_to_server: Callable,
     service_name: str,
     load_engine: Callable[[], object],
+    companions: tuple[tuple[str, "SessionServicerBase"], ...] = (),
 ) -> RunningModelService:
     """Start serving at once (health NOT_SERVING, model RPCs UNAVAILABLE) and the metrics
     endpoint when configured, load and warm up the engine on the model worker, then report
-    SERVING."""
+    SERVING. `companions`: (service name, servicer) of other services `add_to_server` registers
+    on the same server, sharing the worker (`load_engine` gives them their engines)."""
     if config.threads:
         # torch's threads thrash when another process holds one of the cores they spin on
         torch.set_num_threads(config.threads)
     server = create_server(
         f"{config.host}:{config.port}",
         lambda s: add_to_server(servicer, s),
-        (service_name,),
+        (service_name, *(name for name, _ in companions)),
         server_options(config),
-        opening=(f"/{service_name}/StartSession",),
+        opening=tuple(f"/{name}/StartSession" for name in (service_name, *(name for name, _ in companions))),
     )
     await server.start()
     endpoint = metrics.serve(config.host, config.metrics_port)
@@ -109,7 +113,7 @@ async def start_model_service(
         log.info("%s cost curve T(n)/T(1): %s (T(1) = %.1f ms)", service_name,
                  " ".join(f"{n}:{s / first:.2f}" for n, s in info.forward_cost), 1000 * first)
     expiry = asyncio.create_task(expire_sessions_forever(engine, servicer.worker, min(60.0, config.session_ttl_s / 4)))
-    return RunningModelService(server, servicer, servicer.worker, expiry, endpoint, untrack)
+    return RunningModelService(server, servicer, servicer.worker, expiry, endpoint, untrack, tuple(c for _, c in companions))
 
 
 async def run_model_service(config, start: Callable) -> None:
