@@ -18,7 +18,7 @@ from tqdm import tqdm
 from bench.hf_baselines import HFBench, hf_configs
 from bench.plots import write_plots
 from bench.report import category_markdown, methods_markdown, summarize, write_outputs
-from bench.services import ServiceBench, service_configs
+from bench.services import SELF_DRAFT, ServiceBench, service_configs
 from bench.specbench import default_prompts, load_prompts
 from bench.theory import verify_cost_curve
 from draft_service.drafters import early_exit
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=Path, default=default_prompts(), help="Spec-Bench-format JSONL (default: $SPECDEC_PROMPTS, else bench/prompts/)")
     parser.add_argument("--limit", type=int, default=None, help="first N prompts only")
     parser.add_argument("--per-category", type=int, default=None, help="first N prompts of each category only")
-    parser.add_argument("--drafters", default="ngram", help="comma-separated draft service models (draft_service --model)")
+    parser.add_argument("--drafters", default="ngram", help="comma-separated draft service models (draft_service --model), or self-draft:X (the target's --self-draft X)")
     parser.add_argument("--k", default="4", help="comma-separated draft lengths K to sweep")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     drafters = [d for d in args.drafters.split(",") if d]
     ks = [int(k) for k in args.k.split(",")]
     # Hugging Face's assisted generation takes draft models, not n-grams, feature drafters, exits or stages
-    draft_models = [d for d in drafters if d != "ngram" and not is_feature_drafter(d) and not early_exit.directory_of(d) and not parse_spec(d)]
+    draft_models = [d for d in drafters if d != "ngram" and not is_feature_drafter(d) and not early_exit.directory_of(d) and not parse_spec(d)
+                    and not d.startswith(SELF_DRAFT)]
     through_services, in_process_configs = service_configs(drafters, ks), (hf_configs(draft_models, ks) if args.hf else [])
     configs = through_services + in_process_configs
     records_path = args.out / "records.jsonl"

@@ -34,6 +34,9 @@ def service_configs(drafters: list[str], ks: list[int]) -> list[ServiceConfig]:
     return [ServiceConfig(TARGET_ONLY, 0)] + [ServiceConfig(d, k) for d in drafters for k in ks]
 
 
+SELF_DRAFT = "self-draft:"  # a drafter spelled self-draft:X: the target drafts for itself (--self-draft X)
+
+
 class ServiceBench:
     """Context manager holding one stack per drafter."""
 
@@ -46,12 +49,14 @@ class ServiceBench:
         model_flags = ("--device", self.device, "--dtype", self.dtype)
         with self._exit:
             for index, drafter in enumerate(self.drafters or ["ngram"]):
+                self_draft = drafter.removeprefix(SELF_DRAFT) if drafter.startswith(SELF_DRAFT) else ""
                 stack = ServiceStack(
                     target_model=self.target,
                     draft_model=drafter,
                     log_dir=self.log_dir / f"stack{index}",
                     extra_target_args=model_flags,
                     extra_draft_args=model_flags if drafter != "ngram" else (),
+                    self_draft=self_draft,
                 )
                 self.stacks[drafter] = self._exit.enter_context(stack)
             self._exit = self._exit.pop_all()

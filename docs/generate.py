@@ -33,6 +33,7 @@ COMMANDS = [
     ("orchestrator.server", "OrchestratorConfig", "orchestrator/__main__.py"),
     ("distill.run", "DistillConfig", "distill/run.py"),
     ("distill.features.run", "FeatureDistillConfig", "distill/features/run.py"),
+    ("distill.early_exit", "EarlyExitConfig", "distill/early_exit.py"),
 ]
 
 # Where a service setting needs more than its help line (links relative to docs/).

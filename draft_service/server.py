@@ -25,9 +25,7 @@ NGRAM = "ngram"
 class DraftConfig(ModelServiceConfig):
     port: int = option(50052, "port to listen on; 0 picks a free one")
     model: str = option(
-        NGRAM,
-        "'ngram' (prompt lookup), a draft model (HF directory, hub id, .gguf, 'embedded'), a feature drafter's directory, "
-        "an early exit (early-exit:L or its directory), or staged:FIRST+SECOND (FIRST drafts for the draft model SECOND)",
+        NGRAM, "ngram, a draft model (directory, hub id, .gguf, embedded), a feature drafter, early-exit:L or staged:FIRST+SECOND"
     )
     feature_target: str = option(
         "", "feature drafters and early exits: the target they borrow layers, embedding and head from (default: their own)"

@@ -35,17 +35,20 @@ class ServiceStack:
     def __init__(self, target_model: str = "embedded", draft_model: str = "ngram", log_dir: Path | None = None,
                  extra_target_args: tuple[str, ...] = (), extra_draft_args: tuple[str, ...] = (), startup_timeout_s: float = 900,
                  extra_orchestrator_args: tuple[str, ...] = (), cores: dict[str, set[int]] | None = None,
-                 orchestrator_variants: dict[str, tuple[str, ...]] | None = None, replicas: int = 1):
+                 orchestrator_variants: dict[str, tuple[str, ...]] | None = None, replicas: int = 1, self_draft: str = ""):
         """`cores`: per service the CPUs its process may run on (model services then run as many
         threads); None: every service may run anywhere. `orchestrator_variants`: further
         orchestrators over the same model services, by name, with these extra flags each (e.g.
         {"pipelined": ("--pipeline-drafts",)}); they run on the orchestrator's cores.
         `replicas`: processes of each model service ("target", "target-2", ...; "draft", ...),
-        all of them given to the orchestrators."""
+        all of them given to the orchestrators. `self_draft`: no draft service; the targets draft
+        for themselves (their --self-draft) and are the orchestrators' drafts too."""
         self.cores = cores or {}
         self.variants = dict(orchestrator_variants or {})
         self.targets = ["target"] + [f"target-{i}" for i in range(2, replicas + 1)]
-        self.drafts = ["draft"] + [f"draft-{i}" for i in range(2, replicas + 1)]
+        self.drafts = [] if self_draft else ["draft"] + [f"draft-{i}" for i in range(2, replicas + 1)]
+        if self_draft:
+            extra_target_args = (*extra_target_args, "--self-draft", self_draft)
         self.ports = {name: free_port() for name in (*self.targets, *self.drafts, "orchestrator", *self.variants)}
         self.log_dir = log_dir or ROOT / ".logs"
         self.startup_timeout_s = startup_timeout_s
@@ -53,7 +56,8 @@ class ServiceStack:
             **{name: ["target_service", "--model", target_model, *extra_target_args] for name in self.targets},
             **{name: ["draft_service", "--model", draft_model, *extra_draft_args] for name in self.drafts},
             "orchestrator": [
-                "orchestrator", "--target", ",".join(map(self.address, self.targets)), "--draft", ",".join(map(self.address, self.drafts)),
+                "orchestrator", "--target", ",".join(map(self.address, self.targets)),
+                "--draft", ",".join(map(self.address, self.drafts or self.targets)),
                 "--tokenizer", target_model, *extra_orchestrator_args,
             ],
         }
