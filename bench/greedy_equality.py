@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from bench.services import SELF_DRAFT
 from bench.specbench import default_prompts, load_prompts
 from harness.processes import ServiceStack
 from orchestrator.generation import encode_prompt
@@ -56,7 +57,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N prompts only")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("-k", type=int, default=4)
-    parser.add_argument("--draft", default="ngram", help="draft model for the draft service")
+    parser.add_argument("--draft", default="ngram", help="draft model for the draft service, or self-draft:X (the target's --self-draft X)")
     parser.add_argument("--dtype", default=AUTO, choices=(AUTO, *FORMATS), help="weight format of both model services")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "greedy_equality.json")
     parser.add_argument("--resume", action="store_true", help="keep earlier per-prompt results and skip their prompts")
@@ -72,7 +73,9 @@ def main() -> None:
     todo = [p for p in prompts if p.question_id not in done]
     started = time.monotonic()
     flags = ("--dtype", args.dtype)
-    with ServiceStack(draft_model=args.draft, extra_target_args=flags, extra_draft_args=flags if args.draft != "ngram" else ()) as stack:
+    self_draft = args.draft.removeprefix(SELF_DRAFT) if args.draft.startswith(SELF_DRAFT) else ""
+    with ServiceStack(draft_model=args.draft, extra_target_args=flags, extra_draft_args=flags if args.draft != "ngram" else (),
+                      self_draft=self_draft) as stack:
         with grpc.insecure_channel(stack.address("target")) as channel:
             chosen = target_pb2_grpc.TargetServiceStub(channel).GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=60).weight_format
         loaded = load_causal_lm("embedded", dtype=chosen)  # for the top-2 gaps, in the target's format

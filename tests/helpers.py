@@ -1,5 +1,5 @@
-"""What only the tests need: joining streamed events, reading BadRequest details, and TLS
-certificates made with openssl. Models and service stacks are in harness/, shared with bench/."""
+"""What only the tests need: joining streamed events, reading BadRequest details, TLS
+certificates made with openssl, and a tiny target with training data for the distillation CLIs. Models and service stacks are in harness/, shared with bench/."""
 
 from __future__ import annotations
 
@@ -76,3 +76,15 @@ def make_certificates(directory: Path) -> Certificates:
     server = make_leaf(directory, "server", ca, server_extensions)
     client = make_leaf(directory, "client", ca, "extendedKeyUsage=clientAuth\n")
     return Certificates(ca[0], *server, *client, make_ca(directory, "other-ca")[0])
+
+
+def distillation_inputs(tmp_path: Path, loaded, tokenizer) -> tuple[Path, Path]:
+    """`loaded` (a tiny target) saved with `tokenizer`, and a data folder of four GSM8K-style
+    questions and one HumanEval stub: (target directory, data directory)."""
+    target_dir, data = tmp_path / "target", tmp_path / "data"
+    loaded.model.save_pretrained(target_dir)
+    tokenizer.save_pretrained(target_dir)
+    data.mkdir()
+    (data / "gsm8k_train.jsonl").write_text("".join('{"question": "What is %d plus %d?", "answer": "-"}\n' % (i, i) for i in range(4)))
+    (data / "humaneval.jsonl").write_text('{"task_id": "HumanEval/0", "prompt": "def add(a, b):\\n"}\n')
+    return target_dir, data

@@ -24,6 +24,7 @@ from draft_service.server import DraftConfig, build_drafter
 from harness.inprocess import in_process_engine, run_generation
 from harness.tiny import with_eos
 from orchestrator.generation import GenerationRequest
+from tests.helpers import distillation_inputs
 
 
 def test_replay_of_rounds_by_hand():
@@ -152,13 +153,7 @@ def test_cli_smoke_run_makes_a_draft_that_draft_service_serves(tmp_path, tokeniz
     """The whole command on a tiny target: corpus, two students (reduced and full head),
     distillation, held-out report, model directories; then draft_service loads one and greedy
     speculation with it reproduces target-only output."""
-    target_dir = tmp_path / "target"
-    tiny_target.model.save_pretrained(target_dir)
-    tokenizer.save_pretrained(target_dir)
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "gsm8k_train.jsonl").write_text("".join(json.dumps({"question": f"What is {i} plus {i}?", "answer": "-"}) + "\n" for i in range(4)))
-    (data / "humaneval.jsonl").write_text(json.dumps({"task_id": "HumanEval/0", "prompt": "def add(a, b):\n"}) + "\n")
+    target_dir, data = distillation_inputs(tmp_path, tiny_target, tokenizer)
     out, work = tmp_path / "drafts", tmp_path / "work"
     train_main([
         "--target", str(target_dir), "--students", "small=1x32/256,full=1x32", "--data-dir", str(data), "--work-dir", str(work),

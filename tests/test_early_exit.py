@@ -22,7 +22,7 @@ from harness.tiny import tiny_lm, with_eos
 from orchestrator.generation import GenerationRequest
 from specdec import lm, sampling
 from specdec.models import load_causal_lm
-from tests.helpers import joined
+from tests.helpers import distillation_inputs, joined
 from tests.test_speculation import assert_target_marginals, sample_many
 
 
@@ -77,13 +77,7 @@ def test_distill_early_exit_command_trains_exits_that_draft_service_serves(tmp_p
     from distill.early_exit import main as exits_main
     from distill.features.run import main as features_main
 
-    target_dir = tmp_path / "target"
-    tiny_target.model.save_pretrained(target_dir)
-    tokenizer.save_pretrained(target_dir)
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "gsm8k_train.jsonl").write_text("".join('{"question": "What is %d plus %d?", "answer": "-"}\n' % (i, i) for i in range(4)))
-    (data / "humaneval.jsonl").write_text('{"task_id": "HumanEval/0", "prompt": "def add(a, b):\\n"}\n')
+    target_dir, data = distillation_inputs(tmp_path, tiny_target, tokenizer)
     work, out = tmp_path / "work", tmp_path / "drafts"
     features_main(["--target", str(target_dir), "--data-dir", str(data), "--work-dir", str(work), "--prompts-per-source", "2",
                    "--max-new-tokens", "8", "--held-out-fraction", "0.3", "--feature-layers", "0,-1", "--stop-after", "corpus"])

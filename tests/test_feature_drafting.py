@@ -225,15 +225,9 @@ def test_distill_features_command_makes_drafters_that_draft_service_serves(tmp_p
     from draft_service.server import DraftConfig, build_drafter
     from harness.inprocess import run_generation
     from orchestrator.generation import GenerationRequest
-    from tests.helpers import joined
+    from tests.helpers import distillation_inputs, joined
 
-    target_dir = tmp_path / "target"
-    tiny_target.model.save_pretrained(target_dir)
-    tokenizer.save_pretrained(target_dir)
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "gsm8k_train.jsonl").write_text("".join('{"question": "What is %d plus %d?", "answer": "-"}\n' % (i, i) for i in range(4)))
-    (data / "humaneval.jsonl").write_text('{"task_id": "HumanEval/0", "prompt": "def add(a, b):\\n"}\n')
+    target_dir, data = distillation_inputs(tmp_path, tiny_target, tokenizer)
     work, out = tmp_path / "work", tmp_path / "drafts"
     args = ["--target", str(target_dir), "--data-dir", str(data), "--work-dir", str(work), "--out-dir", str(out),
             "--prompts-per-source", "2", "--max-new-tokens", "8", "--batch-tokens", "16", "--held-out-fraction", "0.3",
