@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from bench.services import drafter_label  # noqa: E402
 
 
 def _by_drafter(summary: dict, records: list[dict]) -> dict[str, list[tuple[int, str]]]:
@@ -18,7 +19,7 @@ def _by_drafter(summary: dict, records: list[dict]) -> dict[str, list[tuple[int,
     grouped: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for method, (drafter, k) in ks.items():
         if method in summary["methods"]:
-            grouped[Path(drafter).name].append((k, method))
+            grouped[drafter_label(drafter)].append((k, method))
     return {d: sorted(items) for d, items in grouped.items()}
 
 

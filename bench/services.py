@@ -18,23 +18,28 @@ from harness.processes import ServiceStack
 from specdec.v1 import orchestrator_pb2
 
 TARGET_ONLY = "target-only"
+SELF_DRAFT = "self-draft:"  # a drafter spelled self-draft:X: the target drafts for itself (--self-draft X)
+
+
+def drafter_label(drafter: str) -> str:
+    """A drafter's short name in reports: a directory's last part (self-drafts keep their prefix)."""
+    if drafter.startswith(SELF_DRAFT):
+        return SELF_DRAFT + Path(drafter.removeprefix(SELF_DRAFT)).name
+    return Path(drafter).name
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    drafter: str  # TARGET_ONLY, "ngram", or a draft model
+    drafter: str  # TARGET_ONLY, "ngram", a draft model, or self-draft:X
     k: int
 
     @property
     def name(self) -> str:
-        return TARGET_ONLY if self.k == 0 else f"{Path(self.drafter).name} K={self.k}"
+        return TARGET_ONLY if self.k == 0 else f"{drafter_label(self.drafter)} K={self.k}"
 
 
 def service_configs(drafters: list[str], ks: list[int]) -> list[ServiceConfig]:
     return [ServiceConfig(TARGET_ONLY, 0)] + [ServiceConfig(d, k) for d in drafters for k in ks]
-
-
-SELF_DRAFT = "self-draft:"  # a drafter spelled self-draft:X: the target drafts for itself (--self-draft X)
 
 
 class ServiceBench:
