@@ -180,8 +180,10 @@ class SelfDrafter(Drafter):
     def _target_session(self, session: DraftSession):
         target = self.engine.sessions.get(session.session_id, "session_id")
         committed = target.cache.length
-        if target.cache.length < len(target.ids) or session.ids[:committed] != target.ids[:committed]:
-            raise FailedPrecondition(f"the target's session {session.session_id!r} holds another sequence than the draft's", "session_id")
+        if target.cache.length < len(target.ids) or len(session.ids) <= committed or session.ids[:committed] != target.ids[:committed]:
+            raise FailedPrecondition(
+                f"the target's session {session.session_id!r} is not the draft's sequence minus its last tokens", "session_id"
+            )
         return target
 
     def propose(self, sessions: list[DraftSession], work: list[ProposeWork]) -> tuple[list[Proposal], int]:

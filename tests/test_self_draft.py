@@ -18,6 +18,7 @@ from harness.inprocess import in_process_engine, run_generation, start_stack
 from harness.tiny import tiny_lm, with_eos
 from orchestrator.generation import GenerationRequest
 from specdec import lm, sampling
+from specdec.errors import FailedPrecondition, NotFound
 from specdec.messages import ProposeWork, VerifyWork
 from target_service.engine import TargetEngine
 from target_service.self_draft import SelfDraft, SelfDrafter, parse
@@ -142,3 +143,12 @@ def test_self_draft_settings_are_checked(tmp_path):
     with pytest.raises(ValueError, match="0 < L < 4"):
         SelfDraft(tiny_lm(seed=1, vocab_size=16, eos=(), layers=4).model, 4, None)
     assert parse("3") == (3, None)
+    target = tiny_lm(seed=1, vocab_size=16, eos=(), layers=4)
+    engine, drafts = self_drafting(target, "2")
+    drafts.start_session("alone", [1, 2, 3])
+    with pytest.raises(NotFound, match="unknown session 'alone'"):  # the target never started it
+        drafts.propose([ProposeWork("alone", 2, [3], 2, sampling.GREEDY, [])])
+    engine.start_session("s", [1, 2, 3])
+    drafts.start_session("s", [1, 5, 4])
+    with pytest.raises(FailedPrecondition, match="not the draft's sequence"):
+        drafts.propose([ProposeWork("s", 2, [4], 2, sampling.GREEDY, [])])
