@@ -47,10 +47,11 @@ def load_run(directory: Path) -> dict:
 
 
 def best_speedup(alpha: float, cost: float, verify_curve: list[float] | None) -> float:
-    """The seed's formula at its best K <= MAX_K (K = 0: 1.0), flat verify when no curve."""
+    """The seed's formula at its best K <= MAX_K (K = 0: 1.0); flat verify when no curve, else
+    T(K + 1) / T(1) from the curve, and only the K it measured."""
     best = 1.0
-    for k in range(1, MAX_K + 1):
-        verify = 1.0 if verify_curve is None else verify_curve[min(k, len(verify_curve) - 1)]
+    for k in range(1, MAX_K + 1 if verify_curve is None else min(MAX_K, len(verify_curve) - 1) + 1):
+        verify = 1.0 if verify_curve is None else verify_curve[k]
         best = max(best, theoretical_speedup(alpha, k, cost, verify))
     return best
 
@@ -91,7 +92,8 @@ def temperature_plot(runs: list[dict], out: Path) -> dict:
         for name, method in run["summary"]["methods"].items():
             if method.get("acceptance_rate") is not None:
                 series[name].append((run["temperature"], method["acceptance_rate"], method["tokens_per_target_forward"]))
-    figure, panels = plt.subplots(1, 2, figsize=(10, 4))
+    series = {name: values for name, values in series.items() if len(values) > 1 or len(runs) == 1}  # methods every run measured
+    figure, panels = plt.subplots(1, 2, figsize=(12, 4))
     for name, values in series.items():
         panels[0].plot([t for t, _, _ in values], [a for _, a, _ in values], marker="o", label=name)
         panels[1].plot([t for t, _, _ in values], [n for _, _, n in values], marker="o", label=name)
@@ -99,7 +101,7 @@ def temperature_plot(runs: list[dict], out: Path) -> dict:
     panels[1].set_ylabel("tokens per target forward")
     for axes in panels:
         axes.set_xlabel("temperature")
-    panels[1].legend(fontsize=6)
+    panels[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
     figure.savefig(out / "acceptance_vs_temperature.png", dpi=110)
     plt.close(figure)
