@@ -140,14 +140,15 @@ latency: deps
 equality: deps
 	PYTHONPATH=$(CURDIR) $(PY) -m bench.greedy_equality --prompts $(SPECBENCH_DEV)
 
-# podman, podman-compose and mmdebstrap from the Debian archive where they are missing and apt-get
-# runs as root; elsewhere a note (tests/test_containers.py then skips, saying why).
+# podman, podman-compose, iptables (podman's network backend, netavark, runs it) and mmdebstrap from
+# the Debian archive where they are missing and apt-get runs as root; elsewhere a note
+# (tests/test_containers.py then skips, saying why).
 container-engine:
 	@if command -v $(ENGINE) >/dev/null && command -v $(firstword $(COMPOSE)) >/dev/null \
-	    && { [ "$(ENGINE)" != podman ] || command -v mmdebstrap >/dev/null; }; then :; \
+	    && { [ "$(ENGINE)" != podman ] || { command -v mmdebstrap && command -v iptables; } >/dev/null; }; then :; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-	    podman podman-compose runc netavark aardvark-dns mmdebstrap; \
+	    podman podman-compose runc netavark aardvark-dns iptables mmdebstrap; \
 	else echo "no container engine, and none can be installed here (apt-get as root): the container tests will skip"; fi
 
 # A Debian 12 base image from the mirror, for hosts that reach no container registry.
