@@ -21,6 +21,7 @@ than PER_QUERY_MAX tokens (prompt prefills, which every mode runs alike) take on
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -195,7 +196,7 @@ class LeanLlama:
     @torch.inference_mode()
     def logits(self, x: torch.Tensor, lengths: list[int], logits_for_last: int | None = None) -> list[torch.Tensor]:
         """Per row float32 logits [n_i or logits_for_last, V'] from the last layer's packed output."""
-        ends = [sum(lengths[: i + 1]) for i in range(len(lengths))]
+        ends = list(itertools.accumulate(lengths))
         keep = [torch.arange(end - min(logits_for_last or n, n), end, device=x.device) for end, n in zip(ends, lengths)]
         logits = self.head(self._norm(x[torch.cat(keep)], self.final_norm)).float()  # [sum kept, V']
         return list(logits.split([len(rows) for rows in keep]))

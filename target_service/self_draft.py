@@ -103,6 +103,8 @@ class SelfDraft:
             exit_model.model.layers = torch.nn.ModuleList()
         exit_model.lm_head = head
         self.exit = LeanLlama(exit_model, self.lean().format)
+        if self.exit_directory is None:  # the target's own head: share its converted weights rather than hold a second copy
+            self.exit.head = self.lean().head
 
     def lower(self, caches: list[lm.SequenceCache], tokens: list[list[int]], starts: list[int]) -> list[torch.Tensor]:
         """Layers 0..L-1 over each row's tokens from its start: per row the layer-L states [n, H]."""
