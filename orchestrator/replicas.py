@@ -22,7 +22,7 @@ import socket
 from dataclasses import dataclass, field
 
 from orchestrator.backends import CallCost
-from specdec.errors import SpecdecError, Unavailable, Upstream
+from specdec.errors import SpecdecError, Upstream
 from specdec.messages import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,13 @@ async def resolve(spec: str) -> list[str]:
     return list(dict.fromkeys(endpoints))
 
 
+class NoReplica(Upstream):
+    """Every replica of a role is gone from its name (dns:///) or serves another vocabulary."""
+
+    def __init__(self, role: str):
+        super().__init__("UNAVAILABLE", f"no {role} replica is available")
+
+
 @dataclass(eq=False)
 class Replica:
     """One endpoint: its backend (GrpcTarget, or a GuardedDraft), what its health checks say, and
@@ -84,9 +91,15 @@ class ReplicaSet:
         return [r for r in self.replicas if r.healthy and not r.retired]
 
     def _place(self, avoid: Replica | None) -> Replica:
-        candidates = [r for r in self.healthy() if r is not avoid] or [r for r in self.replicas if not r.retired]
+        """The healthy replica with the fewest sessions, other than `avoid` (the one a session
+        just failed on). With none healthy, any replica still named, `avoid` last: a health check
+        may have timed out on a busy replica, but `avoid` surely failed."""
+        named = [r for r in self.replicas if not r.retired]
+        candidates = [r for r in self.healthy() if r is not avoid] or [r for r in named if r is not avoid] or named
         if not candidates:
-            raise Unavailable(f"no {self.role} replica is available")
+            # an UNAVAILABLE Upstream error like a refused call: a draft role's caller goes on
+            # target-only, a target role's caller starts the session again or fails with it
+            raise NoReplica(self.role)
         return min(candidates, key=lambda r: (r.sessions, self.replicas.index(r)))
 
     def of(self, session_id: str) -> Replica:

@@ -110,6 +110,32 @@ def test_when_every_target_replica_is_gone_the_output_so_far_comes_with_unavaila
     assert f"{len(error.value.token_ids)} tokens were generated" in error.value.message
 
 
+def test_with_every_draft_replica_gone_from_its_name_requests_go_on_target_only(tiny_target):
+    target = with_eos(tiny_target, ())
+    reference = joined(run_generation(generation(target, lambda: ModelDrafter(target))[0], REQUESTS["greedy"]))
+    engine, _, drafts = generation(target, lambda: ModelDrafter(target))
+    for replica in drafts.replicas:  # what a dns:/// draft name that resolves to nothing any more leaves
+        replica.retired = True
+    events = run_generation(engine, REQUESTS["greedy"])
+    assert joined(events) == reference and events[-1].stats.draft_tokens == 0
+
+
+def test_a_session_leaves_the_replica_it_failed_on_even_when_no_replica_looks_healthy(tiny_target):
+    target = with_eos(tiny_target, ())
+    _, targets, _ = generation(target, lambda: ModelDrafter(target))
+
+    async def rebuild():
+        await targets.start_session("s", [1, 2, 3], None)
+        first = targets.of("s")
+        for replica in targets.replicas:  # the survivor's last health check timed out
+            replica.healthy = False
+        await targets.start_session("s", [1, 2, 3], None)
+        return first, targets.of("s")
+
+    first, second = asyncio.run(rebuild())
+    assert second is not first
+
+
 def test_new_sessions_go_to_the_least_loaded_healthy_replica(tiny_target):
     target = with_eos(tiny_target, ())
     engine, targets, _ = generation(target, lambda: ModelDrafter(target), target_calls=(10**9, 10**9))
