@@ -16,6 +16,7 @@ zeros on the padding and explicit `position_ids` per row. bench/batching.py meas
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import time
 import weakref
@@ -304,12 +305,21 @@ def choose_format(loaded, max_k: int = 4, lean_only: bool = False) -> weights.Fo
 def _timed_choice(loaded, max_k: int, lean_only: bool = False) -> weights.FormatChoice:
     """auto's choice for this model on this machine: timed once, then kept in the cache, so that a
     restarted service (or a second replica on the same machine) runs the same format and gives
-    the same output, instead of a fresh timing that noise could tip the other way."""
+    the same output, instead of a fresh timing that noise could tip the other way. Replicas that
+    start together take turns (a lock beside the cache): the first times, the others read its
+    choice, where two timings at once would disturb each other and could disagree."""
     from specdec.models import cache_dir
 
-    model = loaded.model
-    key = weights.machine_key(loaded.name, model.config.to_json_string(), loaded.device, max_k) + ("/lean" if lean_only else "")
+    key = weights.machine_key(loaded.name, loaded.model.config.to_json_string(), loaded.device, max_k) + ("/lean" if lean_only else "")
     store = cache_dir() / "weight-formats.json"
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with open(store.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        return _cached_or_timed(loaded, max_k, lean_only, key, store)
+
+
+def _cached_or_timed(loaded, max_k: int, lean_only: bool, key: str, store) -> weights.FormatChoice:
+    model = loaded.model
     known = weights.load_choices(store)
     if key in known:
         use_format(model, known[key].format)

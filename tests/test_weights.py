@@ -5,6 +5,7 @@ format, and `auto`'s choice on a CPU with and without fast bf16 (timings given, 
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 
 import pytest
@@ -125,6 +126,18 @@ def test_auto_on_a_real_model_keeps_a_format_and_reports_why(vocab_model):
     choice = lm.choose_format(loaded)
     assert set(choice.seconds_per_token) == {"float32", *QUANTIZED} and choice.format in choice.seconds_per_token
     assert lm.weight_format(loaded.model) == choice.format and loaded.placement == f"cpu/{choice.format}"
+
+
+def test_replicas_that_start_together_time_once_and_agree(vocab_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    timings, noise = [], iter(torch.rand(10_000, generator=torch.Generator().manual_seed(3)).tolist())
+    # every timing is noise: two timings at once would each pick a format at random
+    monkeypatch.setattr(lm, "forward_seconds", lambda model, tokens, repeats: timings.append(tokens) or next(noise))
+    replicas = [type(vocab_model)(**{**vars(in_format(vocab_model, "float32")), "weight_format": "auto"}) for _ in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(len(replicas)) as pool:
+        choices = list(pool.map(lm.choose_format, replicas))
+    assert len({c.format for c in choices}) == 1 and len(timings) == 4 * len(QUANTIZED + ("float32",))
+    assert sum("timed earlier" in c.reason for c in choices) == len(replicas) - 1
 
 
 def test_quantized_formats_need_the_lean_path():
