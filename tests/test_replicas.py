@@ -6,6 +6,7 @@ other; with both targets gone, requests end with UNAVAILABLE, and once one is ba
 from __future__ import annotations
 
 import signal
+import time
 
 import grpc
 import pytest
@@ -16,6 +17,7 @@ from specdec.v1 import common_pb2, draft_pb2_grpc, orchestrator_pb2, orchestrato
 from tests.test_faults import LONG, ORCHESTRATOR_ARGS, eventually, health, request, SERVING, target_dir  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow  # real service processes
+RECONNECT_S = 3.0  # a health period (0.5 s) and the longest reconnect backoff (orchestrator/health.py: 2 s)
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +32,11 @@ def services(target_dir, tmp_path_factory):  # noqa: F811
 
 @pytest.fixture
 def stack(services):
-    for name, process in services.processes.items():
-        if process.poll() is not None:
-            services.restart(name)
+    restarted = [name for name, process in services.processes.items() if process.poll() is not None]
+    for name in restarted:
+        services.restart(name)
+    if restarted:  # the orchestrator sees them back at its next health round, and its channel after a reconnect backoff (<= 2 s)
+        time.sleep(RECONNECT_S)
     eventually(lambda: health(services) == SERVING, 15, "orchestrator SERVING")
     return services
 
