@@ -301,12 +301,12 @@ def reference_rejection_sample(
             residual[other] = max(float(target_probs[position, other]) - q_other, 0.0)
         if sum(residual) <= 0:
             residual = target_probs[position].tolist()
-        return Verdict(position, _reference_draw(residual, uniforms[len(draft_tokens)]))
+        return Verdict(position, reference_draw(residual, uniforms[len(draft_tokens)]))
     bonus = target_probs[len(draft_tokens)].tolist()
-    return Verdict(len(draft_tokens), _reference_draw(bonus, uniforms[len(draft_tokens)]))
+    return Verdict(len(draft_tokens), reference_draw(bonus, uniforms[len(draft_tokens)]))
 
 
-def _reference_draw(weights: list[float], uniform: float) -> int:
+def reference_draw(weights: list[float], uniform: float) -> int:
     threshold = uniform * sum(weights)
     cumulative = 0.0
     for token, weight in enumerate(weights):

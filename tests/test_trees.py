@@ -1,0 +1,160 @@
+"""Tree acceptance (specdec/trees.py): the tensor path equals the definition on random trees,
+greedy is the point-mass case, a chain is verified as the chain sampler verifies it, and the
+tokens that come out are distributed exactly as the target's (chi-square on the joint of two
+tokens, several tree shapes and draft distributions), while a wrong rule fails the same test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from specdec import sampling, trees
+from specdec.sampling import GREEDY
+
+VOCAB = 6
+
+
+def without_replacement(q: torch.Tensor, m: int, generator: torch.Generator) -> list[int]:
+    """m distinct tokens drawn from q without replacement (Gumbel top-m)."""
+    gumbel = -torch.log(-torch.log(torch.rand(q.shape[-1], generator=generator).clamp(min=1e-12)))
+    return torch.topk(q.log() + gumbel, m).indices.tolist()
+
+
+def random_tree(generator: torch.Generator, nodes: int) -> list[int]:
+    parents = []
+    for index in range(nodes):
+        parents.append(int(torch.randint(-1, index, (1,), generator=generator)))
+    return parents
+
+
+def random_tree_case(generator, nodes: int, point_mass: bool, sparse: bool, equal: bool):
+    """p for the root and every node, a tree whose siblings are distinct draws from their parent's
+    q (without replacement), that q per node (None: point masses), and n + 1 uniforms."""
+    parents = random_tree(generator, nodes)
+    p = torch.softmax(torch.randn(nodes + 1, VOCAB, generator=generator) * 2, -1)
+    if sparse:
+        p = p * (torch.rand(nodes + 1, VOCAB, generator=generator) > 0.4)
+        p[:, 0] += 1e-3
+        p = p / p.sum(-1, keepdim=True)
+    q_at = p.clone() if equal else torch.softmax(torch.randn(nodes + 1, VOCAB, generator=generator) * 2, -1)  # q at each node's row
+    tokens = [0] * nodes
+    for node in [-1, *range(nodes)]:
+        kids = trees.children(parents, node)
+        support = int((q_at[node + 1] > 0).sum())
+        drawn = without_replacement(q_at[node + 1], min(len(kids), support), generator)
+        kids = kids[: len(drawn)]
+        for kid, token in zip(kids, drawn):
+            tokens[kid] = token
+    # a node whose draw ran out of support stays token 0 under its parent: repair by dropping duplicates
+    if trees.check_parents(parents, tokens) is not None:
+        return random_tree_case(generator, nodes, point_mass, sparse, equal)
+    q = None if point_mass else torch.stack([q_at[parent + 1] for parent in parents]) if nodes else torch.zeros(0, VOCAB)
+    return p, tokens, parents, q, torch.rand(nodes + 1, generator=generator)
+
+
+@pytest.mark.parametrize("point_mass", [False, True])
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("equal", [False, True])
+def test_fast_tree_acceptance_matches_the_definition(point_mass, sparse, equal):
+    generator = torch.Generator().manual_seed(hash((point_mass, sparse, equal)) % 2**31)
+    for _ in range(150):
+        nodes = int(torch.randint(0, 10, (1,), generator=generator))
+        p, tokens, parents, q, uniforms = random_tree_case(generator, nodes, point_mass, sparse, equal)
+        fast = trees.tree_rejection_sample(p, tokens, parents, q, uniforms)
+        slow = trees.reference_tree_rejection_sample(p, tokens, parents, q, uniforms.tolist())
+        assert fast == slow
+        assert all(parents[b] == a for a, b in zip((-1, *fast.path), fast.path))  # a path from the root
+
+
+def test_greedy_tree_verify_is_the_point_mass_case():
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(300):
+        nodes = int(torch.randint(0, 10, (1,), generator=generator))
+        logits = torch.randn(nodes + 1, VOCAB, generator=generator)
+        _, tokens, parents, _, uniforms = random_tree_case(generator, nodes, True, False, False)
+        greedy = trees.greedy_tree_verify(logits, tokens, parents)
+        assert greedy == trees.tree_rejection_sample(sampling.warp(logits, GREEDY), tokens, parents, None, uniforms)
+
+
+@pytest.mark.parametrize("point_mass", [False, True])
+def test_a_chain_is_verified_as_the_chain_sampler_does(point_mass):
+    generator = torch.Generator().manual_seed(6)
+    for _ in range(200):
+        k = int(torch.randint(0, 6, (1,), generator=generator))
+        p = torch.softmax(torch.randn(k + 1, VOCAB, generator=generator) * 2, -1)
+        q = torch.softmax(torch.randn(k, VOCAB, generator=generator) * 2, -1)
+        drafts = torch.multinomial(q, 1, generator=generator).squeeze(1) if k else torch.zeros(0, dtype=torch.long)
+        uniforms = torch.rand(k + 1, generator=generator)
+        q = None if point_mass else q
+        chain = sampling.rejection_sample(p[None], drafts[None], None if q is None else q[None], uniforms[None])[0]
+        tree = trees.tree_rejection_sample(p, drafts.tolist(), trees.chain(k), q, uniforms)
+        assert (len(tree.path), tree.next_token) == (chain.accepted, chain.next_token) and tree.path == tuple(range(chain.accepted))
+
+
+def test_malformed_trees_are_named():
+    assert trees.check_parents([-1, 0, 0], [1, 2, 3]) is None
+    assert "earlier node" in trees.check_parents([-1, 2, 0], [1, 2, 3])
+    assert "twice" in trees.check_parents([-1, -1], [4, 4])
+    assert "entries" in trees.check_parents([-1], [1, 2])
+
+
+# --- the distribution: two tokens out of rounds over a toy model whose next token depends on the last
+
+
+def two_tokens(target: torch.Tensor, draft: torch.Tensor, branching: list[int], mode: str, trials: int, seed: int) -> torch.Tensor:
+    """Counts [V, V] of the first two output tokens over `trials` generations, each a loop of tree
+    rounds (`branching` children per node per depth) from the start token VOCAB. target/draft:
+    [V + 1, V] distributions of the next token given the last one. `mode`: "sampled" (siblings
+    drawn from q without replacement, q sent), "top" (the draft's top-k, point masses), or
+    "top-claimed-sampled" (top-k, but q sent as if sampled: a wrong use of the rule)."""
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(VOCAB, VOCAB)
+    for _ in range(trials):
+        out, last = [], VOCAB
+        while len(out) < 2:
+            tokens, parents, rows, frontier = [], [], [], [(-1, last)]
+            for width in branching:
+                next_frontier = []
+                for node, token in frontier:
+                    if mode == "sampled":
+                        kids = without_replacement(draft[token], width, generator)
+                    else:
+                        kids = torch.topk(draft[token], width).indices.tolist()
+                    for kid in kids:
+                        tokens.append(kid)
+                        parents.append(node)
+                        rows.append(draft[token])
+                        next_frontier.append((len(tokens) - 1, kid))
+                frontier = next_frontier
+            p = torch.stack([target[last]] + [target[t] for t in tokens])
+            q = None if mode == "top" else torch.stack(rows)
+            verdict = trees.tree_rejection_sample(p, tokens, parents, q, torch.rand(len(tokens) + 1, generator=generator))
+            out += [tokens[i] for i in verdict.path] + [verdict.next_token]
+            last = out[-1]
+        counts[out[0], out[1]] += 1
+    return counts
+
+
+def toy_model(seed: int, sharpness: float) -> torch.Tensor:
+    return torch.softmax(torch.randn(VOCAB + 1, VOCAB, generator=torch.Generator().manual_seed(seed)) * sharpness, -1)
+
+
+@pytest.mark.parametrize(
+    "mode, branching, draft",
+    [("sampled", [3, 2], "random"), ("sampled", [2, 2, 1], "peaked"), ("sampled", [3, 1], "equal"), ("top", [3, 2], "random"), ("top", [2, 2], "peaked")],
+)
+def test_tree_speculation_reproduces_the_target_distribution(mode, branching, draft):
+    target = toy_model(1, 1.5)
+    q = {"random": toy_model(2, 1.5), "peaked": toy_model(3, 4.0), "equal": target.clone()}[draft]
+    counts = two_tokens(target, q, branching, mode, trials=6000, seed=7)
+    expected = target[VOCAB][:, None] * target[:VOCAB]  # p(a) p(b | a)
+    assert chisquare(counts.flatten().numpy(), (expected.flatten() * counts.sum()).numpy()).pvalue > 1e-3
+
+
+def test_the_tree_distribution_test_detects_a_wrong_rule():
+    """Power check: deterministic top-k children verified as if they had been sampled from q."""
+    target, q = toy_model(1, 1.5), toy_model(3, 4.0)
+    counts = two_tokens(target, q, [3, 2], "top-claimed-sampled", trials=6000, seed=7)
+    expected = target[VOCAB][:, None] * target[:VOCAB]
+    assert chisquare(counts.flatten().numpy(), (expected.flatten() * counts.sum()).numpy()).pvalue < 1e-6
