@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from specdec import weights
+from specdec import trees, weights
 from specdec.weights import Linear
 
 # Rows of up to this many new tokens (steps and verifies: K + 1 <= 17) attend per query.
@@ -115,12 +115,15 @@ class LeanLlama:
         return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
     @torch.inference_mode()
-    def forward(self, caches: list, new_tokens: list[list[int]], logits_for_last: int | None = None, features: tuple[int, ...] = ()):
+    def forward(
+        self, caches: list, new_tokens: list[list[int]], logits_for_last: int | None = None, features: tuple[int, ...] = (), parents: list | None = None
+    ):
         """Append `new_tokens[i]` to `caches[i]` for every i in one pass; per row float32 logits
         [n_i or logits_for_last, V']. With `features` (decoder layer indices, -1 the last), also
         per row those layers' outputs at every new position, side by side, [n_i, H x layers] in
         the activation dtype (what a feature drafter reads; the last layer's is taken before the
-        final norm): returns (logits, features).
+        final norm): returns (logits, features). `parents[i]` (None: a chain) makes row i a tree:
+        per new token the index of its parent among them, -1 for the first (see `run_layers`).
 
         The rows are packed, not padded: the projections and MLPs run once over all N new tokens
         of the batch, and only attention runs per row, each over its own cache buffer in place. No
@@ -128,7 +131,7 @@ class LeanLlama:
         """
         lengths = [len(tokens) for tokens in new_tokens]
         wanted = [index % len(self.layers) for index in features]
-        x, kept = self.run_layers(self.embed(new_tokens), caches, lengths, [c.length for c in caches], range(len(self.layers)), wanted)
+        x, kept = self.run_layers(self.embed(new_tokens), caches, lengths, [c.length for c in caches], range(len(self.layers)), wanted, parents)
         for cache, n in zip(caches, lengths):
             cache.length += n
         logits = self.logits(x, lengths, logits_for_last)
@@ -145,17 +148,26 @@ class LeanLlama:
 
     @torch.inference_mode()
     def run_layers(
-        self, x: torch.Tensor, caches: list, lengths: list[int], starts: list[int], indices, wanted: list[int] = ()
+        self, x: torch.Tensor, caches: list, lengths: list[int], starts: list[int], indices, wanted: list[int] = (), parents: list | None = None
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run decoder layers `indices` (ascending) over packed hidden states x [N, H]: row i's
         lengths[i] positions start at starts[i], their keys and values are written there in each
         layer's cache, and each query sees that layer's keys up to itself. Caches' `length` is
         not moved (the caller does, once every layer holds the positions). Returns x after the
-        last layer and, for the layers in `wanted`, their outputs."""
+        last layer and, for the layers in `wanted`, their outputs.
+
+        A tree row (parents[i] not None: per token its parent's index in the row, -1 for the
+        first) puts each token at position start + its depth and lets it see the cache and its
+        ancestors only. Its keys end up in token order like a chain's (SequenceCache.keep_path
+        then keeps the accepted ones); while a token attends, its ancestors' keys are copied
+        right after the cache, so its attention is the very call a chain (or one-token step)
+        makes over the same keys, bit for bit."""
         bounds = [0]
         for n in lengths:
             bounds.append(bounds[-1] + n)
-        positions = [start + i for start, n in zip(starts, lengths) for i in range(n)]
+        parents = parents or [None] * len(lengths)
+        offsets = [range(n) if tree is None else [depth - 1 for depth in trees.depths(tree)] for n, tree in zip(lengths, parents)]
+        positions = [start + offset for start, row in zip(starts, offsets) for offset in row]
         cos, sin = self._rope(positions, x.dtype)  # [N, 1, head_dim] each
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         total = bounds[-1]
@@ -175,6 +187,9 @@ class LeanLlama:
                 past = starts[row]
                 keys, values = cache.write(index, k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None], past)  # [1, kv, past + n, d]
                 queries = q[rows].transpose(0, 1)[None]  # [1, heads, n, d]
+                if parents[row] is not None:
+                    attended.append(self._attend_tree(cache, index, past, queries, keys[:, :, past:], values[:, :, past:], parents[row]))
+                    continue
                 if lengths[row] > PER_QUERY_MAX:  # query j sees the past and the new tokens up to j
                     mask = torch.ones(lengths[row], past + lengths[row], dtype=torch.bool, device=x.device).tril(past)
                     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, enable_gqa=True)
@@ -192,6 +207,21 @@ class LeanLlama:
             if index in wanted:
                 kept[index] = x
         return x, kept
+
+    def _attend_tree(self, cache, index: int, past: int, queries, keys, values, parents: list[int]) -> torch.Tensor:
+        """Attention of one tree row: queries [1, heads, n, d]; keys and values [1, kv, n, d] of its
+        tokens in token order (copies, as written at `past`). Returns [n, heads x d]."""
+        keys, values = keys.clone(), values.clone()
+        out, written = [], []  # written: the path whose keys sit after the cache now
+        for j in range(len(parents)):
+            path = trees.path_to(parents, j)
+            shared = next((i for i, (a, b) in enumerate(zip(path, written)) if a != b), min(len(path), len(written)))
+            seen_keys, seen_values = cache.write(index, keys[:, :, path[shared:]], values[:, :, path[shared:]], past + shared)
+            written = path
+            attended = F.scaled_dot_product_attention(queries[:, :, j : j + 1], seen_keys, seen_values, enable_gqa=True)  # [1, heads, 1, d]
+            out.append(attended.view(1, -1))
+        cache.write(index, keys, values, past)  # token order, as a chain leaves it
+        return torch.cat(out)
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor, lengths: list[int], logits_for_last: int | None = None) -> list[torch.Tensor]:

@@ -26,7 +26,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-from specdec import weights
+from specdec import trees, weights
 from specdec.lean_llama import LeanLlama, format_of, supports_lean_path
 from specdec.native import model as native_model
 
@@ -49,6 +49,16 @@ class SequenceCache:
     def truncate(self, length: int) -> None:
         """Keep the first `length` positions; later appends overwrite the rest."""
         self.length = min(self.length, length)
+
+    @torch.inference_mode()
+    def keep_path(self, start: int, kept: list[int]) -> None:
+        """After the first `start` positions, keep the entries at start + kept[i] (ascending), moved
+        to start + i in every layer: a verified tree's accepted path, compacted in place."""
+        if kept != list(range(len(kept))):
+            source = torch.tensor(kept) + start
+            for buffer in self.keys + self.values:
+                buffer[:, :, start : start + len(kept)] = buffer[:, :, source]
+        self.length = start + len(kept)
 
     def layer(self, index: int, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of one layer's valid keys and values: [1, heads, end or length, head_dim]."""
@@ -125,19 +135,25 @@ def forward(
     new_tokens: list[list[int]],
     logits_for_last: int | None = None,
     features: tuple[int, ...] = (),
+    parents: list[list[int] | None] | None = None,
 ):
     """Append `new_tokens[i]` to `caches[i]` for every i in one forward pass; return their logits.
 
     Returns per row a float32 tensor [n_i, V] of logits at the new positions (only the last
     `logits_for_last` of them when given, e.g. 1 for a prefill). The caches are updated in place.
     With `features` (Llama architectures only), returns (logits, features): see LeanLlama.forward.
+    `parents[i]` (not None) makes row i a tree (specdec/trees.py: per token its parent among the
+    row's tokens, -1 for the first): each token sees the cache and its ancestors, at position
+    cache length + depth; the cache then holds the row in token order, for `keep_path`.
     """
     lean = _lean_path(model)
     if lean is not None:
-        return lean.forward(caches, new_tokens, logits_for_last, features)
+        return lean.forward(caches, new_tokens, logits_for_last, features, parents)
     if features:
         raise ValueError("target features need a Llama-architecture model (the lean path)")
     device = next(model.parameters()).device
+    if parents is not None and any(tree is not None for tree in parents):
+        return [forward_transformers(model, cache, tokens, logits_for_last, device, tree) for cache, tokens, tree in zip(caches, new_tokens, parents)]
     if len(caches) == 1:
         return [forward_transformers(model, caches[0], new_tokens[0], logits_for_last, device)]
     return forward_padded(model, caches, new_tokens, logits_for_last)
@@ -230,12 +246,24 @@ def weight_format(model: torch.nn.Module) -> str:
     return lean.format if lean is not None else format_of(model)
 
 
-def forward_transformers(model, cache: SequenceCache, tokens: list[int], logits_for_last: int | None, device) -> torch.Tensor:
-    """One sequence through the model's own forward (any architecture); float32 logits [n, V]."""
+def forward_transformers(model, cache: SequenceCache, tokens: list[int], logits_for_last: int | None, device, parents=None) -> torch.Tensor:
+    """One sequence through the model's own forward (any architecture); float32 logits [n, V].
+    A tree (`parents`) goes in with a 4D mask (each token sees the cache and its ancestors) and
+    positions by depth."""
     start = cache.length
+    mask, offsets = None, torch.arange(len(tokens))
+    if parents is not None:
+        offsets = torch.tensor(trees.depths(parents)) - 1
+        sees = torch.zeros(len(tokens), len(tokens), dtype=torch.bool)
+        for node in range(len(tokens)):
+            sees[node, trees.path_to(parents, node)] = True
+        sees = torch.cat([torch.ones(len(tokens), start, dtype=torch.bool), sees], 1)  # [n, start + n]
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, torch.finfo(dtype).min)[None, None].to(device)
     output = model(
         input_ids=torch.tensor([tokens], device=device),
-        position_ids=torch.arange(start, start + len(tokens), device=device).unsqueeze(0),
+        attention_mask=mask,
+        position_ids=(start + offsets).to(device).unsqueeze(0),
         past_key_values=Cache(layers=[_SessionLayer(cache, i) for i in range(num_layers(model))]),
         use_cache=True,
         logits_to_keep=logits_for_last or 0,

@@ -9,7 +9,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from specdec import sampling, trees
+from harness.tiny import tiny_lm
+from specdec import lm, sampling, trees, weights
 from specdec.sampling import GREEDY
 
 VOCAB = 6
@@ -158,3 +159,79 @@ def test_the_tree_distribution_test_detects_a_wrong_rule():
     counts = two_tokens(target, q, [3, 2], "top-claimed-sampled", trials=6000, seed=7)
     expected = target[VOCAB][:, None] * target[:VOCAB]
     assert chisquare(counts.flatten().numpy(), (expected.flatten() * counts.sum()).numpy()).pvalue < 1e-6
+
+
+# --- the tree forward pass: every node's logits are its path's, as a chain would score them
+
+
+def tree_and_prefix(vocab: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(0, vocab, (23,), generator=generator).tolist()
+    # pending token 0, then a tree under it: two children, each with children, one deeper branch
+    parents = [-1, 0, 0, 1, 1, 2, 3, 5, 0]
+    tokens = torch.randint(0, vocab, (len(parents),), generator=generator).tolist()
+    return prefix, tokens, parents
+
+
+def prefilled(model, prefix):
+    cache = lm.SequenceCache()
+    lm.forward(model, [cache], [prefix], logits_for_last=1)
+    return cache
+
+
+def chain_logits(model, prefix, tokens, parents, run=lm.forward):
+    """Each node's logits from its path fed as a chain after the prefix."""
+    rows = []
+    for node in range(len(tokens)):
+        cache = prefilled(model, prefix)
+        path = trees.path_to(parents, node)
+        rows.append(run(model, [cache], [[tokens[i] for i in path]])[0][-1])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("format", ["float32", "bfloat16", "int8", "int4", *weights.NATIVE_FORMATS])
+def test_a_tree_pass_gives_each_node_its_paths_logits_bit_for_bit(tokenizer, format):
+    loaded = tiny_lm(seed=1, vocab_size=len(tokenizer), hidden=64)
+    lm.use_format(loaded.model, format)
+    prefix, tokens, parents = tree_and_prefix(loaded.vocab_size, 2)
+    cache = prefilled(loaded.model, prefix)
+    other = prefilled(loaded.model, prefix[:9])  # a chain row beside the tree in the same pass
+    tree_rows, chain_rows = lm.forward(loaded.model, [cache, other], [tokens, prefix[9:12]], parents=[parents, None])
+    # float32 products are not batch-invariant (a row's result depends on how many rows the pass
+    # multiplies): equal to rounding there, bit for bit in the other formats
+    same = (lambda a, b: torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)) if format == "float32" else assert_equal
+    same(tree_rows, chain_logits(loaded.model, prefix, tokens, parents))
+    same(chain_rows, lm.forward(loaded.model, [prefilled(loaded.model, prefix[:9])], [prefix[9:12]])[0])
+    # keep the path 0 -> 2 -> 5 -> 7; the next token then sees exactly that path
+    assert cache.length == len(prefix) + len(tokens)
+    cache.keep_path(len(prefix), [0, 2, 5, 7])
+    after = lm.forward(loaded.model, [cache], [[11]])[0]
+    fresh = prefilled(loaded.model, prefix)
+    same(after, lm.forward(loaded.model, [fresh], [[tokens[i] for i in (0, 2, 5, 7)] + [11]])[0][-1:])
+
+
+def assert_equal(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert torch.equal(a, b), (a - b).abs().max()
+
+
+def test_the_transformers_path_scores_a_tree_with_a_mask(tokenizer):
+    loaded = tiny_lm(seed=1, vocab_size=len(tokenizer), hidden=64)
+    prefix, tokens, parents = tree_and_prefix(loaded.vocab_size, 3)
+    cache = prefilled(loaded.model, prefix)
+    rows = lm.forward_transformers(loaded.model, cache, tokens, None, "cpu", parents)
+    expected = chain_logits(loaded.model, prefix, tokens, parents)
+    torch.testing.assert_close(rows, expected, atol=1e-4, rtol=1e-4)
+    cache.keep_path(len(prefix), [0, 1, 4])
+    after = lm.forward_transformers(loaded.model, cache, [11], None, "cpu")
+    torch.testing.assert_close(after, lm.forward(loaded.model, [prefilled(loaded.model, prefix)], [[tokens[i] for i in (0, 1, 4)] + [11]])[0][-1:],
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_a_tree_through_another_architecture():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)).eval()
+    prefix, tokens, parents = tree_and_prefix(64, 4)
+    rows = lm.forward(model, [prefilled(model, prefix)], [tokens], parents=[parents])[0]
+    torch.testing.assert_close(rows, chain_logits(model, prefix, tokens, parents), atol=1e-4, rtol=1e-4)

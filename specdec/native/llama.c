@@ -365,6 +365,15 @@ static void query_scores(const float *q, const float *keys, int n, int d, float 
     for (int t = 0; t < n; t++) scores[t] = dot(q, keys + (size_t)t * d, d) * scale;
 }
 
+/* A token's keys and values (kv: its qkv row past the queries) into one layer's cache at `position`. */
+static void store_kv(const model_t *mo, const float *kv, float *K, float *V, int capacity, int position) {
+    const int d = mo->head_dim, kv_size = mo->kv_heads * d;
+    for (int g = 0; g < mo->kv_heads; g++) {
+        memcpy(K + ((size_t)g * capacity + position) * d, kv + g * d, sizeof(float) * d);
+        memcpy(V + ((size_t)g * capacity + position) * d, kv + kv_size + g * d, sizeof(float) * d);
+    }
+}
+
 /* One query (all heads) over the first `seen` keys and values of one layer's cache. */
 static void attend(const model_t *mo, const float *q, const float *keys, const float *values, int capacity, int seen,
                    float *scores, float *out) {
@@ -402,12 +411,17 @@ static void gemm_float(const qmatrix *w, int m, const float *x, qrows scratch, f
  *     past[i] + new_tokens[i] positions (the new keys and values are written there);
  *   logits [n_logit_rows, head.rows] for the packed token indices logit_rows;
  *   features [N, hidden * n_features]: the outputs of decoder layers feature_layers (0-based), side
- *     by side, or NULL.
+ *     by side, or NULL;
+ *   parents: NULL (every row a chain), or per packed token the index of its parent within its row,
+ *     -1 for a row's first token (specdec/trees.py). A token then sits at position past + depth and
+ *     attends to the cache and its ancestors: their keys and values are copied to past, past + 1, ..
+ *     before it attends (the very call a chain makes over the same keys), and the row's keys and
+ *     values end in token order at past, past + 1, .. as a chain's.
  * Returns 0, or -1 when memory runs out. */
 int specdec_forward(const model_t *mo, int rows, const int32_t *new_tokens, const int32_t *past, const int32_t *tokens,
                     float *const *keys, float *const *values, const int32_t *capacity, int n_logit_rows,
                     const int32_t *logit_rows, float *logits, int n_features, const int32_t *feature_layers,
-                    float *features) {
+                    float *features, const int32_t *parents) {
     const int H = mo->hidden, d = mo->head_dim, q_size = mo->heads * d, kv_size = mo->kv_heads * d;
     const int qkv_size = q_size + 2 * kv_size;
     int N = 0, longest = 0;
@@ -421,13 +435,17 @@ int specdec_forward(const model_t *mo, int rows, const int32_t *new_tokens, cons
     float *attended = malloc(sizeof(float) * (size_t)N * q_size), *act = malloc(sizeof(float) * (size_t)N * mo->inter);
     float *y = malloc(sizeof(float) * (size_t)N * H), *scores = malloc(sizeof(float) * (size_t)(longest + 1));
     float *rotary = malloc(sizeof(float) * (size_t)N * d);
+    int32_t *depth = malloc(sizeof(int32_t) * (size_t)(N ? N : 1));
     qrows scratch = qrows_alloc(N > n_logit_rows ? N : n_logit_rows, widest > q_size ? widest : q_size);
-    int failed = !x || !normed || !h || !attended || !act || !y || !scores || !rotary || !scratch.q || !scratch.d || !scratch.s;
+    int failed = !x || !normed || !h || !attended || !act || !y || !scores || !rotary || !scratch.q || !scratch.d || !scratch.s || !depth;
     if (failed) goto done;
 
     for (int t = 0; t < N; t++) memcpy(x + (size_t)t * H, mo->embedding + (size_t)tokens[t] * H, sizeof(float) * H);
     for (int i = 0, t = 0; i < rows; i++)
-        for (int j = 0; j < new_tokens[i]; j++, t++) rope_table(d, past[i] + j, mo->inv_freq, mo->rope_scale, rotary + (size_t)t * d);
+        for (int j = 0; j < new_tokens[i]; j++, t++) {
+            depth[t] = !parents ? j : parents[t] < 0 ? 0 : depth[t - j + parents[t]] + 1;
+            rope_table(d, past[i] + depth[t], mo->inv_freq, mo->rope_scale, rotary + (size_t)t * d);
+        }
     for (int l = 0; l < mo->n_layers; l++) {
         const layer_t *L = mo->layers + l;
         rms_norm(x, L->input_norm, N, H, mo->eps, normed);
@@ -435,20 +453,22 @@ int specdec_forward(const model_t *mo, int rows, const int32_t *new_tokens, cons
         int t = 0;
         for (int i = 0; i < rows; i++) {
             float *K = keys[(size_t)i * mo->n_layers + l], *V = values[(size_t)i * mo->n_layers + l];
+            const int first = t;
             for (int j = 0; j < new_tokens[i]; j++, t++) {
                 float *ht = h + (size_t)t * qkv_size;
-                int position = past[i] + j;
                 if (L->qkv_bias)
                     for (int c = 0; c < qkv_size; c++) ht[c] += L->qkv_bias[c];
                 for (int head = 0; head < mo->heads + mo->kv_heads; head++)
                     rope(ht + head * d, d, rotary + (size_t)t * d);
-                for (int g = 0; g < mo->kv_heads; g++) {
-                    memcpy(K + ((size_t)g * capacity[i] + position) * d, ht + q_size + g * d, sizeof(float) * d);
-                    memcpy(V + ((size_t)g * capacity[i] + position) * d, ht + q_size + kv_size + g * d, sizeof(float) * d);
-                }
-                /* every key of this token's row up to itself is written: earlier tokens' in this loop */
-                attend(mo, ht, K, V, capacity[i], position + 1, scores, attended + (size_t)t * q_size);
+                /* this token's keys and values, then (in a tree) its ancestors' before it: every key
+                 * it sees sits at past .. past + depth */
+                for (int a = j; a >= 0; a = parents ? parents[first + a] : -1)
+                    store_kv(mo, h + (size_t)(first + a) * qkv_size + q_size, K, V, capacity[i], past[i] + depth[first + a]);
+                attend(mo, ht, K, V, capacity[i], past[i] + depth[t] + 1, scores, attended + (size_t)t * q_size);
             }
+            if (parents) /* the row in token order, as a chain leaves it */
+                for (int j = 0; j < new_tokens[i]; j++)
+                    store_kv(mo, h + (size_t)(first + j) * qkv_size + q_size, K, V, capacity[i], past[i] + j);
         }
         gemm_float(&L->out, N, attended, scratch, y);
         for (size_t c = 0; c < (size_t)N * H; c++) x[c] += y[c];
@@ -469,7 +489,7 @@ int specdec_forward(const model_t *mo, int rows, const int32_t *new_tokens, cons
     rms_norm(y, mo->final_norm, n_logit_rows, H, mo->eps, normed);
     gemm_float(&mo->head, n_logit_rows, normed, scratch, logits);
 done:
-    free(x), free(normed), free(h), free(attended), free(act), free(y), free(scores), free(rotary);
+    free(x), free(normed), free(h), free(attended), free(act), free(y), free(scores), free(rotary), free(depth);
     qrows_free(scratch);
     return failed ? -1 : 0;
 }

@@ -140,18 +140,23 @@ class NativeLlama:
         )  # fmt: skip
         self._lib = native.library()
 
-    def forward(self, caches: list, new_tokens: list[list[int]], logits_for_last: int | None = None, features: tuple[int, ...] = ()):
+    def forward(
+        self, caches: list, new_tokens: list[list[int]], logits_for_last: int | None = None, features: tuple[int, ...] = (), parents: list | None = None
+    ):
         """As LeanLlama.forward: per row float32 logits [n_i or logits_for_last, V']; with
-        `features`, also per row the outputs of those decoder layers [n_i, H x layers] (float32)."""
-        long = [len(tokens) > PER_QUERY_MAX for tokens in new_tokens]
+        `features`, also per row the outputs of those decoder layers [n_i, H x layers] (float32);
+        `parents[i]` makes row i a tree (always attended per query here, whatever its length)."""
+        trees = parents if parents is not None and any(tree is not None for tree in parents) else None
+        long = [len(tokens) > PER_QUERY_MAX and (trees is None or trees[i] is None) for i, tokens in enumerate(new_tokens)]
         if not any(long):
-            return self._native(caches, new_tokens, logits_for_last, features)
+            return self._native(caches, new_tokens, logits_for_last, features, trees)
         if all(long):
             return self._prefill.forward(caches, new_tokens, logits_for_last, features)
         parts = {}  # both kinds in one batch: two passes, results back in the rows' order
         for kind, run in ((True, self._prefill.forward), (False, self._native)):
             rows = [i for i, is_long in enumerate(long) if is_long == kind]
-            out = run([caches[i] for i in rows], [new_tokens[i] for i in rows], logits_for_last, features)
+            chosen = ([caches[i] for i in rows], [new_tokens[i] for i in rows], logits_for_last, features)
+            out = run(*chosen) if kind else run(*chosen, [trees[i] for i in rows] if trees else None)
             for position, i in enumerate(rows):
                 parts[i] = (out[0][position], out[1][position]) if features else out[position]
         if not features:
@@ -159,7 +164,7 @@ class NativeLlama:
         return [parts[i][0] for i in range(len(caches))], [parts[i][1] for i in range(len(caches))]
 
     @torch.inference_mode()
-    def _native(self, caches: list, new_tokens: list[list[int]], logits_for_last: int | None, features: tuple[int, ...]):
+    def _native(self, caches: list, new_tokens: list[list[int]], logits_for_last: int | None, features: tuple[int, ...], trees=None):
         rows = len(caches)
         lengths = [len(tokens) for tokens in new_tokens]
         past = [cache.length for cache in caches]
@@ -180,6 +185,7 @@ class NativeLlama:
             ctypes.byref(self.struct), rows, ints(lengths), ints(past), ints([t for tokens in new_tokens for t in tokens]),
             keys, values, ints(capacity), len(kept), ints(kept), ctypes.c_void_p(logits.data_ptr()),
             len(wanted), ints(wanted), ctypes.c_void_p(hidden.data_ptr()) if hidden is not None else None,
+            ints([p for tree, n in zip(trees, lengths) for p in (tree if tree is not None else range(-1, n - 1))]) if trees else None,
         )  # fmt: skip
         if status:
             raise MemoryError("native forward pass: out of memory")
