@@ -18,6 +18,9 @@ from specdec.model_service.batching import admit_calls, per_call
 from specdec.sessions import SessionLimits, SessionStore
 
 
+MAX_TREE_NODES = 64  # a draft tree of more nodes costs more draft time than any verify could repay here
+
+
 class DraftEngine:
     def __init__(self, drafter: Drafter, limits: SessionLimits = SessionLimits(), max_speculative_tokens: int = 16, max_context: int = 8192):
         self.drafter = drafter
@@ -93,7 +96,8 @@ class DraftEngine:
                     self.drafter.receive(session, work.features)
             proposals, passes = self.drafter.propose([s for _, s in items], [w for w, _ in items])
             for (_, session), proposal in zip(items, proposals):
-                session.ids = session.ids + proposal.tokens
+                if proposal.parents is None:  # a tree's nodes stay out: the next round sends the accepted path
+                    session.ids = session.ids + proposal.tokens
         return [o if isinstance(o, SpecdecError) else (o, passes) for o in per_call(outcomes, proposals)]
 
     def _checked_call(self, batch: list[ProposeWork]) -> list[DraftSession]:
@@ -117,7 +121,9 @@ class DraftEngine:
             )
         if item.prefix_len + len(item.tokens) + item.num_speculative_tokens > self.max_context:
             raise InvalidArgument(f"the sequence would exceed the context of {self.max_context}", prefix + "num_speculative_tokens")
-        if self.drafter.samples and not item.sampling.deterministic:
+        if item.tree is not None:
+            validation.tree_shape(item.tree, item.num_speculative_tokens, MAX_TREE_NODES, prefix + "tree_branching")
+        elif self.drafter.samples and not item.sampling.deterministic:
             validation.uniforms(item.uniforms, item.num_speculative_tokens, prefix + "uniforms")
         if item.features is not None:
             self._check_features(item, session, prefix + "features")

@@ -29,6 +29,7 @@ from specdec.errors import FailedPrecondition, InvalidArgument, OutputIncomplete
 from specdec.grammar import Grammar, GrammarCompiler
 from specdec.messages import Logprobs, ModelInfo
 from specdec.sampling import SamplingParams
+from specdec.trees import TreeShape
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ class GenerationEngine:
     k_settings: KSettings = field(default_factory=KSettings)
     max_new_tokens: int = 4096  # the most a request may ask for
     pipeline_drafts: bool = False  # propose each round while the target verifies the one before
+    draft_tree: TreeShape | None = None  # draft trees of this shape instead of chains (speculation.py)
 
     def __post_init__(self):
         self.load = LoadEstimates(CostCurve(self.target_info.forward_cost))
@@ -194,6 +196,8 @@ class GenerationEngine:
             warped_logprobs=request.warped_logprobs,
             pipeline=self.pipeline_drafts,
             grammar=request.grammar,
+            tree=self.draft_tree,
+            max_tree_nodes=self.target_info.max_speculative_tokens,
         )
         adaptive = isinstance(policy, AdaptiveK)
         stats = GenerationStats(

@@ -47,6 +47,7 @@ from specdec.errors import DeadlineExceeded, SpecdecError, Unavailable
 from specdec.grammar import Grammar
 from specdec.messages import Features, Logprobs, Proposal, ProposeWork, VerifyWork
 from specdec.sampling import SamplingParams
+from specdec.trees import TreeShape
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,14 @@ class Speculation:
     warped_logprobs: bool = False
     pipeline: bool = False  # propose the next round while the target verifies this one
     grammar: Grammar | None = None  # structured output, enforced by both services
+    # Draft trees of this shape, K deep, of at most max_tree_nodes nodes (the target's limit);
+    # None: chains. Not with grammars, features or pipelining (those rounds stay chains).
+    tree: TreeShape | None = None
+    max_tree_nodes: int = 16
+
+    @property
+    def trees(self) -> bool:
+        return self.tree is not None and self.grammar is None and not self.feature_layers and not self.pipeline
 
 
 @dataclass
@@ -129,7 +138,7 @@ async def speculate(
                 num_speculative_tokens = min(spec.policy.next_k(), left - 1) if draft is not None else 0
             if spec.feature_layers and features_end < committed:
                 num_speculative_tokens = 0
-            proposal_tokens, distributions, drafted = [], None, False
+            proposal_tokens, distributions, drafted, parents = [], None, False, None
             if ahead is not None:
                 waited = time.perf_counter()
                 proposal = await _settled(ahead, spec, stats)
@@ -148,7 +157,8 @@ async def speculate(
                         drafted_to = committed
                     work = ProposeWork(
                         spec.session_id, drafted_to, sequence[drafted_to:], num_speculative_tokens, spec.sampling,
-                        _uniforms(spec, num_speculative_tokens), Features.joined(unsent),
+                        _uniforms(spec, num_speculative_tokens) if not spec.trees else [], Features.joined(unsent),
+                        spec.tree if spec.trees else None,
                     )
                     proposal, cost = await draft.propose(work, remaining(spec.deadline))
                     unsent = []
@@ -156,7 +166,11 @@ async def speculate(
                     stats.add_draft_call(cost)
                     if spec.load is not None:
                         spec.load.observe_draft(cost.wall_s, num_speculative_tokens)
-                    proposal_tokens, distributions, drafted = proposal.tokens[:num_speculative_tokens], proposal.distributions, True
+                    if proposal.parents is not None:  # a tree: any prefix of its nodes is one (parents come first)
+                        parents = proposal.parents[: spec.max_tree_nodes]
+                        proposal_tokens, distributions, drafted = proposal.tokens[: len(parents)], proposal.distributions, True
+                    else:
+                        proposal_tokens, distributions, drafted = proposal.tokens[:num_speculative_tokens], proposal.distributions, True
                 except SpecdecError as error:
                     if not is_draft_failure(error):
                         raise
@@ -177,6 +191,7 @@ async def speculate(
                 _uniforms(spec, len(proposal_tokens) + 1),
                 spec.logprobs,
                 spec.warped_logprobs,
+                parents,
             )
             if spec.pipeline and proposal_tokens and draft is not None and not spec.feature_layers:
                 ahead = _propose_ahead(spec, draft, sequence, proposal_tokens, left)
@@ -188,12 +203,15 @@ async def speculate(
                 features_end = verdict.features.end
             stats.add_target_call(cost)
             stats.add_round(len(proposal_tokens), verdict.accepted)
-            spec.policy.observe(len(proposal_tokens), verdict.accepted)
+            spec.policy.observe(len(proposal_tokens) if parents is None else num_speculative_tokens, verdict.accepted)
             if spec.load is not None:
                 spec.load.observe_verify(cost.compute_s, cost.batch_size, cost.batch_tokens)
-            new_tokens = proposal_tokens[: verdict.accepted] + [verdict.next_token]
+            path = verdict.path if verdict.path is not None else range(verdict.accepted)
+            new_tokens = [proposal_tokens[i] for i in path] + [verdict.next_token]
+            if drafted and parents is not None:  # the draft holds the sequence up to the pending token, no tree node
+                drafted_to = len(sequence)
             committed += 1 + verdict.accepted
-            if drafted:  # the draft holds the pending token and its own accepted drafts
+            if drafted and parents is None:  # the draft holds the pending token and its own accepted drafts
                 drafted_to = committed
             sequence += new_tokens
             left -= len(new_tokens)

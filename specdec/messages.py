@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from specdec.sampling import SamplingParams
+from specdec.trees import TreeShape
 
 #: A distribution on a sparse support: token ids [S] (int32) and their probabilities [S] (float32).
 SparseDistribution = tuple[torch.Tensor, torch.Tensor]
@@ -76,6 +77,7 @@ class VerifyWork:
     uniforms: list[float]
     logprobs: int | None = None  # None: none; n: the committed tokens' and the n most probable
     warped_logprobs: bool = False  # from the warped p instead of log_softmax(logits)
+    draft_parents: list[int] | None = None  # a tree (specdec/trees.py); None: a chain
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class ProposeWork:
     sampling: SamplingParams
     uniforms: list[float]
     features: Features | None = None  # for feature drafters: the target's features it lacks
+    tree: TreeShape | None = None  # propose a tree of this shape, num_speculative_tokens deep
 
 
 @dataclass
@@ -97,6 +100,7 @@ class Proposal:
 
     tokens: list[int]
     distributions: list[SparseDistribution] | None = None
+    parents: list[int] | None = None  # a tree's (specdec/trees.py); None: a chain
 
 
 @dataclass(frozen=True)

@@ -227,6 +227,8 @@ class Verdict:
     features: object = None
     # messages.Logprobs of the committed tokens, when the work asked for them
     logprobs: object = None
+    # a tree's accepted nodes, root's child first (accepted of them); None for a chain
+    path: tuple[int, ...] | None = None
 
 
 def rejection_sample(

@@ -40,6 +40,45 @@ from specdec.sampling import reference_draw, sample
 
 
 @dataclass(frozen=True)
+class TreeShape:
+    """What tree a draft proposes (ProposeItem.tree_branching, tree_max_nodes): a node at depth d
+    gets the draft's branching[d] likeliest next tokens (the last entry repeats); with max_nodes,
+    only the branching[d] likeliest nodes of each depth are expanded and the max_nodes likeliest
+    nodes kept (EAGLE-2's dynamic tree), else the whole static tree."""
+
+    branching: tuple[int, ...]
+    max_nodes: int = 0
+
+    def width(self, depth: int) -> int:
+        """Children per expanded node at `depth` (0: the root's)."""
+        return self.branching[min(depth, len(self.branching) - 1)]
+
+    def nodes(self, depth: int) -> int:
+        """Nodes of the tree `depth` deep: max_nodes when set, else the static tree's count."""
+        if self.max_nodes:
+            return self.max_nodes
+        total, level = 0, 1
+        for d in range(depth):
+            level *= self.width(d)
+            total += level
+        return total
+
+    @staticmethod
+    def parse(text: str) -> "TreeShape | None":
+        """'4,2,1' (static) or '4,2,1/16' (dynamic, 16 nodes); '' for none."""
+        if not text:
+            return None
+        branching, _, nodes = text.partition("/")
+        shape = TreeShape(tuple(int(b) for b in branching.split(",")), int(nodes or 0))
+        if min(shape.branching) < 1 or shape.max_nodes < 0:
+            raise ValueError(f"a tree shape needs branching entries >= 1 and a node count >= 0, got {text!r}")
+        return shape
+
+    def __str__(self) -> str:
+        return ",".join(map(str, self.branching)) + (f"/{self.max_nodes}" if self.max_nodes else "")
+
+
+@dataclass(frozen=True)
 class TreeVerdict:
     """Outcome of verifying one sequence's draft tree."""
 

@@ -98,6 +98,14 @@ def num_speculative_tokens(value: int, limit: int, field: str, minimum: int = 0)
     return value
 
 
+def tree_shape(shape, depth: int, max_nodes: int, field: str) -> None:
+    """A draft tree's shape (trees.TreeShape): branching entries >= 1, at most `max_nodes` nodes."""
+    if any(width < 1 for width in shape.branching):
+        raise InvalidArgument(f"every tree_branching entry must be at least 1, got {list(shape.branching)}", field)
+    if shape.nodes(depth) > max_nodes:
+        raise InvalidArgument(f"a tree of {shape.nodes(depth)} nodes; this service grows at most {max_nodes}", field)
+
+
 def uniforms(values: Iterable[float], count: int, field: str) -> list[float]:
     """Exactly `count` numbers in [0, 1)."""
     values = list(values)

@@ -15,6 +15,7 @@ from specdec.errors import InvalidArgument
 from specdec.grammar import Grammar
 from specdec.messages import Features, Logprobs, ModelInfo, Proposal, ProposeWork, SparseDistribution, VerifyWork
 from specdec.sampling import SamplingParams, Verdict
+from specdec.trees import TreeShape
 from specdec.v1 import common_pb2, draft_pb2, target_pb2
 
 
@@ -128,6 +129,7 @@ def verify_item_to_proto(work: VerifyWork) -> target_pb2.VerifyItem:
         uniforms=work.uniforms,
         logprobs=work.logprobs,
         warped_logprobs=work.warped_logprobs,
+        draft_parents=work.draft_parents,
     )
 
 
@@ -143,20 +145,22 @@ def verify_item_from_proto(item: target_pb2.VerifyItem, index: int) -> VerifyWor
         uniforms=list(item.uniforms),
         logprobs=item.logprobs if item.HasField("logprobs") else None,
         warped_logprobs=item.warped_logprobs,
+        draft_parents=list(item.draft_parents) or None,
     )
 
 
 def verdict_to_proto(session_id: str, verdict: Verdict) -> target_pb2.VerifyResult:
     return target_pb2.VerifyResult(
         session_id=session_id, accepted=verdict.accepted, next_token=verdict.next_token, features=features_to_proto(verdict.features),
-        logprobs=logprobs_to_proto(verdict.logprobs),
+        logprobs=logprobs_to_proto(verdict.logprobs), accepted_path=verdict.path,
     )
 
 
 def verdict_from_proto(result: target_pb2.VerifyResult) -> Verdict:
     features = features_from_proto(result.features, result.HasField("features"), "features")
     logprobs = logprobs_from_proto(result.logprobs, result.HasField("logprobs"), "logprobs")
-    return Verdict(accepted=result.accepted, next_token=result.next_token, features=features, logprobs=logprobs)
+    path = tuple(result.accepted_path) if result.accepted_path else None
+    return Verdict(accepted=result.accepted, next_token=result.next_token, features=features, logprobs=logprobs, path=path)
 
 
 def propose_item_to_proto(work: ProposeWork) -> draft_pb2.ProposeItem:
@@ -168,6 +172,8 @@ def propose_item_to_proto(work: ProposeWork) -> draft_pb2.ProposeItem:
         sampling=sampling_to_proto(work.sampling),
         uniforms=work.uniforms,
         features=features_to_proto(work.features),
+        tree_branching=work.tree.branching if work.tree else (),
+        tree_max_nodes=work.tree.max_nodes if work.tree else 0,
     )
 
 
@@ -181,6 +187,7 @@ def propose_item_from_proto(item: draft_pb2.ProposeItem, index: int) -> ProposeW
         sampling=sampling_from_proto(item.sampling, prefix + "sampling."),
         uniforms=list(item.uniforms),
         features=features_from_proto(item.features, item.HasField("features"), prefix + "features"),
+        tree=TreeShape(tuple(item.tree_branching), item.tree_max_nodes) if item.tree_branching else None,
     )
 
 
@@ -189,11 +196,13 @@ def proposal_to_proto(session_id: str, proposal: Proposal) -> draft_pb2.Proposal
         session_id=session_id,
         draft_tokens=proposal.tokens,
         draft_probs=[distribution_to_proto(d) for d in proposal.distributions or []],
+        draft_parents=proposal.parents,
     )
 
 
 def proposal_from_proto(message: draft_pb2.Proposal) -> Proposal:
-    return Proposal(tokens=list(message.draft_tokens), distributions=_distributions(message.draft_probs, "draft_probs"))
+    return Proposal(tokens=list(message.draft_tokens), distributions=_distributions(message.draft_probs, "draft_probs"),
+                    parents=list(message.draft_parents) or None)
 
 
 def model_info_to_proto(info: ModelInfo) -> common_pb2.ModelInfo:

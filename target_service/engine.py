@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from specdec import lm, sampling, validation
+from specdec import lm, sampling, trees, validation
 from specdec.errors import FailedPrecondition, InvalidArgument, SpecdecError
 from specdec.grammar import Grammar, GrammarCompiler, GrammarState, apply_mask
 from specdec.lean_llama import PER_QUERY_MAX, supports_lean_path
@@ -227,8 +227,10 @@ class TargetEngine:
                 session.keep_layer_rows(rows)
         elif items:
             layers = tuple(dict.fromkeys(layer for _, s in items for layer in s.feature_layers))  # every layer any session reads
+            trees_of = [_row_tree(w) for w, _ in items]
             output = lm.forward(
-                self.loaded.model, [s.cache for _, s in items], [w.tokens + w.draft_tokens for w, _ in items], logits_for_last=None, features=layers
+                self.loaded.model, [s.cache for _, s in items], [w.tokens + w.draft_tokens for w, _ in items], logits_for_last=None, features=layers,
+                parents=trees_of if any(t is not None for t in trees_of) else None,
             )
             logits, features = output if layers else (output, [None] * len(items))  # per item [len(tokens) + K, V], [.., H x layers]
             verdicts = [self._commit(work, session, rows) for (work, session), rows in zip(items, logits)]
@@ -241,7 +243,7 @@ class TargetEngine:
             return verdict
         width = rows.shape[1] // len(layers)
         columns = torch.cat([torch.arange(width) + layers.index(layer) * width for layer in session.feature_layers])
-        session.unsent.append(rows[: len(work.tokens) + verdict.accepted, columns])
+        session.unsent.append(rows[_committed_rows(work, verdict)][:, columns])
         features = Features(session.sent, torch.cat(session.unsent))
         session.unsent, session.sent = [], features.end
         return replace(verdict, features=features)
@@ -258,26 +260,37 @@ class TargetEngine:
 
     def _commit(self, work: VerifyWork, session: TargetSession, logits: torch.Tensor) -> Verdict:
         k = len(work.draft_tokens)
-        scored = logits[-(k + 1) :]  # [K+1, V]: predictions for each draft and the bonus
+        scored = logits[-(k + 1) :]  # [K+1, V]: predictions for each draft and the bonus (a tree: the root's, then each node's)
         processed = scored
         if work.sampling.processes_logits:
             sequence = session.ids + work.tokens
             history = sampling.History(sequence[: session.prompt_len], sequence[session.prompt_len :])
-            processed = sampling.process_logits(scored, work.sampling, history, work.draft_tokens)
+            if work.draft_parents is None:
+                processed = sampling.process_logits(scored, work.sampling, history, work.draft_tokens)
+            else:  # each node's row follows its own path
+                paths = [[]] + [[work.draft_tokens[i] for i in trees.path_to(work.draft_parents, node)] for node in range(k)]
+                processed = torch.cat([sampling.process_logits(row[None], work.sampling, sampling.History(history.prompt, [*history.output, *path]))
+                                       for row, path in zip(scored, paths)])
         if session.grammar is not None:
             processed = apply_mask(processed, session.grammar.masks_along(work.draft_tokens))
         verdict = self._decide(work, processed, len(session.ids) + len(work.tokens))
+        path = verdict.path if verdict.path is not None else tuple(range(verdict.accepted))
         if work.logprobs is not None:
-            committed = work.draft_tokens[: verdict.accepted] + [verdict.next_token]
-            rows = (processed if work.warped_logprobs else scored)[: verdict.accepted + 1]
+            committed = [work.draft_tokens[i] for i in path] + [verdict.next_token]
+            rows = (processed if work.warped_logprobs else scored)[[0, *(1 + i for i in path)]]
             verdict = replace(verdict, logprobs=_logprobs(rows, committed, work))
-        keep = work.prefix_len + len(work.tokens) + verdict.accepted
-        session.ids = (session.ids + work.tokens + work.draft_tokens)[:keep]
-        session.cache.truncate(keep)
+        session.ids = session.ids + work.tokens + [work.draft_tokens[i] for i in path]
+        if work.draft_parents is None:
+            session.cache.truncate(len(session.ids))
+        else:
+            session.cache.keep_path(work.prefix_len, _committed_rows(work, verdict))
         return verdict
+
 
     def _decide(self, work: VerifyWork, scored: torch.Tensor, first_position: int) -> Verdict:
         """The verdict on [K+1, V] processed logits whose row 0 draws the token at `first_position`."""
+        if work.draft_parents is not None:
+            return self._decide_tree(work, scored, first_position)
         drafts = torch.tensor([work.draft_tokens], dtype=torch.long)  # [1, K]
         if work.sampling.greedy:
             return sampling.greedy_verify(scored.unsqueeze(0), drafts)[0]
@@ -286,11 +299,37 @@ class TargetEngine:
             noise = sampling.position_noise(work.sampling.position_seed, range(first_position, first_position + len(p)), p.shape[-1])
             return sampling.greedy_verify(sampling.gumbel_scores(p, noise).unsqueeze(0), drafts)[0]
         p = p.unsqueeze(0)  # [1, K+1, V]
-        q = None
-        if work.draft_probs is not None:
-            rows = [sampling.densify(ids[None], probs[None], self.vocab_size)[0] for ids, probs in work.draft_probs]
-            q = torch.stack(rows).unsqueeze(0)  # [1, K, V]
+        q = None if work.draft_probs is None else self._dense_q(work).unsqueeze(0)  # [1, K, V]
         return sampling.rejection_sample(p, drafts, q, torch.tensor([work.uniforms]))[0]
+
+    def _decide_tree(self, work: VerifyWork, scored: torch.Tensor, first_position: int) -> Verdict:
+        """The verdict on a tree's [n+1, V] processed logits (row 0 the root's, at first_position)."""
+        tokens, parents = work.draft_tokens, work.draft_parents
+        if work.sampling.greedy:
+            outcome = trees.greedy_tree_verify(scored, tokens, parents)
+        else:
+            p = sampling.warp(scored, work.sampling)  # [n+1, V]
+            if work.sampling.position_keyed:  # row i draws the token at its node's depth
+                positions = [first_position] + [first_position + depth for depth in trees.depths(parents)]
+                noise = sampling.position_noise(work.sampling.position_seed, positions, p.shape[-1])
+                outcome = trees.greedy_tree_verify(sampling.gumbel_scores(p, noise), tokens, parents)
+            else:
+                q = None if work.draft_probs is None else self._dense_q(work)
+                outcome = trees.tree_rejection_sample(p, tokens, parents, q, torch.tensor(work.uniforms))
+        return Verdict(len(outcome.path), outcome.next_token, path=outcome.path)
+
+    def _dense_q(self, work: VerifyWork) -> torch.Tensor:
+        """The drafts' sparse q as [K, V] rows."""
+        return torch.stack([sampling.densify(ids[None], probs[None], self.vocab_size)[0] for ids, probs in work.draft_probs])
+
+    def _check_tree(self, work: VerifyWork, session: TargetSession, prefix: str) -> None:
+        problem = trees.check_parents(work.draft_parents, work.draft_tokens)
+        if problem is not None:
+            raise InvalidArgument(f"draft_parents {problem}", prefix + "draft_parents")
+        if session.grammar is not None:
+            raise InvalidArgument("draft trees are not verified under a grammar: send a chain", prefix + "draft_parents")
+        if self.self_draft is not None:
+            raise InvalidArgument("this target drafts for itself (--self-draft) and verifies chains only", prefix + "draft_parents")
 
     def _checked(self, index: int, work: VerifyWork) -> TargetSession:
         prefix = f"items[{index}]."
@@ -307,6 +346,8 @@ class TargetEngine:
                 f"session {work.session_id!r} holds {len(session.ids)} tokens, the item says {work.prefix_len}",
                 prefix + "prefix_len",
             )
+        if work.draft_parents is not None:
+            self._check_tree(work, session, prefix)
         if len(session.ids) + len(work.tokens) + k > self.loaded.max_context:
             raise InvalidArgument(f"the sequence would exceed the context of {self.loaded.max_context}", prefix + "tokens")
         if session.grammar is not None and not session.grammar.sync((session.ids + work.tokens)[session.prompt_len :]):
@@ -316,6 +357,21 @@ class TargetEngine:
             if work.draft_probs is not None:
                 validation.sparse_distributions(work.draft_probs, work.draft_tokens, self.vocab_size, prefix + "draft_probs")
         return session
+
+
+def _row_tree(work: VerifyWork) -> list[int] | None:
+    """The parents of a Verify row's tokens for lm.forward: `tokens` a chain, the tree's roots
+    under the last of them; None for a chain of drafts."""
+    if work.draft_parents is None:
+        return None
+    m = len(work.tokens)
+    return [*range(-1, m - 1), *(m - 1 if parent < 0 else m + parent for parent in work.draft_parents)]
+
+
+def _committed_rows(work: VerifyWork, verdict: Verdict) -> list[int]:
+    """The row's positions (0: its first token) that stay: `tokens`, then the accepted drafts."""
+    path = verdict.path if verdict.path is not None else range(verdict.accepted)
+    return [*range(len(work.tokens)), *(len(work.tokens) + i for i in path)]
 
 
 def _logprobs(rows: torch.Tensor, tokens: list[int], work: VerifyWork) -> Logprobs:

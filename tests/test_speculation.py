@@ -211,13 +211,14 @@ def assert_target_marginals(counts: torch.Tensor, target, prompt, params) -> Non
 
 
 async def sample_many(target, drafter, prompt, params, k, steps, trials, make_policy=None, pipeline=False, seed_stable=False,
-                      grammar=None, grammars=None, target_engine=None):
+                      grammar=None, grammars=None, target_engine=None, tree=None):
     """Histograms of `trials` sampled generations; each round drafts `k` tokens, or as many as
     `make_policy()`'s policy says (one policy per trial). A feature drafter gets the target's
     features as through the orchestrator. `pipeline`: rounds proposed ahead (Speculation.pipeline).
     `seed_stable`: seed-stable sampling, each trial's seed its number. `grammar`: the output's,
     compiled by `grammars` (a GrammarCompiler for models without a tokenizer). `target_engine`:
-    the target's engine when the drafter needs it (a self-drafting target's)."""
+    the target's engine when the drafter needs it (a self-drafting target's). `tree`: draft trees
+    of this shape (trees.TreeShape), k deep."""
     target_engine, draft_engine = target_engine or TargetEngine(target), DraftEngine(drafter, max_context=target.max_context)
     target_engine._grammars = draft_engine._grammars = grammars
     target_backend, draft_backend = InProcessTarget(target_engine), InProcessDraft(draft_engine)
@@ -230,7 +231,7 @@ async def sample_many(target, drafter, prompt, params, k, steps, trials, make_po
         policy = make_policy() if make_policy else FixedK(k)
         trial_params = dataclasses.replace(params, position_seed=trial) if seed_stable else params
         spec = Speculation(sid, prompt, trial_params, policy, steps, torch.Generator().manual_seed(trial), draft_started=True,
-                           feature_layers=drafter.feature_layers, pipeline=pipeline)
+                           feature_layers=drafter.feature_layers, pipeline=pipeline, tree=tree)
         tokens = [t async for round_tokens, _ in speculate(spec, target_backend, draft_backend, stats) for t in round_tokens]
         for step, token in enumerate(tokens):
             counts[step, token] += 1

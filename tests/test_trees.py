@@ -5,11 +5,24 @@ tokens, several tree shapes and draft distributions), while a wrong rule fails t
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
+
 import pytest
 import torch
 from scipy.stats import chisquare
 
+from draft_service.drafters import ngram
+from draft_service.drafters.model import ModelDrafter
+from draft_service.drafters.ngram import NGramDrafter
+from draft_service.engine import DraftEngine
+from harness.inprocess import in_process_engine, run_generation
 from harness.tiny import tiny_lm
+from orchestrator.generation import GenerationRequest
+from specdec.messages import ProposeWork
+from specdec.trees import TreeShape
+from tests.helpers import joined
+from tests.test_speculation import assert_target_marginals, sample_many
 from specdec import lm, sampling, trees, weights
 from specdec.sampling import GREEDY
 
@@ -235,3 +248,50 @@ def test_a_tree_through_another_architecture():
     prefix, tokens, parents = tree_and_prefix(64, 4)
     rows = lm.forward(model, [prefilled(model, prefix)], [tokens], parents=[parents])[0]
     torch.testing.assert_close(rows, chain_logits(model, prefix, tokens, parents), atol=1e-4, rtol=1e-4)
+
+
+# --- trees through the whole loop: drafters grow them, the target verifies them, the output is the target's
+
+
+def test_drafters_grow_static_and_dynamic_trees(tiny_target, tiny_draft):
+    session_ids = list(range(1, 40))
+    engine = DraftEngine(ModelDrafter(tiny_draft), max_context=512)
+    engine.start_session("s", session_ids)
+    static = engine.propose([ProposeWork("s", len(session_ids) - 1, session_ids[-1:], 3, GREEDY, [], tree=TreeShape((3, 2)))])[0][0]
+    assert len(static.tokens) == 3 + 6 + 12 and trees.depths(static.parents) == [1] * 3 + [2] * 6 + [3] * 12
+    assert trees.check_parents(static.parents, static.tokens) is None
+    dynamic = engine.propose([ProposeWork("s", len(session_ids) - 1, session_ids[-1:], 4, GREEDY, [], tree=TreeShape((3, 2), 7))])[0][0]
+    assert len(dynamic.tokens) == 7 and trees.check_parents(dynamic.parents, dynamic.tokens) is None
+    # the first child of each node is the draft's greedy choice: the tree's first path is the greedy chain
+    chain = engine.propose([ProposeWork("s", len(session_ids) - 1, session_ids[-1:], 3, GREEDY, [])])[0][0]
+    assert [static.tokens[i] for i in (0, 3, 9)] == chain.tokens
+    # n-grams: every earlier continuation of the last token, merged
+    assert ngram.continuations([5, 6, 7, 5, 6, 8, 5, 9, 5], 3, 16) == ([6, 7, 5, 8, 5, 9, 5], [-1, 0, 1, 0, 3, -1, 5])
+    assert ngram.continuations([5, 6, 7, 5, 6, 8, 5, 9, 5], 3, 4) == ([6, 7, 5, 8], [-1, 0, 1, 0])
+
+
+@pytest.mark.parametrize("shape", ["3,2", "2,2,1/5"])
+@pytest.mark.parametrize("drafter", ["model", "ngram"])
+def test_greedy_tree_speculation_equals_target_only(tiny_target, tiny_draft, shape, drafter):
+    make = (lambda: ModelDrafter(tiny_draft)) if drafter == "model" else NGramDrafter
+    request = GenerationRequest(prompt="the cat sat on the mat and the cat sat on the", max_new_tokens=40, num_speculative_tokens=3)
+    reference = joined(run_generation(in_process_engine(tiny_target, make()), replace(request, num_speculative_tokens=0)))
+    events = run_generation(in_process_engine(tiny_target, make(), draft_tree=TreeShape.parse(shape)), request)
+    assert joined(events) == reference and events[-1].stats.draft_tokens > 0
+
+
+@pytest.mark.parametrize("case", ["plain", "warped", "penalized", "seed_stable"])
+def test_sampled_tree_speculation_keeps_the_targets_distribution(case):
+    target = tiny_lm(seed=21, vocab_size=16, eos=(), init=0.1)
+    draft = tiny_lm(seed=22, vocab_size=16, eos=(), init=0.1)
+    params = {
+        "plain": sampling.SamplingParams(1.0),
+        "warped": sampling.SamplingParams(0.8, top_k=6, top_p=0.9),
+        "penalized": sampling.SamplingParams(1.0, repetition_penalty=1.6, presence_penalty=0.5),
+        "seed_stable": sampling.SamplingParams(1.0),
+    }[case]
+    prompt, steps = [3, 1, 4, 1, 5], 3
+    counts, stats = asyncio.run(sample_many(target, ModelDrafter(draft), prompt, params, 2, steps, trials=2000,
+                                            seed_stable=case == "seed_stable", tree=TreeShape((3, 2), 6 if case == "warped" else 0)))
+    assert stats.accepted_tokens > 50 and stats.draft_tokens - stats.accepted_tokens > 50
+    assert_target_marginals(counts, target, prompt, params)

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from draft_service.drafters import tree
 from draft_service.drafters.base import Drafter, DraftSession
-from specdec import lm, sampling
+from specdec import lm, sampling, trees
 from specdec.messages import Proposal, ProposeWork
 from specdec.models import LoadedModel, resolve
 
@@ -118,6 +119,54 @@ class ModelDrafter(Drafter):
         return self._bytes_per_token
 
     def propose(self, sessions: list[DraftSession], work: list[ProposeWork]) -> tuple[list[Proposal], int]:
+        """Chains for the works without a tree, batched; then a tree for each work with one."""
+        chains = [i for i, w in enumerate(work) if w.tree is None]
+        proposals: dict[int, Proposal] = {}
+        passes = 0
+        if chains:
+            made, passes = self._propose_chains([sessions[i] for i in chains], [work[i] for i in chains])
+            proposals.update(zip(chains, made))
+        for i in (i for i, w in enumerate(work) if w.tree is not None):
+            proposals[i], spent = self._propose_tree(sessions[i], work[i])
+            passes += spent
+        return [proposals[i] for i in range(len(work))], passes
+
+    def _propose_tree(self, session: DraftSession, work: ProposeWork) -> tuple[Proposal, int]:
+        """A tree of the draft's likeliest tokens (draft_service/drafters/tree.py): one pass over
+        the tokens the cache lacks, then one per depth over the nodes to expand and their
+        ancestors, which the cache forgets again (it holds the session's ids only)."""
+        cache, model = session.state, self.loaded.model
+        length = len(session.ids)
+        root = lm.forward(model, [cache], [session.ids[cache.length :]], logits_for_last=1)[0][-1]
+        widest = max(work.tree.branching)
+        passes = 1
+
+        def expand(grown: tree.Tree, nodes: list[int]):
+            nonlocal passes
+            tokens, parents, order = tree.pruned(grown, nodes)
+            logits = lm.forward(model, [cache], [tokens], logits_for_last=len(nodes), parents=[parents])[0]
+            cache.truncate(length)
+            passes += 1
+            return [self._candidates(row, work, session, [grown.tokens[i] for i in trees.path_to(grown.parents, node)], widest)
+                    for row, node in zip(logits, nodes)]
+
+        grown = tree.grow(work.tree, work.num_speculative_tokens, self._candidates(root, work, session, [], widest), expand)
+        return Proposal(grown.tokens, None, grown.parents), passes
+
+    def _candidates(self, logits: torch.Tensor, work: ProposeWork, session: DraftSession, path: list[int], width: int):
+        """A node's likeliest children (token id, log-probability) from its [V'] logits: processed
+        (bias, penalties after the node's path) and warped as the work samples; greedy ranks by
+        the draft's own softmax."""
+        head_ids = self.head_ids
+        if work.sampling.processes_logits:
+            if head_ids is not None:
+                logits = torch.full((self.vocab_size,), float("-inf")).index_copy_(0, head_ids, logits.float())
+                head_ids = None
+            logits = sampling.process_logits(logits[None], work.sampling, session.history(path))[0]
+        log_probs = torch.log_softmax(logits.float(), -1) if work.sampling.greedy else sampling.warp(logits, work.sampling).log()
+        return tree.children(log_probs, width, (lambda rows: rows) if head_ids is None else (lambda rows: head_ids[rows]))
+
+    def _propose_chains(self, sessions: list[DraftSession], work: list[ProposeWork]) -> tuple[list[Proposal], int]:
         proposals = [Proposal([], None if w.sampling.deterministic else []) for w in work]
         feed = [s.ids[s.state.length :] for s in sessions]  # tokens each cache still lacks
         passes = 0

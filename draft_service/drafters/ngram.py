@@ -26,6 +26,32 @@ def lookup(ids: list[int], num_tokens: int, max_ngram: int = 3, min_ngram: int =
     return []
 
 
+def continuations(ids: list[int], depth: int, max_nodes: int, max_ngram: int = 3, min_ngram: int = 1) -> tuple[list[int], list[int]]:
+    """A tree (tokens, parents) of what followed every earlier occurrence of the last n-gram (the
+    longest n with one), up to `depth` tokens each, merged where they agree (a trie), the earliest
+    occurrence first as `lookup` takes it, until `max_nodes` nodes."""
+    length = len(ids)
+    for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
+        tail = ids[length - n :]
+        starts = [s + n for s in range(0, length - n) if ids[s : s + n] == tail]
+        if not starts:
+            continue
+        tokens, parents, child = [], [], {}  # child: (parent, token) -> node
+        for start in starts:
+            parent = -1
+            for token in ids[start : min(start + depth, length)]:
+                if (parent, token) not in child:
+                    if len(tokens) == max_nodes:
+                        return tokens, parents
+                    child[(parent, token)] = len(tokens)
+                    tokens.append(token)
+                    parents.append(parent)
+                parent = child[(parent, token)]
+        if tokens:
+            return tokens, parents
+    return [], []
+
+
 class NGramDrafter(Drafter):
     name = "ngram"
 
@@ -36,4 +62,10 @@ class NGramDrafter(Drafter):
         self.min_ngram = min_ngram
 
     def propose(self, sessions: list[DraftSession], work: list[ProposeWork]) -> tuple[list[Proposal], int]:
-        return [Proposal(lookup(s.ids, w.num_speculative_tokens, self.max_ngram, self.min_ngram)) for s, w in zip(sessions, work)], 0
+        return [self._proposal(s.ids, w) for s, w in zip(sessions, work)], 0
+
+    def _proposal(self, ids: list[int], work: ProposeWork) -> Proposal:
+        if work.tree is None:
+            return Proposal(lookup(ids, work.num_speculative_tokens, self.max_ngram, self.min_ngram))
+        tokens, parents = continuations(ids, work.num_speculative_tokens, work.tree.nodes(work.num_speculative_tokens), self.max_ngram, self.min_ngram)
+        return Proposal(tokens, None, parents)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from specdec.v1 import common_pb2 as specdec_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16specdec/v1/draft.proto\x12\nspecdec.v1\x1a\x17specdec/v1/common.proto\"\xcd\x01\n\x0bProposeItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nprefix_len\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x1e\n\x16num_speculative_tokens\x18\x04 \x01(\r\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x10\n\x08uniforms\x18\x06 \x03(\x02\x12&\n\x08\x66\x65\x61tures\x18\x07 \x01(\x0b\x32\x14.specdec.v1.Features\"8\n\x0eProposeRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.specdec.v1.ProposeItem\"i\n\x08Proposal\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x03(\x05\x12\x33\n\x0b\x64raft_probs\x18\x03 \x03(\x0b\x32\x1e.specdec.v1.SparseDistribution\"\xaf\x01\n\x0fProposeResponse\x12\'\n\tproposals\x18\x01 \x03(\x0b\x32\x14.specdec.v1.Proposal\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x16\n\x0e\x66orward_passes\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x15\n\rqueue_seconds\x18\x05 \x01(\x01\x12\x17\n\x0fhandler_seconds\x18\x06 \x01(\x01\x32\xba\x02\n\x0c\x44raftService\x12\x46\n\x0cGetModelInfo\x12\x1f.specdec.v1.GetModelInfoRequest\x1a\x15.specdec.v1.ModelInfo\x12Q\n\x0cStartSession\x12\x1f.specdec.v1.StartSessionRequest\x1a .specdec.v1.StartSessionResponse\x12\x42\n\x07Propose\x12\x1a.specdec.v1.ProposeRequest\x1a\x1b.specdec.v1.ProposeResponse\x12K\n\nEndSession\x12\x1d.specdec.v1.EndSessionRequest\x1a\x1e.specdec.v1.EndSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16specdec/v1/draft.proto\x12\nspecdec.v1\x1a\x17specdec/v1/common.proto\"\xfd\x01\n\x0bProposeItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nprefix_len\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x1e\n\x16num_speculative_tokens\x18\x04 \x01(\r\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x10\n\x08uniforms\x18\x06 \x03(\x02\x12&\n\x08\x66\x65\x61tures\x18\x07 \x01(\x0b\x32\x14.specdec.v1.Features\x12\x16\n\x0etree_branching\x18\x08 \x03(\r\x12\x16\n\x0etree_max_nodes\x18\t \x01(\r\"8\n\x0eProposeRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.specdec.v1.ProposeItem\"\x80\x01\n\x08Proposal\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x03(\x05\x12\x33\n\x0b\x64raft_probs\x18\x03 \x03(\x0b\x32\x1e.specdec.v1.SparseDistribution\x12\x15\n\rdraft_parents\x18\x04 \x03(\x05\"\xaf\x01\n\x0fProposeResponse\x12\'\n\tproposals\x18\x01 \x03(\x0b\x32\x14.specdec.v1.Proposal\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x16\n\x0e\x66orward_passes\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x15\n\rqueue_seconds\x18\x05 \x01(\x01\x12\x17\n\x0fhandler_seconds\x18\x06 \x01(\x01\x32\xba\x02\n\x0c\x44raftService\x12\x46\n\x0cGetModelInfo\x12\x1f.specdec.v1.GetModelInfoRequest\x1a\x15.specdec.v1.ModelInfo\x12Q\n\x0cStartSession\x12\x1f.specdec.v1.StartSessionRequest\x1a .specdec.v1.StartSessionResponse\x12\x42\n\x07Propose\x12\x1a.specdec.v1.ProposeRequest\x1a\x1b.specdec.v1.ProposeResponse\x12K\n\nEndSession\x12\x1d.specdec.v1.EndSessionRequest\x1a\x1e.specdec.v1.EndSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specdec.v1.draft_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PROPOSEITEM']._serialized_start=64
-  _globals['_PROPOSEITEM']._serialized_end=269
-  _globals['_PROPOSEREQUEST']._serialized_start=271
-  _globals['_PROPOSEREQUEST']._serialized_end=327
-  _globals['_PROPOSAL']._serialized_start=329
-  _globals['_PROPOSAL']._serialized_end=434
-  _globals['_PROPOSERESPONSE']._serialized_start=437
-  _globals['_PROPOSERESPONSE']._serialized_end=612
-  _globals['_DRAFTSERVICE']._serialized_start=615
-  _globals['_DRAFTSERVICE']._serialized_end=929
+  _globals['_PROPOSEITEM']._serialized_end=317
+  _globals['_PROPOSEREQUEST']._serialized_start=319
+  _globals['_PROPOSEREQUEST']._serialized_end=375
+  _globals['_PROPOSAL']._serialized_start=378
+  _globals['_PROPOSAL']._serialized_end=506
+  _globals['_PROPOSERESPONSE']._serialized_start=509
+  _globals['_PROPOSERESPONSE']._serialized_end=684
+  _globals['_DRAFTSERVICE']._serialized_start=687
+  _globals['_DRAFTSERVICE']._serialized_end=1001
 # @@protoc_insertion_point(module_scope)

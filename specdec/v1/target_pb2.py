@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from specdec.v1 import common_pb2 as specdec_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specdec/v1/target.proto\x12\nspecdec.v1\x1a\x17specdec/v1/common.proto\"\x8c\x02\n\nVerifyItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nprefix_len\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x14\n\x0c\x64raft_tokens\x18\x04 \x03(\x05\x12\x33\n\x0b\x64raft_probs\x18\x05 \x03(\x0b\x32\x1e.specdec.v1.SparseDistribution\x12,\n\x08sampling\x18\x06 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x10\n\x08uniforms\x18\x07 \x03(\x02\x12\x15\n\x08logprobs\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\x0fwarped_logprobs\x18\t \x01(\x08\x42\x0b\n\t_logprobs\"I\n\x08Logprobs\x12\x10\n\x08logprobs\x18\x01 \x01(\x0c\x12\x15\n\rtop_token_ids\x18\x02 \x01(\x0c\x12\x14\n\x0ctop_logprobs\x18\x03 \x01(\x0c\"6\n\rVerifyRequest\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.specdec.v1.VerifyItem\"\x98\x01\n\x0cVerifyResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x12\n\nnext_token\x18\x03 \x01(\x05\x12&\n\x08\x66\x65\x61tures\x18\x04 \x01(\x0b\x32\x14.specdec.v1.Features\x12&\n\x08logprobs\x18\x05 \x01(\x0b\x32\x14.specdec.v1.Logprobs\"\xae\x01\n\x0eVerifyResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.specdec.v1.VerifyResult\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x15\n\rqueue_seconds\x18\x04 \x01(\x01\x12\x14\n\x0c\x62\x61tch_tokens\x18\x05 \x01(\r\x12\x17\n\x0fhandler_seconds\x18\x06 \x01(\x01\x32\xb8\x02\n\rTargetService\x12\x46\n\x0cGetModelInfo\x12\x1f.specdec.v1.GetModelInfoRequest\x1a\x15.specdec.v1.ModelInfo\x12Q\n\x0cStartSession\x12\x1f.specdec.v1.StartSessionRequest\x1a .specdec.v1.StartSessionResponse\x12?\n\x06Verify\x12\x19.specdec.v1.VerifyRequest\x1a\x1a.specdec.v1.VerifyResponse\x12K\n\nEndSession\x12\x1d.specdec.v1.EndSessionRequest\x1a\x1e.specdec.v1.EndSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specdec/v1/target.proto\x12\nspecdec.v1\x1a\x17specdec/v1/common.proto\"\xa3\x02\n\nVerifyItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nprefix_len\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x14\n\x0c\x64raft_tokens\x18\x04 \x03(\x05\x12\x33\n\x0b\x64raft_probs\x18\x05 \x03(\x0b\x32\x1e.specdec.v1.SparseDistribution\x12,\n\x08sampling\x18\x06 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x10\n\x08uniforms\x18\x07 \x03(\x02\x12\x15\n\x08logprobs\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\x0fwarped_logprobs\x18\t \x01(\x08\x12\x15\n\rdraft_parents\x18\n \x03(\x05\x42\x0b\n\t_logprobs\"I\n\x08Logprobs\x12\x10\n\x08logprobs\x18\x01 \x01(\x0c\x12\x15\n\rtop_token_ids\x18\x02 \x01(\x0c\x12\x14\n\x0ctop_logprobs\x18\x03 \x01(\x0c\"6\n\rVerifyRequest\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.specdec.v1.VerifyItem\"\xaf\x01\n\x0cVerifyResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x12\n\nnext_token\x18\x03 \x01(\x05\x12&\n\x08\x66\x65\x61tures\x18\x04 \x01(\x0b\x32\x14.specdec.v1.Features\x12&\n\x08logprobs\x18\x05 \x01(\x0b\x32\x14.specdec.v1.Logprobs\x12\x15\n\raccepted_path\x18\x06 \x03(\r\"\xae\x01\n\x0eVerifyResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.specdec.v1.VerifyResult\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x15\n\rqueue_seconds\x18\x04 \x01(\x01\x12\x14\n\x0c\x62\x61tch_tokens\x18\x05 \x01(\r\x12\x17\n\x0fhandler_seconds\x18\x06 \x01(\x01\x32\xb8\x02\n\rTargetService\x12\x46\n\x0cGetModelInfo\x12\x1f.specdec.v1.GetModelInfoRequest\x1a\x15.specdec.v1.ModelInfo\x12Q\n\x0cStartSession\x12\x1f.specdec.v1.StartSessionRequest\x1a .specdec.v1.StartSessionResponse\x12?\n\x06Verify\x12\x19.specdec.v1.VerifyRequest\x1a\x1a.specdec.v1.VerifyResponse\x12K\n\nEndSession\x12\x1d.specdec.v1.EndSessionRequest\x1a\x1e.specdec.v1.EndSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specdec.v1.target_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VERIFYITEM']._serialized_start=65
-  _globals['_VERIFYITEM']._serialized_end=333
-  _globals['_LOGPROBS']._serialized_start=335
-  _globals['_LOGPROBS']._serialized_end=408
-  _globals['_VERIFYREQUEST']._serialized_start=410
-  _globals['_VERIFYREQUEST']._serialized_end=464
-  _globals['_VERIFYRESULT']._serialized_start=467
-  _globals['_VERIFYRESULT']._serialized_end=619
-  _globals['_VERIFYRESPONSE']._serialized_start=622
-  _globals['_VERIFYRESPONSE']._serialized_end=796
-  _globals['_TARGETSERVICE']._serialized_start=799
-  _globals['_TARGETSERVICE']._serialized_end=1111
+  _globals['_VERIFYITEM']._serialized_end=356
+  _globals['_LOGPROBS']._serialized_start=358
+  _globals['_LOGPROBS']._serialized_end=431
+  _globals['_VERIFYREQUEST']._serialized_start=433
+  _globals['_VERIFYREQUEST']._serialized_end=487
+  _globals['_VERIFYRESULT']._serialized_start=490
+  _globals['_VERIFYRESULT']._serialized_end=665
+  _globals['_VERIFYRESPONSE']._serialized_start=668
+  _globals['_VERIFYRESPONSE']._serialized_end=842
+  _globals['_TARGETSERVICE']._serialized_start=845
+  _globals['_TARGETSERVICE']._serialized_end=1157
 # @@protoc_insertion_point(module_scope)

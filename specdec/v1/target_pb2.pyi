@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class VerifyItem(_message.Message):
-    __slots__ = ("session_id", "prefix_len", "tokens", "draft_tokens", "draft_probs", "sampling", "uniforms", "logprobs", "warped_logprobs")
+    __slots__ = ("session_id", "prefix_len", "tokens", "draft_tokens", "draft_probs", "sampling", "uniforms", "logprobs", "warped_logprobs", "draft_parents")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PREFIX_LEN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class VerifyItem(_message.Message):
     UNIFORMS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     WARPED_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_PARENTS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prefix_len: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -27,7 +28,8 @@ class VerifyItem(_message.Message):
     uniforms: _containers.RepeatedScalarFieldContainer[float]
     logprobs: int
     warped_logprobs: bool
-    def __init__(self, session_id: _Optional[str] = ..., prefix_len: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., uniforms: _Optional[_Iterable[float]] = ..., logprobs: _Optional[int] = ..., warped_logprobs: _Optional[bool] = ...) -> None: ...
+    draft_parents: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., prefix_len: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., uniforms: _Optional[_Iterable[float]] = ..., logprobs: _Optional[int] = ..., warped_logprobs: _Optional[bool] = ..., draft_parents: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Logprobs(_message.Message):
     __slots__ = ("logprobs", "top_token_ids", "top_logprobs")
@@ -46,18 +48,20 @@ class VerifyRequest(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[VerifyItem, _Mapping]]] = ...) -> None: ...
 
 class VerifyResult(_message.Message):
-    __slots__ = ("session_id", "accepted", "next_token", "features", "logprobs")
+    __slots__ = ("session_id", "accepted", "next_token", "features", "logprobs", "accepted_path")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_PATH_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     accepted: int
     next_token: int
     features: _common_pb2.Features
     logprobs: Logprobs
-    def __init__(self, session_id: _Optional[str] = ..., accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., features: _Optional[_Union[_common_pb2.Features, _Mapping]] = ..., logprobs: _Optional[_Union[Logprobs, _Mapping]] = ...) -> None: ...
+    accepted_path: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., features: _Optional[_Union[_common_pb2.Features, _Mapping]] = ..., logprobs: _Optional[_Union[Logprobs, _Mapping]] = ..., accepted_path: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("results", "compute_seconds", "batch_size", "queue_seconds", "batch_tokens", "handler_seconds")
