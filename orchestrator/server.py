@@ -56,7 +56,7 @@ class OrchestratorConfig(ServerConfig):
         False, "propose each round during the previous one's Verify, guessing all drafts accepted (pays when draft and target own cores)"
     )
     draft_tree: str = option(
-        "", "draft trees instead of chains, K deep: children per node by depth, e.g. '4,2,1' (static) or '4,2,1/16' (16 nodes, dynamic)"
+        "", "draft trees, K deep: children per node by depth, e.g. '4,2,1' (static) or '4,2,1/16' (16 nodes, dynamic); '': chains"
     )
     request_timeout_s: float = option(600.0, "deadline of a request whose client set none")
     connect_timeout_s: float = option(900.0, "at start-up, how long to wait for the model services to load")

@@ -19,8 +19,10 @@ from draft_service.engine import DraftEngine
 from harness.inprocess import in_process_engine, run_generation
 from harness.tiny import tiny_lm
 from orchestrator.generation import GenerationRequest
-from specdec.messages import ProposeWork
+from specdec.errors import InvalidArgument
+from specdec.messages import ProposeWork, VerifyWork
 from specdec.trees import TreeShape
+from target_service.engine import TargetEngine
 from tests.helpers import joined
 from tests.test_speculation import assert_target_marginals, sample_many
 from specdec import lm, sampling, trees, weights
@@ -295,3 +297,21 @@ def test_sampled_tree_speculation_keeps_the_targets_distribution(case):
                                             seed_stable=case == "seed_stable", tree=TreeShape((3, 2), 6 if case == "warped" else 0)))
     assert stats.accepted_tokens > 50 and stats.draft_tokens - stats.accepted_tokens > 50
     assert_target_marginals(counts, target, prompt, params)
+
+
+def test_malformed_tree_work_is_refused_naming_the_field(tiny_target, tiny_draft):
+    target = TargetEngine(tiny_target)
+    target.start_session("s", [1, 2, 3])
+    bad = VerifyWork("s", 2, [3], [5, 6], None, GREEDY, [], draft_parents=[-1, 1])
+    with pytest.raises(InvalidArgument) as refused:
+        target.verify([bad])
+    assert refused.value.field == "items[0].draft_parents" and "earlier node" in str(refused.value)
+    # the session is intact: a good tree goes through and keeps only the accepted path
+    verdict = target.verify([replace(bad, draft_parents=[-1, -1])])[0]
+    assert target.sessions.get("s").cache.length == 3 + verdict.accepted == len(target.sessions.get("s").ids)
+    drafts = DraftEngine(ModelDrafter(tiny_draft), max_context=512)
+    drafts.start_session("s", [1, 2, 3])
+    for shape, message in ((TreeShape((0,)), "at least 1"), (TreeShape((8, 8)), "at most 64")):
+        with pytest.raises(InvalidArgument) as refused:
+            drafts.propose([ProposeWork("s", 2, [3], 3, GREEDY, [], tree=shape)])
+        assert refused.value.field == "items[0].tree_branching" and message in str(refused.value)
