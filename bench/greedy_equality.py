@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=AUTO, choices=(AUTO, *FORMATS), help="weight format of both model services")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "greedy_equality.json")
     parser.add_argument("--resume", action="store_true", help="keep earlier per-prompt results and skip their prompts")
+    parser.add_argument("--draft-tree", default="", help="the orchestrator's --draft-tree: trees instead of chains, K deep")
     args = parser.parse_args()
 
     prompts = load_prompts(args.prompts, args.limit)
@@ -74,8 +75,9 @@ def main() -> None:
     started = time.monotonic()
     flags = ("--dtype", args.dtype)
     self_draft = args.draft.removeprefix(SELF_DRAFT) if args.draft.startswith(SELF_DRAFT) else ""
-    with ServiceStack(draft_model=args.draft, extra_target_args=flags, extra_draft_args=flags if args.draft != "ngram" else (),
-                      self_draft=self_draft) as stack:
+    tree_flags = ("--draft-tree", args.draft_tree) if args.draft_tree else ()
+    with ServiceStack(draft_model=args.draft, extra_target_args=(*flags, "--max-speculative-tokens", "32"),
+                      extra_draft_args=flags if args.draft != "ngram" else (), self_draft=self_draft, extra_orchestrator_args=tree_flags) as stack:
         with grpc.insecure_channel(stack.address("target")) as channel:
             chosen = target_pb2_grpc.TargetServiceStub(channel).GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=60).weight_format
         loaded = load_causal_lm("embedded", dtype=chosen)  # for the top-2 gaps, in the target's format
@@ -126,6 +128,7 @@ def main() -> None:
         "differing_unexplained": len(differing) - len(ties),
         "k": args.k,
         "draft": args.draft,
+        "draft_tree": args.draft_tree,
         "weight_format": chosen,
         "max_new_tokens": args.max_new_tokens,
         "speedup_median": statistics.median(speedups),

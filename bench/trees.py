@@ -4,8 +4,9 @@ In one process (no network: what differs between the variants is the speculation
 embedded target and one drafter, greedy, on the first turns of the dev split. Every prompt runs
 every variant, in an order that rotates from prompt to prompt: chains of K drafts and trees (static
 and EAGLE-2 dynamic, trees.TreeShape) whose verify scores a budget of 8, 16 or 32 tokens (nodes + the
-pending one). Per variant: tokens per target forward, tokens/s, draft and verify time per round,
-and per-depth acceptance (the share of rounds that accept at least d drafts). Also the target's
+pending one), and target-only decoding (K = 0), the reference every output must equal (greedy).
+Per variant: tokens per target forward, tokens/s, draft and verify time per round, and per-depth
+acceptance (the share of rounds that accept at least d drafts). Also the target's
 verify cost T(n) at each budget, in the weight format it runs (the trees pay where it is flat).
 Medians and spread; everything in bench/results/trees/<drafter>.json and a plot beside it.
 """
@@ -30,20 +31,27 @@ from orchestrator.generation import GenerationEngine, GenerationRequest
 from orchestrator.policy import KSettings
 from specdec import lm
 from specdec.models import load_causal_lm
-from specdec.trees import TreeShape
 from target_service.engine import TargetEngine
 
-# (label, K = depth, tree shape or None); the tree budgets: nodes <= 7, 15, 31
+# (label, K = depth, tree shape or None); in brackets the tokens a verify scores (nodes + 1)
 VARIANTS = (
+    ("target only", 0, None),
     ("chain K=4", 4, None),
-    ("chain K=7", 7, None),
-    ("static 2,1,1 (6)", 3, "2,1,1"),
-    ("dynamic 4/7", 4, "4/7"),
-    ("static 3,2,1 (15)", 3, "3,2,1"),
-    ("dynamic 4/15", 5, "4/15"),
-    ("static 4,2,1,1 (28)", 4, "4,2,1,1"),
-    ("dynamic 4/31", 6, "4/31"),
+    ("chain K=7 (8)", 7, None),
+    ("dynamic 8,4/7 (8)", 4, "8,4/7"),
+    ("chain K=15 (16)", 15, None),
+    ("static 3,2,1 (16)", 3, "3,2,1"),
+    ("dynamic 8,4/15 (16)", 4, "8,4/15"),
+    ("dynamic 8,4/31 (32)", 5, "8,4/31"),
 )
+
+
+def parse_variant(entry: str) -> tuple[str, int, str | None]:
+    """An index into VARIANTS, or K:SHAPE (a tree K deep; SHAPE as --draft-tree), or K:chain."""
+    if entry.isdigit():
+        return VARIANTS[int(entry)]
+    k, _, shape = entry.partition(":")
+    return (f"chain K={k}", int(k), None) if shape == "chain" else (f"K={k} {shape}", int(k), shape)
 
 
 def verify_costs(model, sizes=(1, 5, 8, 16, 32), repeats: int = 7) -> dict[int, float]:
@@ -58,12 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drafter", default="drafts/smollm2-draft-l6", help="a draft model directory, early-exit:L, or ngram")
     parser.add_argument("--dtype", default="auto", help="weight format of target and draft")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--variants", default="", help="comma-separated indices into VARIANTS (default: all)")
+    parser.add_argument("--variants", default="", help="';'-separated: indices into VARIANTS, or K:SHAPE (e.g. '0;4:8/15'); default: all")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    variants = [VARIANTS[int(i)] for i in args.variants.split(",")] if args.variants else list(VARIANTS)
+    variants = [parse_variant(entry) for entry in args.variants.split(";")] if args.variants else list(VARIANTS)
 
     target = load_causal_lm("embedded", "cpu", args.dtype)
     target_engine = TargetEngine(target, max_speculative_tokens=32)
@@ -73,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     draft_engine = DraftEngine(drafter, max_context=min(context, target.max_context), max_speculative_tokens=32)
     engines = {
         label: GenerationEngine(target.tokenizer, InProcessTarget(target_engine), target_engine.info(), InProcessDraft(draft_engine),
-                                draft_engine.info(), KSettings(k, False, 32), draft_tree=TreeShape.parse(shape or ""))
+                                draft_engine.info(), KSettings(k, False, 32), draft_tree=shape or "")
         for label, k, shape in variants
     }
     prompts = load_prompts(args.prompts, args.limit)
@@ -96,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
                 "verify_ms_per_round": 1000 * stats.target_seconds / max(stats.rounds, 1),
                 "rounds": stats.rounds, "accepted_at_least": [a / max(stats.rounds, 1) for a in stats.accepted_per_position],
             })
-        same = len({tuple(o) for o in outputs.values()}) == 1
+        reference = outputs[variants[0][0]]  # the first variant's (target-only by default)
         for label in outputs:
-            rows[label][-1]["identical_to_others"] = same
+            rows[label][-1]["identical_to_first"] = outputs[label] == reference
+        same = all(o == reference for o in outputs.values())
         eta = (time.monotonic() - started) / (index + 1) * (len(prompts) - index - 1)
         print(f"[{index + 1}/{len(prompts)}] q{prompt.question_id} {prompt.category}: "
               + " | ".join(f"{label} {rows[label][-1]['tokens_per_target_forward']:.2f}" for label, _, _ in variants)
@@ -109,16 +118,21 @@ def main(argv: list[str] | None = None) -> int:
                "max_new_tokens": args.max_new_tokens, "threads": args.threads,
                "verify_ms": {n: round(1000 * s, 2) for n, s in costs.items()},
                "verify_cost_ratio": {n: round(s / costs[1], 2) for n, s in costs.items()},
-               "all_outputs_identical": all(r["identical_to_others"] for r in rows[variants[0][0]]), "variants": {}}
-    chain = statistics.median(r["tokens_per_target_forward"] for r in rows[variants[0][0]])
+               "identical_to_first": {label: sum(r["identical_to_first"] for r in rows[label]) for label, _, _ in variants},
+               "chain_reference": chain_label, "variants": {}}
+    chain_label = next((label for label, k, shape in variants if k and shape is None), variants[0][0])  # the first chain that drafts
+    chain = statistics.median(r["tokens_per_target_forward"] for r in rows[chain_label])
+    first_speed = statistics.median(r["tokens_per_s"] for r in rows[variants[0][0]])
     for label, k, shape in variants:
         measured = rows[label]
         depth_rates = [statistics.mean(r["accepted_at_least"][d] if d < len(r["accepted_at_least"]) else 0.0 for r in measured)
                        for d in range(max(len(r["accepted_at_least"]) for r in measured) if measured else 0)]
         tpf = [r["tokens_per_target_forward"] for r in measured]
         summary["variants"][label] = {
-            "k": k, "tree": shape, "tokens_per_target_forward": spread(tpf), "vs_first": round(statistics.median(tpf) / chain, 3),
+            "k": k, "tree": shape, "tokens_per_target_forward": spread(tpf), "vs_chain": round(statistics.median(tpf) / chain, 3),
+            "vs_chain_per_prompt": spread([t / c["tokens_per_target_forward"] for t, c in zip(tpf, rows[chain_label])]),
             "tokens_per_s": spread([r["tokens_per_s"] for r in measured]),
+            "tokens_per_s_vs_first": round(statistics.median(r["tokens_per_s"] for r in measured) / first_speed, 3),
             "draft_ms_per_round": spread([r["draft_ms_per_round"] for r in measured]),
             "verify_ms_per_round": spread([r["verify_ms_per_round"] for r in measured]),
             "accepted_at_least_depth": [round(rate, 3) for rate in depth_rates[:8]],

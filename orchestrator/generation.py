@@ -23,13 +23,13 @@ from orchestrator.replicas import ReplicaSet, is_replica_failure
 from orchestrator.speculation import MAX_TARGET_REBUILDS, Speculation, TargetLost, remaining, speculate
 from orchestrator.stats import GenerationStats
 from orchestrator.text import TextStream
+from orchestrator.tree_policy import tree_choice
 from specdec import validation
 from specdec.chat import chat_token_ids
 from specdec.errors import FailedPrecondition, InvalidArgument, OutputIncomplete, SpecdecError
 from specdec.grammar import Grammar, GrammarCompiler
 from specdec.messages import Logprobs, ModelInfo
 from specdec.sampling import SamplingParams
-from specdec.trees import TreeShape
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,11 @@ class GenerationEngine:
     k_settings: KSettings = field(default_factory=KSettings)
     max_new_tokens: int = 4096  # the most a request may ask for
     pipeline_drafts: bool = False  # propose each round while the target verifies the one before
-    draft_tree: TreeShape | None = None  # draft trees of this shape instead of chains (speculation.py)
+    draft_tree: str = ""  # --draft-tree: draft trees instead of chains, a shape or "auto" (tree_policy.py)
 
     def __post_init__(self):
         self.load = LoadEstimates(CostCurve(self.target_info.forward_cost))
+        self.trees = tree_choice(self.draft_tree, self.load, self.target_info.max_speculative_tokens)
         self.k_resolver = KResolver(self.k_settings, self.target_info, self.draft_info)
         self._grammars: GrammarCompiler | None = None  # built at the first request with a grammar
 
@@ -196,7 +197,7 @@ class GenerationEngine:
             warped_logprobs=request.warped_logprobs,
             pipeline=self.pipeline_drafts,
             grammar=request.grammar,
-            tree=self.draft_tree,
+            tree=self.trees,
             max_tree_nodes=self.target_info.max_speculative_tokens,
         )
         adaptive = isinstance(policy, AdaptiveK)

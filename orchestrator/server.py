@@ -28,7 +28,6 @@ from specdec.models import vocab_fingerprint
 from specdec.rpc.interceptors import read_tokens
 from specdec.rpc.server import Server, channel_options, create_server, server_options
 from specdec.rpc.tls import channel_credentials
-from specdec.trees import TreeShape
 from specdec.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ class OrchestratorConfig(ServerConfig):
         False, "propose each round during the previous one's Verify, guessing all drafts accepted (pays when draft and target own cores)"
     )
     draft_tree: str = option(
-        "", "draft trees, K deep: children per node by depth, e.g. '4,2,1' (static) or '4,2,1/16' (16 nodes, dynamic); '': chains"
+        "", "draft trees: children per node by depth, '4,2,1' (static, K deep), '4,2,1/16' (16 nodes, dynamic) or auto; '': chains"
     )
     request_timeout_s: float = option(600.0, "deadline of a request whose client set none")
     connect_timeout_s: float = option(900.0, "at start-up, how long to wait for the model services to load")
@@ -221,7 +220,7 @@ async def start(config: OrchestratorConfig, tokenizer=None) -> RunningOrchestrat
     k_settings = KSettings(config.num_speculative_tokens, config.adaptive_k, config.max_speculative_tokens)
     servicer.engine = GenerationEngine(
         tokenizer, targets, target_info, drafts, draft_info, k_settings, config.max_new_tokens, config.pipeline_drafts,
-        TreeShape.parse(config.draft_tree),
+        config.draft_tree,
     )
     await serving.set_serving(True)
 

@@ -43,11 +43,11 @@ from orchestrator.backends import DraftBackend, TargetBackend, is_draft_failure
 from orchestrator.policy import LoadEstimates, Policy
 from orchestrator.replicas import ReplicaSet, is_replica_failure
 from orchestrator.stats import GenerationStats
+from orchestrator.tree_policy import TreeChoice
 from specdec.errors import DeadlineExceeded, SpecdecError, Unavailable
 from specdec.grammar import Grammar
 from specdec.messages import Features, Logprobs, Proposal, ProposeWork, VerifyWork
 from specdec.sampling import SamplingParams
-from specdec.trees import TreeShape
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,9 @@ class Speculation:
     warped_logprobs: bool = False
     pipeline: bool = False  # propose the next round while the target verifies this one
     grammar: Grammar | None = None  # structured output, enforced by both services
-    # Draft trees of this shape, K deep, of at most max_tree_nodes nodes (the target's limit);
-    # None: chains. Not with grammars, features or pipelining (those rounds stay chains).
-    tree: TreeShape | None = None
+    # Each round's draft tree (tree_policy.py), of at most max_tree_nodes nodes (the target's
+    # limit); None: chains. Not with grammars, features or pipelining (those rounds stay chains).
+    tree: TreeChoice | None = None
     max_tree_nodes: int = 16
 
     @property
@@ -138,6 +138,10 @@ async def speculate(
                 num_speculative_tokens = min(spec.policy.next_k(), left - 1) if draft is not None else 0
             if spec.feature_layers and features_end < committed:
                 num_speculative_tokens = 0
+            shape, draft_round_s = None, 0.0
+            if spec.trees and num_speculative_tokens > 0 and ahead is None:
+                depth, shape = spec.tree.choose(num_speculative_tokens)
+                num_speculative_tokens = min(depth, left - 1)
             proposal_tokens, distributions, drafted, parents = [], None, False, None
             if ahead is not None:
                 waited = time.perf_counter()
@@ -157,14 +161,14 @@ async def speculate(
                         drafted_to = committed
                     work = ProposeWork(
                         spec.session_id, drafted_to, sequence[drafted_to:], num_speculative_tokens, spec.sampling,
-                        _uniforms(spec, num_speculative_tokens) if not spec.trees else [], Features.joined(unsent),
-                        spec.tree if spec.trees else None,
+                        _uniforms(spec, num_speculative_tokens) if shape is None else [], Features.joined(unsent), shape,
                     )
                     proposal, cost = await draft.propose(work, remaining(spec.deadline))
                     unsent = []
                     calls_s += cost.wall_s + cost.conversion_s
                     stats.add_draft_call(cost)
-                    if spec.load is not None:
+                    draft_round_s = cost.wall_s
+                    if spec.load is not None and shape is None:  # per token of a chain
                         spec.load.observe_draft(cost.wall_s, num_speculative_tokens)
                     if proposal.parents is not None:  # a tree: any prefix of its nodes is one (parents come first)
                         parents = proposal.parents[: spec.max_tree_nodes]
@@ -203,11 +207,14 @@ async def speculate(
                 features_end = verdict.features.end
             stats.add_target_call(cost)
             stats.add_round(len(proposal_tokens), verdict.accepted)
-            spec.policy.observe(len(proposal_tokens) if parents is None else num_speculative_tokens, verdict.accepted)
+            if parents is None:  # a tree's acceptance is not a chain's: the K policy learns from chains only
+                spec.policy.observe(len(proposal_tokens), verdict.accepted)
             if spec.load is not None:
                 spec.load.observe_verify(cost.compute_s, cost.batch_size, cost.batch_tokens)
             path = verdict.path if verdict.path is not None else range(verdict.accepted)
             new_tokens = [proposal_tokens[i] for i in path] + [verdict.next_token]
+            if spec.trees and proposal_tokens:
+                spec.tree.observe(shape if parents is not None else None, len(new_tokens), draft_round_s)
             if drafted and parents is not None:  # the draft holds the sequence up to the pending token, no tree node
                 drafted_to = len(sequence)
             committed += 1 + verdict.accepted

@@ -22,6 +22,7 @@ from orchestrator.generation import GenerationRequest
 from orchestrator.policy import FixedK
 from orchestrator.speculation import Speculation, speculate
 from orchestrator.stats import GenerationStats
+from orchestrator.tree_policy import FixedTree
 from specdec import lm, sampling
 from specdec.errors import InvalidArgument
 from target_service.engine import TargetEngine
@@ -231,7 +232,7 @@ async def sample_many(target, drafter, prompt, params, k, steps, trials, make_po
         policy = make_policy() if make_policy else FixedK(k)
         trial_params = dataclasses.replace(params, position_seed=trial) if seed_stable else params
         spec = Speculation(sid, prompt, trial_params, policy, steps, torch.Generator().manual_seed(trial), draft_started=True,
-                           feature_layers=drafter.feature_layers, pipeline=pipeline, tree=tree)
+                           feature_layers=drafter.feature_layers, pipeline=pipeline, tree=FixedTree(tree) if tree else None)
         tokens = [t async for round_tokens, _ in speculate(spec, target_backend, draft_backend, stats) for t in round_tokens]
         for step, token in enumerate(tokens):
             counts[step, token] += 1

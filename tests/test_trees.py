@@ -278,7 +278,7 @@ def test_greedy_tree_speculation_equals_target_only(tiny_target, tiny_draft, sha
     make = (lambda: ModelDrafter(tiny_draft)) if drafter == "model" else NGramDrafter
     request = GenerationRequest(prompt="the cat sat on the mat and the cat sat on the", max_new_tokens=40, num_speculative_tokens=3)
     reference = joined(run_generation(in_process_engine(tiny_target, make()), replace(request, num_speculative_tokens=0)))
-    events = run_generation(in_process_engine(tiny_target, make(), draft_tree=TreeShape.parse(shape)), request)
+    events = run_generation(in_process_engine(tiny_target, make(), draft_tree=shape), request)
     assert joined(events) == reference and events[-1].stats.draft_tokens > 0
 
 
