@@ -63,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.trees", description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=Path, default=default_prompts())
     parser.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    parser.add_argument("--per-category", type=int, default=None, help="the first N prompts of each category only")
     parser.add_argument("--drafter", default="drafts/smollm2-draft-l6", help="a draft model directory, early-exit:L, or ngram")
     parser.add_argument("--dtype", default="auto", help="weight format of target and draft")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (where a verify of 32 tokens costs about one step)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--variants", default="", help="';'-separated: indices into VARIANTS, or K:SHAPE (e.g. '0;4:8/15'); default: all")
     parser.add_argument("--threads", type=int, default=1)
@@ -73,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     variants = [parse_variant(entry) for entry in args.variants.split(";")] if args.variants else list(VARIANTS)
 
-    target = load_causal_lm("embedded", "cpu", args.dtype)
+    target = load_causal_lm("embedded", args.device, args.dtype)
     target_engine = TargetEngine(target, max_speculative_tokens=32)
     target_engine.warm_up()
-    drafter, context = build_drafter(DraftConfig(model=args.drafter, dtype=args.dtype))
+    drafter, context = build_drafter(DraftConfig(model=args.drafter, dtype=args.dtype, device=args.device))
     drafter.warm_up()
     draft_engine = DraftEngine(drafter, max_context=min(context, target.max_context), max_speculative_tokens=32)
     engines = {
@@ -84,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
                                 draft_engine.info(), KSettings(k, False, 32), draft_tree=shape or "")
         for label, k, shape in variants
     }
-    prompts = load_prompts(args.prompts, args.limit)
+    prompts = load_prompts(args.prompts, args.limit, args.per_category)
+    out = args.out or Path("bench/results/trees") / f"{Path(args.drafter).name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    progress = out.with_suffix(".jsonl")  # each prompt's rows as soon as measured
+    progress.write_text("")
     rows: dict[str, list[dict]] = {label: [] for label, _, _ in variants}
     started = time.monotonic()
     for index, prompt in enumerate(prompts):
@@ -108,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         for label in outputs:
             rows[label][-1]["identical_to_first"] = outputs[label] == reference
         same = all(o == reference for o in outputs.values())
+        with progress.open("a") as handle:
+            handle.write(json.dumps({label: rows[label][-1] for label in outputs}) + "\n")
         eta = (time.monotonic() - started) / (index + 1) * (len(prompts) - index - 1)
         print(f"[{index + 1}/{len(prompts)}] q{prompt.question_id} {prompt.category}: "
               + " | ".join(f"{label} {rows[label][-1]['tokens_per_target_forward']:.2f}" for label, _, _ in variants)
@@ -119,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                "verify_ms": {n: round(1000 * s, 2) for n, s in costs.items()},
                "verify_cost_ratio": {n: round(s / costs[1], 2) for n, s in costs.items()},
                "identical_to_first": {label: sum(r["identical_to_first"] for r in rows[label]) for label, _, _ in variants},
-               "chain_reference": chain_label, "variants": {}}
+               "variants": {}}
     chain_label = next((label for label, k, shape in variants if k and shape is None), variants[0][0])  # the first chain that drafts
+    summary["chain_reference"] = chain_label
     chain = statistics.median(r["tokens_per_target_forward"] for r in rows[chain_label])
     first_speed = statistics.median(r["tokens_per_s"] for r in rows[variants[0][0]])
     for label, k, shape in variants:
@@ -137,8 +146,6 @@ def main(argv: list[str] | None = None) -> int:
             "verify_ms_per_round": spread([r["verify_ms_per_round"] for r in measured]),
             "accepted_at_least_depth": [round(rate, 3) for rate in depth_rates[:8]],
         }
-    out = args.out or Path("bench/results/trees") / f"{Path(args.drafter).name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     print(json.dumps(summary, indent=1))
     plot(summary, out.with_suffix(".png"))

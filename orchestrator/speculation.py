@@ -14,6 +14,11 @@ the position before the pending token: the target returns them with every verdic
 Propose carries every row the draft has not received. The first round has none yet (the prompt's
 come back with the first verdict), so it runs at K = 0.
 
+With draft trees (`Speculation.tree`, docs/trees.md) a round's K is the tree's depth: the draft
+answers with nodes and their parents, the target verifies them all and answers with the accepted
+path, and the round commits that path plus the next token. The draft keeps no tree node, so the
+next Propose sends the path with the new token.
+
 A round never drafts past `max_new_tokens`: with r tokens left it drafts at most r - 1, so the
 accepted tokens plus the one the target adds always fit.
 

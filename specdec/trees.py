@@ -160,9 +160,11 @@ def tree_rejection_sample(
     uniforms: [n+1] in [0, 1).
     """
     n = len(tokens)
+    target_probs = target_probs.float().cpu()  # a few rows, walked one by one: on the CPU wherever they were scored
+    draft_probs = draft_probs.float().cpu() if draft_probs is not None else None
     path, node = [], -1
     while True:
-        p = target_probs[node + 1].float()
+        p = target_probs[node + 1]
         residual, tried = p, []
         for child in children(parents, node):
             x = tokens[child]

@@ -6,6 +6,7 @@ tokens, several tree shapes and draft distributions), while a wrong rule fails t
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
 
 import pytest
@@ -315,3 +316,31 @@ def test_malformed_tree_work_is_refused_naming_the_field(tiny_target, tiny_draft
         with pytest.raises(InvalidArgument) as refused:
             drafts.propose([ProposeWork("s", 2, [3], 3, GREEDY, [], tree=shape)])
         assert refused.value.field == "items[0].tree_branching" and message in str(refused.value)
+
+
+def test_a_tree_and_a_chain_verified_in_one_pass_get_what_each_gets_alone(tiny_target):
+    prompt = [5, 9, 2, 7, 7, 3]
+    tree = VerifyWork("a", 5, [3], [4, 8, 6, 1], None, GREEDY, [], draft_parents=[-1, -1, 0, 2])
+    chain = VerifyWork("b", 5, [3], [4, 6], None, GREEDY, [])
+    alone = []
+    for work in (tree, chain):
+        engine = TargetEngine(tiny_target)
+        engine.start_session(work.session_id, prompt)
+        alone.append((engine.verify([work])[0], engine.sessions.get(work.session_id).ids))
+    together = TargetEngine(tiny_target)
+    for work in (tree, chain):
+        together.start_session(work.session_id, prompt)
+    verdicts = together.verify([tree, chain])
+    assert [(v, together.sessions.get(w.session_id).ids) for v, w in zip(verdicts, (tree, chain))] == alone
+
+
+@pytest.mark.slow  # the embedded target
+def test_the_tree_benchmark_runs_and_reports(tmp_path):
+    from bench import trees as bench_trees
+
+    out = tmp_path / "trees.json"
+    assert bench_trees.main(["--limit", "1", "--drafter", "ngram", "--variants", "0;1;4:8,4/7", "--max-new-tokens", "8", "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["identical_to_first"] == {"target only": 1, "chain K=4": 1, "K=4 8,4/7": 1} and summary["chain_reference"] == "chain K=4"
+    assert set(summary["variants"]) == {"target only", "chain K=4", "K=4 8,4/7"} and summary["verify_ms"]["16"] > 0
+    assert len(out.with_suffix(".jsonl").read_text().splitlines()) == 1 and out.with_suffix(".png").exists()
