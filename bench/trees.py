@@ -152,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _colour(variant: dict) -> str:
+    """Target-only blue, chains grey, trees green."""
+    return "#37a" if not variant["k"] else "#888" if variant["tree"] is None else "#3a7"
+
+
 def plot(summary: dict, path: Path) -> None:
     """Tokens per target forward and tokens/s per variant (medians, p10-p90 bars)."""
     import matplotlib
@@ -166,7 +171,7 @@ def plot(summary: dict, path: Path) -> None:
         medians = [v["median"] for v in values]
         low = [m - v["p10"] for m, v in zip(medians, values)]
         high = [v["p90"] - m for m, v in zip(medians, values)]
-        axis.bar(range(len(labels)), medians, yerr=[low, high], capsize=3, color=["#888" if "chain" in label else "#3a7" for label in labels])
+        axis.bar(range(len(labels)), medians, yerr=[low, high], capsize=3, color=[_colour(summary["variants"][label]) for label in labels])
         axis.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
         axis.set_title(title)
     fig.suptitle(f"draft trees vs chains: {summary['drafter']}, target in {summary['weight_format']}, {summary['prompts']} dev prompts, greedy")
