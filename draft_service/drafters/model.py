@@ -164,7 +164,7 @@ class ModelDrafter(Drafter):
                 head_ids = None
             logits = sampling.process_logits(logits[None], work.sampling, session.history(path))[0]
         log_probs = torch.log_softmax(logits.float(), -1) if work.sampling.greedy else sampling.warp(logits, work.sampling).log()
-        return tree.children(log_probs, width, (lambda rows: rows) if head_ids is None else (lambda rows: head_ids[rows]))
+        return tree.likeliest(log_probs, width, (lambda rows: rows) if head_ids is None else (lambda rows: head_ids[rows]))
 
     def _propose_chains(self, sessions: list[DraftSession], work: list[ProposeWork]) -> tuple[list[Proposal], int]:
         proposals = [Proposal([], None if w.sampling.deterministic else []) for w in work]

@@ -23,13 +23,11 @@ class Tree:
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)  # log-probability of each node's path
-    depths: list[int] = field(default_factory=list)
 
     def add(self, token: int, parent: int, score: float) -> int:
         self.tokens.append(token)
         self.parents.append(parent)
         self.scores.append(score)
-        self.depths.append(1 if parent < 0 else self.depths[parent] + 1)
         return len(self.tokens) - 1
 
     def kept(self, max_nodes: int) -> "Tree":
@@ -44,7 +42,7 @@ class Tree:
         return tree
 
 
-def children(log_probs: torch.Tensor, width: int, token_ids: Callable[[torch.Tensor], torch.Tensor]) -> list[tuple[int, float]]:
+def likeliest(log_probs: torch.Tensor, width: int, token_ids: Callable[[torch.Tensor], torch.Tensor]) -> list[tuple[int, float]]:
     """The `width` likeliest next tokens, (token id, log-probability), likeliest first; tokens with
     probability 0 are never children. log_probs: [V'] over head rows, mapped to ids by token_ids."""
     top = torch.topk(log_probs, min(width, log_probs.shape[-1]))
