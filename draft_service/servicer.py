@@ -31,3 +31,7 @@ class DraftServicer(SessionServicerBase, draft_pb2_grpc.DraftServiceServicer):
         )
         response.handler_seconds = time.perf_counter() - started
         return response
+
+    async def ProposeStream(self, requests, context):
+        async for request in requests:
+            yield await self.Propose(request, context)

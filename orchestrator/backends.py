@@ -12,6 +12,7 @@ from typing import Protocol
 
 import grpc
 
+from orchestrator.streams import SessionStreams, upstream_error
 from specdec import wire
 from specdec.errors import SpecdecError, Upstream
 from specdec.grammar import Grammar
@@ -59,16 +60,21 @@ class _GrpcSessions:
 
     role = "model"
 
-    def __init__(self, stub):
+    def __init__(self, stub, streams: SessionStreams | None = None):
         self.stub = stub
+        self.streams = streams  # None: a unary call per round
+
+    async def _round(self, unary, session_id: str, request, timeout: float | None):
+        """One round's call: on the session's stream, or unary."""
+        if self.streams is None:
+            return await self._call(unary, request, timeout)
+        return await self.streams.exchange(session_id, request, timeout)
 
     async def _call(self, method, request, timeout: float | None, wait_for_ready: bool = False):
         try:
             return await method(request, timeout=timeout, wait_for_ready=wait_for_ready)
         except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.UNAVAILABLE:  # down, restarting or unreachable: say so plainly
-                raise Upstream("UNAVAILABLE", f"the {self.role} service is unavailable: {error.details()}") from error
-            raise Upstream(error.code().name, f"{self.role} service: {error.details()}") from error
+            raise upstream_error(error, self.role) from error
 
     async def info(self, timeout: float | None = None) -> ModelInfo:
         response = await self._call(self.stub.GetModelInfo, common_pb2.GetModelInfoRequest(), timeout, wait_for_ready=True)
@@ -85,6 +91,8 @@ class _GrpcSessions:
         return CallCost(time.perf_counter() - started, response.compute_seconds, request.ByteSize() + response.ByteSize())
 
     async def end_session(self, session_id: str, timeout: float | None) -> bool:
+        if self.streams is not None:
+            self.streams.close(session_id)
         response = await self._call(self.stub.EndSession, common_pb2.EndSessionRequest(session_id=session_id), timeout)
         return response.existed
 
@@ -92,14 +100,15 @@ class _GrpcSessions:
 class GrpcTarget(_GrpcSessions):
     role = "target"
 
-    def __init__(self, channel: grpc.aio.Channel):
-        super().__init__(target_pb2_grpc.TargetServiceStub(channel))
+    def __init__(self, channel: grpc.aio.Channel, round_streams: bool = True):
+        stub = target_pb2_grpc.TargetServiceStub(channel)
+        super().__init__(stub, SessionStreams(stub.VerifyStream, self.role) if round_streams else None)
 
     async def verify(self, work: VerifyWork, timeout: float | None) -> tuple[Verdict, CallCost]:
         converting = time.perf_counter()
         request = target_pb2.VerifyRequest(items=[wire.verify_item_to_proto(work)])
         started = time.perf_counter()
-        response = await self._call(self.stub.Verify, request, timeout)
+        response = await self._round(self.stub.Verify, work.session_id, request, timeout)
         ended = time.perf_counter()
         verdict = wire.verdict_from_proto(response.results[0])
         cost = CallCost(
@@ -119,14 +128,15 @@ class GrpcTarget(_GrpcSessions):
 class GrpcDraft(_GrpcSessions):
     role = "draft"
 
-    def __init__(self, channel: grpc.aio.Channel):
-        super().__init__(draft_pb2_grpc.DraftServiceStub(channel))
+    def __init__(self, channel: grpc.aio.Channel, round_streams: bool = True):
+        stub = draft_pb2_grpc.DraftServiceStub(channel)
+        super().__init__(stub, SessionStreams(stub.ProposeStream, self.role) if round_streams else None)
 
     async def propose(self, work: ProposeWork, timeout: float | None) -> tuple[Proposal, CallCost]:
         converting = time.perf_counter()
         request = draft_pb2.ProposeRequest(items=[wire.propose_item_to_proto(work)])
         started = time.perf_counter()
-        response = await self._call(self.stub.Propose, request, timeout)
+        response = await self._round(self.stub.Propose, work.session_id, request, timeout)
         ended = time.perf_counter()
         proposal = wire.proposal_from_proto(response.proposals[0])
         cost = CallCost(

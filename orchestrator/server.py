@@ -54,6 +54,9 @@ class OrchestratorConfig(ServerConfig):
     pipeline_drafts: bool = option(
         False, "propose each round during the previous one's Verify, guessing all drafts accepted (pays when draft and target own cores)"
     )
+    round_streams: bool = option(
+        True, "send a session's rounds on one bidirectional stream per service (VerifyStream, ProposeStream); off: a call per round"
+    )
     draft_tree: str = option(
         "", "draft trees: children per node by depth, '4,2,1' (static, K deep), '4,2,1/16' (16 nodes, dynamic) or auto; '': chains"
     )
@@ -156,9 +159,9 @@ def replica(config: OrchestratorConfig, address: str, role: str) -> Replica:
     """A replica at `address`: a target, or a draft behind its own timeout and circuit breaker."""
     channel = upstream_channel(config, address)
     if role == "target":
-        return Replica(address, GrpcTarget(channel), channel)
+        return Replica(address, GrpcTarget(channel, config.round_streams), channel)
     breaker = CircuitBreaker(config.draft_breaker_failures, config.draft_breaker_cooldown_s)
-    return Replica(address, GuardedDraft(GrpcDraft(channel), breaker, config.draft_timeout_ms / 1000), channel)
+    return Replica(address, GuardedDraft(GrpcDraft(channel, config.round_streams), breaker, config.draft_timeout_ms / 1000), channel)
 
 
 async def connect(config: OrchestratorConfig, spec: str, role: str, replicas: ReplicaSet) -> ModelInfo:

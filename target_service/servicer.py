@@ -64,3 +64,7 @@ class TargetServicer(SessionServicerBase, target_pb2_grpc.TargetServiceServicer)
         )
         response.handler_seconds = time.perf_counter() - started
         return response
+
+    async def VerifyStream(self, requests, context):
+        async for request in requests:
+            yield await self.Verify(request, context)

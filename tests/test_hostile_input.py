@@ -429,17 +429,19 @@ def test_oversized_draft_distributions(stubs, vocab):
 
 # --- every RPC: bytes that are not the message ----------------------------------------------------
 
-RPCS = [
-    ("/specdec.v1.Orchestrator/Generate", False),
-    ("/specdec.v1.Orchestrator/GenerateStream", True),
-    ("/specdec.v1.TargetService/GetModelInfo", False),
-    ("/specdec.v1.TargetService/StartSession", False),
-    ("/specdec.v1.TargetService/Verify", False),
-    ("/specdec.v1.TargetService/EndSession", False),
-    ("/specdec.v1.DraftService/GetModelInfo", False),
-    ("/specdec.v1.DraftService/StartSession", False),
-    ("/specdec.v1.DraftService/Propose", False),
-    ("/specdec.v1.DraftService/EndSession", False),
+RPCS = [  # method, its form: a request or a stream of them in, a response or a stream of them out
+    ("/specdec.v1.Orchestrator/Generate", "unary"),
+    ("/specdec.v1.Orchestrator/GenerateStream", "server-streaming"),
+    ("/specdec.v1.TargetService/GetModelInfo", "unary"),
+    ("/specdec.v1.TargetService/StartSession", "unary"),
+    ("/specdec.v1.TargetService/Verify", "unary"),
+    ("/specdec.v1.TargetService/VerifyStream", "bidirectional"),
+    ("/specdec.v1.TargetService/EndSession", "unary"),
+    ("/specdec.v1.DraftService/GetModelInfo", "unary"),
+    ("/specdec.v1.DraftService/StartSession", "unary"),
+    ("/specdec.v1.DraftService/Propose", "unary"),
+    ("/specdec.v1.DraftService/ProposeStream", "bidirectional"),
+    ("/specdec.v1.DraftService/EndSession", "unary"),
 ]
 
 
@@ -458,7 +460,7 @@ def test_undecodable_bytes_on_every_rpc(stack, rpc, payload):
     """Random bytes (invalid UTF-8 in a string field, truncated varints, unknown wire types): what
     does not decode as the request message is INVALID_ARGUMENT; what decodes is answered clearly,
     with a reply that parses as the response message."""
-    method, streamed = rpc
+    method, form = rpc
     request_type, response_type = method_types(method)
     try:
         request_type.FromString(payload)
@@ -468,10 +470,13 @@ def test_undecodable_bytes_on_every_rpc(stack, rpc, payload):
     event("decodable" if decodable else "undecodable")
     which = {"Orchestrator": "orchestrator", "TargetService": "target", "DraftService": "draft"}[method.split("/")[1].rsplit(".", 1)[1]]
     with stack.channel(which) as channel:
-        raw = (channel.unary_stream if streamed else channel.unary_unary)(method)
         try:
-            reply = raw(payload, timeout=30)
-            replies = list(reply) if streamed else [reply]
+            if form == "bidirectional":
+                replies = list(channel.stream_stream(method)(iter([payload, payload]), timeout=30))
+            elif form == "server-streaming":
+                replies = list(channel.unary_stream(method)(payload, timeout=30))
+            else:
+                replies = [channel.unary_unary(method)(payload, timeout=30)]
         except grpc.RpcError as error:
             assert error.code() in CLEAR, f"{method}: {error.code().name}: {error.details()}"
             assert decodable or error.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{method}: {error.code().name}"

@@ -62,14 +62,16 @@ async def _fail(context, method: str, error: Exception) -> None:
 
 
 class ErrorStatus(grpc.aio.ServerInterceptor):
-    """Parses requests and turns every error of our unary and server-streaming methods into its
-    status (see the module's docstring)."""
+    """Parses requests and turns every error of our methods into its status (see the module's
+    docstring). Client-streaming alone is not wrapped: no specdec method has that form."""
 
     PREFIX = "/specdec."
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or handler.request_streaming or not details.method.startswith(self.PREFIX):
+        if handler is None or not details.method.startswith(self.PREFIX):
+            return handler
+        if handler.request_streaming and not handler.response_streaming:
             return handler
         decode, method = handler.request_deserializer, details.method
 
@@ -79,17 +81,33 @@ class ErrorStatus(grpc.aio.ServerInterceptor):
             except DecodeError as error:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message: {error}")
 
+        async def responses(produce, context):
+            try:
+                async for response in produce:
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:  # noqa: BLE001 - the boundary where every error gets a status
+                await _fail(context, method, error)
+
+        if handler.stream_stream:
+
+            async def bidirectional(raw_requests, context):
+                async def requests():
+                    async for raw in raw_requests:
+                        yield await parsed(raw, context)
+
+                async for response in responses(handler.stream_stream(requests(), context), context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(bidirectional, None, handler.response_serializer)
+
         if handler.unary_stream:
 
             async def stream(raw, context):
                 request = await parsed(raw, context)
-                try:
-                    async for response in handler.unary_stream(request, context):
-                        yield response
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as error:  # noqa: BLE001 - the boundary where every error gets a status
-                    await _fail(context, method, error)
+                async for response in responses(handler.unary_stream(request, context), context):
+                    yield response
 
             return grpc.unary_stream_rpc_method_handler(stream, None, handler.response_serializer)
 

@@ -54,8 +54,8 @@ class DrainGate(grpc.aio.ServerInterceptor):
 
 
 def refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` (unary or server-streaming) that ends the call
-    with `code` without running the servicer."""
+    """A handler of the same kind as `handler` (unary, server-streaming or bidirectional) that
+    ends the call with `code` without running the servicer."""
 
     async def deny(request, context):
         await context.abort(code, message)
@@ -64,6 +64,8 @@ def refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str)
         await deny(request, context)
         yield  # never reached: makes this an async generator, as streaming handlers are
 
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(deny_stream, handler.request_deserializer, handler.response_serializer)
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(deny_stream, handler.request_deserializer, handler.response_serializer)
     return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
