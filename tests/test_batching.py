@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 import time
 
 import pytest
@@ -271,3 +272,40 @@ def test_urgent_jobs_overtake_queued_jobs():
 
     asyncio.run(scenario())
     assert order.index("end session") < order.index("prefill 2")
+
+
+def test_a_lone_call_runs_on_the_event_loop_and_company_or_long_batches_go_to_the_worker():
+    """At concurrency 1 the hand-off to the worker thread and back is spared; with other sessions
+    about, after a batch longer than INLINE_MAX_S, or while the worker is busy, it is not."""
+    from specdec.model_service import batching
+
+    threads: list[str] = []
+    pause = {"s": 0.0}
+
+    def run_batch(calls):
+        threads.append("loop" if threading.current_thread() is threading.main_thread() else "worker")
+        time.sleep(pause["s"])
+        return [[item.value for item in call] for call in calls]
+
+    async def scenario():
+        worker = ModelWorker("test")
+        scheduler = BatchScheduler(worker, run_batch, BatchingConfig(max_wait_s=0.05, active_window_s=0.5))
+        for value in range(3):  # the first batch has no measured length yet: the worker
+            await scheduler.submit([Item("a", value)])
+        await asyncio.gather(scheduler.submit([Item("a")]), scheduler.submit([Item("b")]))  # company
+        await asyncio.sleep(0.6)  # b is no longer expected
+        await scheduler.submit([Item("a")])
+        pause["s"] = batching.INLINE_MAX_S + 0.02
+        await scheduler.submit([Item("a")])  # this one is long ...
+        await scheduler.submit([Item("a")])  # ... so the next goes to the worker
+        pause["s"] = 0.0
+        await scheduler.submit([Item("a")])  # after a long batch: the worker (this one is short)
+        busy = asyncio.ensure_future(worker.run(time.sleep, 0.05))  # short batches, but the worker is busy
+        await asyncio.sleep(0.01)
+        await scheduler.submit([Item("a")])
+        await busy
+        await scheduler.close()
+        worker.shutdown()
+
+    asyncio.run(scenario())
+    assert threads == ["worker", "loop", "loop", "worker", "loop", "loop", "worker", "worker", "worker"]

@@ -11,6 +11,9 @@ The policy is dynamic batching as in Triton's dynamic batcher and TGI's router:
   cover every session that was active recently (no one else is about to arrive) or the batch is
   full; otherwise it waits for the others, at most `max_wait_s` and half a forward pass. A lone
   request therefore never waits.
+- A lone call (no other call queued or expected, no job waiting) whose batches have been short
+  runs on the event loop itself instead of the worker thread: at concurrency 1 the two thread
+  hand-offs would be a sizeable part of the time outside model compute.
 - Other model work (session prefill chunks, session start and end) runs as jobs between batches,
   one job after each batch: a long prompt's prefill, cut into chunks, delays the others' rounds by
   one chunk at a time instead of stalling them for the whole prompt.
@@ -35,6 +38,9 @@ Result = TypeVar("Result")
 # A batch waits for missing sessions at most this fraction of a forward pass: waiting half a pass
 # to add a sequence to it costs less than running that sequence in a pass of its own.
 WAIT_FRACTION = 0.5
+# A lone call runs on the event loop only while batches take at most this long: the loop (health
+# checks, other calls' arrival) waits for it meanwhile.
+INLINE_MAX_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -230,8 +236,11 @@ class BatchScheduler(Generic[Item, Result]):
 
     async def _execute(self, batch: list[_Call]) -> None:
         started = self._clock()
+        lone = len(batch) == 1 and not (self._calls or self._jobs or self._urgent) and self._expected_sessions() <= 1
         try:
-            (outcomes, compute_s) = await self.worker.timed(self._run_batch, [call.items for call in batch])
+            (outcomes, compute_s) = await self.worker.timed(
+                self._run_batch, [call.items for call in batch], here=lone and 0 < self._last_compute_s <= INLINE_MAX_S
+            )
         except Exception as error:  # noqa: BLE001 - every call of the batch gets the error
             outcomes, compute_s = [error] * len(batch), self._clock() - started
         self._last_compute_s = compute_s

@@ -146,16 +146,27 @@ def timed(fn: Callable) -> Callable:
 
 class ModelWorker:
     """One thread that runs all model work of a service, in arrival order. Engines are not
-    thread-safe, and a forward pass must not block the event loop (health checks, new calls)."""
+    thread-safe, and a long forward pass must not block the event loop (health checks, new calls)."""
 
     def __init__(self, name: str):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._pending = 0  # work handed to the thread and not yet seen done by the event loop
 
     async def run(self, fn: Callable, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        self._pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self._pending -= 1
 
-    async def timed(self, fn: Callable, *args) -> tuple[object, float]:
-        """fn(*args) and the seconds it took inside the worker (queueing excluded)."""
+    async def timed(self, fn: Callable, *args, here: bool = False) -> tuple[object, float]:
+        """fn(*args) and the seconds it took inside the worker (queueing excluded). `here`: run it
+        on the calling thread (the event loop) when the thread has nothing under way, sparing the
+        hand-off to the thread and back (two thread wake-ups, 0.3 ms a call on a 2-core VM); for
+        short work while nothing else waits. Engine calls never overlap either way: all model work
+        is handed out by the event loop, which is busy until `fn` returns."""
+        if here and not self._pending:
+            return timed(fn)(*args)
         return await self.run(timed(fn), *args)
 
     def shutdown(self) -> None:
