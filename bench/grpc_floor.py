@@ -2,7 +2,8 @@
 two processes on loopback, answered by an echo servicer (a fixed verdict), through a bare
 `grpc.aio.server` and through our `create_server` (interceptors, health, reflection), answered at
 once or after `--compute-ms` of work in a worker thread (as the model services compute) or on the
-event-loop thread. The floor under the per-round transport the timeline reports (bench.timeline).
+event-loop thread; and one Verify message on an open VerifyStream (as the orchestrator's round
+streams send them). The floor under the per-round transport the timeline reports (bench.timeline).
 
     python -m bench.grpc_floor [--calls 300] [--compute-ms 15]
 
@@ -24,11 +25,14 @@ import grpc
 from harness.probes import free_port
 from specdec.v1 import target_pb2, target_pb2_grpc
 
-SETTINGS = {  # name -> (our server?, where the compute runs)
-    "bare server, immediate answer": (False, ""),
-    "our server, immediate answer": (True, ""),
-    "our server, compute in a worker thread": (True, "worker"),
-    "our server, compute on the event-loop thread": (True, "loop"),
+SETTINGS = {  # name -> (our server?, where the compute runs, on a stream?)
+    "bare server, immediate answer": (False, "", False),
+    "our server, immediate answer": (True, "", False),
+    "our server, compute in a worker thread": (True, "worker", False),
+    "our server, compute on the event-loop thread": (True, "loop", False),
+    "our server, stream message, immediate answer": (True, "", True),
+    "our server, stream message, compute in a worker thread": (True, "worker", True),
+    "our server, stream message, compute on the event-loop thread": (True, "loop", True),
 }
 
 
@@ -49,6 +53,10 @@ class Echo(target_pb2_grpc.TargetServiceServicer):
             _spin(self.compute_s)
         return target_pb2.VerifyResponse(results=[target_pb2.VerifyResult(accepted=0, next_token=5)])
 
+    async def VerifyStream(self, requests, context):
+        async for request in requests:
+            yield await self.Verify(request, context)
+
 
 async def serve(port: int, ours: bool, compute_s: float, where: str) -> None:
     register = lambda server: target_pb2_grpc.add_TargetServiceServicer_to_server(Echo(compute_s, where), server)  # noqa: E731
@@ -64,16 +72,23 @@ async def serve(port: int, ours: bool, compute_s: float, where: str) -> None:
     await asyncio.Event().wait()
 
 
-async def round_trips(port: int, calls: int) -> list[float]:
+async def round_trips(port: int, calls: int, stream: bool) -> list[float]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = target_pb2_grpc.TargetServiceStub(channel)
         await stub.Verify(target_pb2.VerifyRequest(), wait_for_ready=True, timeout=60)
-        item = target_pb2.VerifyItem(session_id="s" * 32, prefix_len=300, tokens=[5], draft_tokens=[1, 2, 3, 4])
+        request = target_pb2.VerifyRequest(items=[target_pb2.VerifyItem(session_id="s" * 32, prefix_len=300, tokens=[5], draft_tokens=[1, 2, 3, 4])])
+        opened = stub.VerifyStream() if stream else None
         times = []
         for _ in range(calls):
             started = time.perf_counter()
-            await stub.Verify(target_pb2.VerifyRequest(items=[item]))
+            if opened is None:
+                await stub.Verify(request)
+            else:
+                await opened.write(request)
+                await opened.read()
             times.append(time.perf_counter() - started)
+        if opened is not None:
+            await opened.done_writing()
         return times
 
 
@@ -87,12 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         port, ours, compute_s, where = args.serve
         asyncio.run(serve(int(port), ours == "1", float(compute_s), where))
         return 0
-    for name, (ours, where) in SETTINGS.items():
+    for name, (ours, where, stream) in SETTINGS.items():
         port = free_port()
         compute_s = args.compute_ms / 1000 if where else 0.0
         server = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", "--serve", str(port), "1" if ours else "0", str(compute_s), where or "-"])
         try:
-            times = sorted(asyncio.run(round_trips(port, args.calls)))
+            times = sorted(asyncio.run(round_trips(port, args.calls, stream)))
         finally:
             server.terminate()
             server.wait(timeout=10)
