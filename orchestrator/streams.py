@@ -5,8 +5,8 @@ sides. The services answer each message as they would the unary call, batched al
 
 Two rules keep a stream's answers matched to their questions:
 - exchanges on one stream run one at a time, in order;
-- an exchange runs in its own task, shielded from its caller: cancelling a read would cancel the
-  whole stream, so when a caller gives up (a pipelined Propose whose guess failed), its exchange
+- an exchange runs in its own task, which its caller only waits for: cancelling a read would
+  cancel the whole stream, so when a caller gives up (a pipelined Propose whose guess failed), its exchange
   still completes and its answer is dropped. A caller's timeout, or any error, ends the stream;
   the session's next round opens a new one.
 """
@@ -57,11 +57,14 @@ class SessionStreams:
         stream.exchanges += 1
         task = asyncio.ensure_future(self._exchange(session_id, stream, request))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a dropped answer's error is nobody's
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), timeout)
-        except asyncio.TimeoutError:
+        # asyncio.wait leaves `task` running when its caller is cancelled or times out; wait_for
+        # would cancel it, and Python 3.11's wait_for drops a cancellation that arrives as the
+        # answer does (a client's disconnect went unheard)
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
             self._end(session_id, stream)
-            raise Upstream("DEADLINE_EXCEEDED", f"{self._role} service: no answer within {timeout:.3g} s") from None
+            raise Upstream("DEADLINE_EXCEEDED", f"{self._role} service: no answer within {timeout:.3g} s")
+        return task.result()
 
     async def _exchange(self, session_id: str, stream: _Stream, request):
         async with stream.lock:

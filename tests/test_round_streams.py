@@ -211,3 +211,26 @@ def test_closing_a_session_while_its_exchange_is_under_way_cancels_the_stream():
         assert calls[0].cancelled and not calls[0].half_closed and len(streams) == 0
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("steps", range(6))
+def test_a_caller_cancelled_as_its_answer_arrives_ends_cancelled(steps):
+    """The cancellation wins at every interleaving: a client that disconnected is not served to
+    the end (Python 3.11's asyncio.wait_for dropped it when the answer had just come)."""
+
+    async def scenario():
+        streams, calls = scripted_streams()
+        caller = asyncio.ensure_future(streams.exchange("s", "q1", 60.0))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        calls[0].released.release()  # the answer arrives ...
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        if caller.cancel():  # ... as the caller is cancelled (unless it already returned)
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+        else:
+            assert caller.result() == ("answer", "q1")
+        streams.close("s")
+
+    asyncio.run(scenario())
