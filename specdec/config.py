@@ -34,7 +34,7 @@ class ServerConfig:
     )
     max_message_mb: int = option(16, "largest gRPC message sent or received, in MiB")
     max_concurrent_rpcs: int = option(
-        0, "calls served at once; beyond, RESOURCE_EXHAUSTED (health checks count: leave room for probes); 0 = no limit",
+        0, "calls served at once; beyond, RESOURCE_EXHAUSTED (health checks and sessions' round streams count); 0 = no limit",
     )
     tls_cert_file: str = option("", "PEM certificate (chain) of this server: serve TLS; empty = plaintext")
     tls_key_file: str = option("", "PEM private key of --tls-cert-file")
