@@ -6,9 +6,9 @@ sides. The services answer each message as they would the unary call, batched al
 Two rules keep a stream's answers matched to their questions:
 - exchanges on one stream run one at a time, in order;
 - an exchange runs in its own task, which its caller only waits for: cancelling a read would
-  cancel the whole stream, so when a caller gives up (a pipelined Propose whose guess failed), its exchange
-  still completes and its answer is dropped. A caller's timeout, or any error, ends the stream;
-  the session's next round opens a new one.
+  cancel the whole stream, so when a caller gives up (a pipelined Propose whose guess failed),
+  its exchange still completes and its answer is dropped. A caller's timeout, or any error, ends
+  the stream; the session's next round opens a new one.
 """
 
 from __future__ import annotations

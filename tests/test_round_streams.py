@@ -23,7 +23,9 @@ def stacks(tiny_target, tiny_draft):
     from harness.tiny import with_eos
 
     target = with_eos(tiny_target, ())
-    running = {name: start_stack(target, ModelDrafter(tiny_draft), round_streams=name == "streams") for name in ("streams", "unary")}
+    running = {
+        name: start_stack(target, ModelDrafter(tiny_draft), round_streams=name == "streams") for name in ("streams", "unary")
+    }
     yield running
     for stack in running.values():
         stack.stop()
@@ -61,7 +63,11 @@ def stack_stub(channel):
     return orchestrator_pb2_grpc.OrchestratorStub(channel)
 
 
-@pytest.mark.parametrize("fields", [{"temperature": 0.0, "num_speculative_tokens": 3}, {"temperature": 1.0, "seed": 7, "num_speculative_tokens": 2}])
+GREEDY_K3 = {"temperature": 0.0, "num_speculative_tokens": 3}
+SAMPLED_K2 = {"temperature": 1.0, "seed": 7, "num_speculative_tokens": 2}
+
+
+@pytest.mark.parametrize("fields", [GREEDY_K3, SAMPLED_K2])
 def test_rounds_on_streams_give_the_output_of_unary_rounds_and_close_every_stream(stacks, fields):
     opened = count_opened(stacks["streams"])
     for prompt in PROMPTS:
@@ -81,7 +87,8 @@ def test_a_cancelled_stream_generation_leaves_no_stream_or_session(stacks):
     stack = stacks["streams"]
     with stack.channel("orchestrator") as channel:
         responses = stack_stub(channel).GenerateStream(
-            orchestrator_pb2.GenerateRequest(prompt=PROMPTS[0], max_new_tokens=400, num_speculative_tokens=2, ignore_eos=True), timeout=60
+            orchestrator_pb2.GenerateRequest(prompt=PROMPTS[0], max_new_tokens=400, num_speculative_tokens=2, ignore_eos=True),
+            timeout=60,
         )
         next(responses)
         responses.cancel()
@@ -104,10 +111,11 @@ def test_verify_stream_answers_in_order_and_ends_with_the_unary_status(stacks):
         stub.StartSession(common_pb2.StartSessionRequest(session_id="raw", prompt_token_ids=prompt), timeout=30)
         greedy = common_pb2.SamplingParams(top_p=1.0)
         try:
-            rounds = [
-                target_pb2.VerifyRequest(items=[target_pb2.VerifyItem(session_id="raw", prefix_len=3 + i, tokens=[8 + i], sampling=greedy)]) for i in range(2)
-            ]
-            unknown = target_pb2.VerifyRequest(items=[target_pb2.VerifyItem(session_id="nobody", prefix_len=3, tokens=[1], sampling=greedy)])
+            item = lambda session, prefix_len, token: target_pb2.VerifyRequest(  # noqa: E731
+                items=[target_pb2.VerifyItem(session_id=session, prefix_len=prefix_len, tokens=[token], sampling=greedy)]
+            )
+            rounds = [item("raw", 3, 8), item("raw", 4, 9)]
+            unknown = item("nobody", 3, 1)
             answers = stub.VerifyStream(iter([*rounds, unknown]), timeout=30)
             first, second = next(answers), next(answers)
             assert first.results[0].session_id == second.results[0].session_id == "raw"

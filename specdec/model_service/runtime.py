@@ -10,7 +10,7 @@ import functools
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -150,22 +150,20 @@ class ModelWorker:
 
     def __init__(self, name: str):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._pending = 0  # work handed to the thread and not yet seen done by the event loop
+        self._last: Future | None = None  # the thread runs its work in order: when this is done, all is
 
     async def run(self, fn: Callable, *args):
-        self._pending += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        finally:
-            self._pending -= 1
+        self._last = self._executor.submit(fn, *args)
+        return await asyncio.wrap_future(self._last)
 
     async def timed(self, fn: Callable, *args, here: bool = False) -> tuple[object, float]:
         """fn(*args) and the seconds it took inside the worker (queueing excluded). `here`: run it
         on the calling thread (the event loop) when the thread has nothing under way, sparing the
-        hand-off to the thread and back (two thread wake-ups, 0.3 ms a call on a 2-core VM); for
-        short work while nothing else waits. Engine calls never overlap either way: all model work
-        is handed out by the event loop, which is busy until `fn` returns."""
-        if here and not self._pending:
+        hand-off to the thread and back (two thread wake-ups: 0.3-0.5 ms a call on a 2-core VM,
+        bench.grpc_floor); for short work while nothing else waits. Engine calls never overlap
+        either way: all model work is handed out by the event loop, which is busy until `fn`
+        returns, and work already handed to the thread has finished."""
+        if here and (self._last is None or self._last.done()):
             return timed(fn)(*args)
         return await self.run(timed(fn), *args)
 
