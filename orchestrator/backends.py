@@ -74,7 +74,7 @@ class _GrpcSessions:
         try:
             return await method(request, timeout=timeout, wait_for_ready=wait_for_ready)
         except grpc.aio.AioRpcError as error:
-            raise upstream_error(error, self.role) from error
+            raise upstream_error(error.code(), error.details(), self.role) from error
 
     async def info(self, timeout: float | None = None) -> ModelInfo:
         response = await self._call(self.stub.GetModelInfo, common_pb2.GetModelInfoRequest(), timeout, wait_for_ready=True)

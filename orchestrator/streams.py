@@ -23,11 +23,13 @@ import grpc
 from specdec.errors import Upstream
 
 
-def upstream_error(error: grpc.aio.AioRpcError, role: str) -> Upstream:
-    """The domain error of a failed call to a model service."""
-    if error.code() == grpc.StatusCode.UNAVAILABLE:  # down, restarting or unreachable: say so plainly
-        return Upstream("UNAVAILABLE", f"the {role} service is unavailable: {error.details()}")
-    return Upstream(error.code().name, f"{role} service: {error.details()}")
+def upstream_error(code: grpc.StatusCode, details: str | None, role: str) -> Upstream:
+    """The domain error of a call to a model service that ended with `code`."""
+    if code == grpc.StatusCode.UNAVAILABLE:  # down, restarting or unreachable: say so plainly
+        return Upstream("UNAVAILABLE", f"the {role} service is unavailable: {details}")
+    if code == grpc.StatusCode.OK:  # a round stream the service closed (it is stopping)
+        return Upstream("UNAVAILABLE", f"the {role} service ended the session's stream")
+    return Upstream(code.name, f"{role} service: {details}")
 
 
 @dataclass
@@ -73,7 +75,10 @@ class SessionStreams:
                 response = await stream.call.read()
             except grpc.aio.AioRpcError as error:
                 self._forget(session_id, stream)
-                raise upstream_error(error, self._role) from error
+                raise upstream_error(error.code(), error.details(), self._role) from error
+            except asyncio.InvalidStateError:  # the stream had ended before this write: its status says why
+                self._forget(session_id, stream)
+                raise upstream_error(await stream.call.code(), await stream.call.details(), self._role) from None
             except BaseException:
                 self._end(session_id, stream)
                 raise
@@ -81,7 +86,7 @@ class SessionStreams:
                 stream.exchanges -= 1
             if response is grpc.aio.EOF:
                 self._forget(session_id, stream)
-                raise Upstream("UNAVAILABLE", f"the {self._role} service ended the session's stream")
+                raise upstream_error(grpc.StatusCode.OK, None, self._role)
             return response
 
     def close(self, session_id: str) -> None:

@@ -156,6 +156,21 @@ class ScriptedCall:
         self.released.release()
         return True
 
+    def end(self, code: grpc.StatusCode, details: str) -> None:
+        """The service ends the stream; writing on it then fails as grpc.aio's write does."""
+        self.status = (code, details)
+
+        async def write(request) -> None:
+            raise asyncio.InvalidStateError("RPC already finished.")
+
+        self.write = write
+
+    async def code(self) -> grpc.StatusCode:
+        return self.status[0]
+
+    async def details(self) -> str:
+        return self.status[1]
+
     async def done_writing(self) -> None:
         self.half_closed = True
 
@@ -239,6 +254,33 @@ def test_a_caller_cancelled_as_its_answer_arrives_ends_cancelled(steps):
                 await caller
         else:
             assert caller.result() == ("answer", "q1")
+        streams.close("s")
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("code, expected", [(grpc.StatusCode.OK, "UNAVAILABLE"), (grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE"),
+                                            (grpc.StatusCode.NOT_FOUND, "NOT_FOUND")])
+def test_a_stream_the_service_ended_fails_the_round_with_its_status_and_the_next_round_opens_another(code, expected):
+    """A draining or stopped service ends the session's stream between two rounds: the next round
+    fails with an upstream error (a replica failure, so the session moves), never an internal one."""
+
+    async def scenario():
+        streams, calls = scripted_streams()
+        first = asyncio.ensure_future(streams.exchange("s", "q1", None))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        calls[0].released.release()
+        await first
+        calls[0].end(code, "the server is shutting down")
+        with pytest.raises(Upstream) as error:
+            await streams.exchange("s", "q2", None)
+        assert error.value.code_name == expected and len(streams) == 0
+        again = asyncio.ensure_future(streams.exchange("s", "q3", None))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        calls[1].released.release()
+        assert await again == ("answer", "q3")
         streams.close("s")
 
     asyncio.run(scenario())
