@@ -270,16 +270,28 @@ def rejection_sample(
     return [Verdict(int(a), int(t)) for a, t in zip(accepted.tolist(), next_tokens.tolist())]
 
 
+def argmax(scores: torch.Tensor) -> torch.Tensor:
+    """torch.argmax over the last dimension (the first index on ties, NaN the largest), through
+    NumPy for float CPU tensors: at a 49k vocabulary torch's kernel takes ~45 us, NumPy's ~4 us,
+    once or more in every round."""
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
+        return torch.as_tensor(scores.numpy().argmax(-1))
+    return scores.argmax(-1)
+
+
 def greedy_verify(target_logits: torch.Tensor, draft_tokens: torch.Tensor) -> list[Verdict]:
     """Greedy verification without building distributions: accept while draft == argmax.
 
     target_logits: [B, K+1, V], draft_tokens: [B, K]. Equals rejection_sample with p = warp(GREEDY).
+    A few rows: plain Python beats five small tensor operations.
     """
-    best = target_logits.argmax(-1)  # [B, K+1]
-    k = draft_tokens.shape[1]
-    accepted = (best[:, :k] == draft_tokens).int().cumprod(-1).sum(-1)  # [B]
-    next_tokens = best.gather(1, accepted.unsqueeze(1)).squeeze(1)
-    return [Verdict(int(a), int(t)) for a, t in zip(accepted.tolist(), next_tokens.tolist())]
+    verdicts = []
+    for best, drafts in zip(argmax(target_logits).tolist(), draft_tokens.tolist()):  # [K+1], [K]
+        accepted = 0
+        while accepted < len(drafts) and drafts[accepted] == best[accepted]:
+            accepted += 1
+        verdicts.append(Verdict(accepted, best[accepted]))
+    return verdicts
 
 
 def reference_rejection_sample(

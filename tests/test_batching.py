@@ -292,7 +292,9 @@ def test_a_lone_call_runs_on_the_event_loop_and_company_or_long_batches_go_to_th
         scheduler = BatchScheduler(worker, run_batch, BatchingConfig(max_wait_s=0.05, active_window_s=0.5))
         for value in range(3):  # the first batch has no measured length yet: the worker
             await scheduler.submit([Item("a", value)])
-        await asyncio.gather(scheduler.submit([Item("a")]), scheduler.submit([Item("b")]))  # company
+        # b is new: a cannot know it is coming and runs alone; b, with a active, goes to the worker
+        await asyncio.gather(scheduler.submit([Item("a")]), scheduler.submit([Item("b")]))
+        await asyncio.gather(scheduler.submit([Item("a")]), scheduler.submit([Item("b")]))  # company: one batch
         await asyncio.sleep(0.6)  # b is no longer expected
         await scheduler.submit([Item("a")])
         pause["s"] = batching.INLINE_MAX_S + 0.02
@@ -308,4 +310,21 @@ def test_a_lone_call_runs_on_the_event_loop_and_company_or_long_batches_go_to_th
         worker.shutdown()
 
     asyncio.run(scenario())
-    assert threads == ["worker", "loop", "loop", "worker", "loop", "loop", "worker", "worker", "worker"]
+    assert threads == ["worker", "loop", "loop", "loop", "worker", "worker", "loop", "loop", "worker", "worker", "worker"]
+
+
+def test_a_lone_call_on_an_idle_scheduler_is_answered_without_a_turn_of_the_event_loop():
+    """No hand-off to the serving task and back: nothing else runs between the call and its answer."""
+
+    async def scenario():
+        scheduler = BatchScheduler(ModelWorker("test"), lambda calls: [[item.value for item in call] for call in calls], BatchingConfig())
+        await scheduler.submit([Item("a", 0)])  # the first batch has no measured length: the worker
+        for value in range(1, 4):
+            turned = []
+            asyncio.get_running_loop().call_soon(turned.append, value)  # runs at the loop's next turn
+            results, info = await scheduler.submit([Item("a", value)])
+            assert results == [value] and info.items == 1 and not turned
+            await asyncio.sleep(0)
+        await scheduler.close()
+
+    asyncio.run(scenario())

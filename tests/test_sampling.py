@@ -146,6 +146,17 @@ def test_greedy_verify_equals_rejection_sampling_with_point_masses():
         assert sampling.greedy_verify(logits, drafts[None]) == general
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_argmax_equals_torch_argmax_on_ties_and_nan(dtype):
+    generator = torch.Generator().manual_seed(5)
+    scores = torch.randint(0, 4, (3, 5, 49), generator=generator).to(dtype)  # many ties
+    scores[1, 2, 7] = float("nan")
+    scores[2, 0, :] = float("-inf")
+    fast = sampling.argmax(scores)
+    assert fast.dtype == torch.long and torch.equal(fast, scores.argmax(-1))
+    assert torch.equal(sampling.argmax(scores[0, 0]), scores[0, 0].argmax(-1))  # one row: a 0-d tensor
+
+
 def test_p_equal_q_accepts_every_draft():
     generator = torch.Generator().manual_seed(4)
     for _ in range(200):

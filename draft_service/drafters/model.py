@@ -71,13 +71,13 @@ def draw(
             logits = logits.masked_fill(~rows_allowed, float("-inf"))
     token_ids = (lambda rows: rows) if head_ids is None else (lambda rows: head_ids[rows])  # noqa: E731
     if work.sampling.greedy:
-        return int(token_ids(logits.argmax()))
+        return int(token_ids(sampling.argmax(logits)))
     probs = sampling.warp(logits, work.sampling)  # [V']
     if work.sampling.position_keyed:
         position = len(history.prompt) + len(history.output)
         noise = sampling.position_noise(work.sampling.position_seed, [position], vocab_size)[0]  # [V]
         rows = torch.arange(len(probs)) if head_ids is None else head_ids
-        return int(token_ids(sampling.gumbel_scores(probs, noise[rows]).argmax()))
+        return int(token_ids(sampling.argmax(sampling.gumbel_scores(probs, noise[rows]))))
     support_rows, support_probs = sampling.truncate_to_support(probs[None], max_support)  # [1, S] each
     support_ids = token_ids(support_rows[0])  # [S]
     chosen = sampling.sample(support_probs, torch.tensor([work.uniforms[step]]))  # [1]

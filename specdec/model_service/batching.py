@@ -13,7 +13,9 @@ The policy is dynamic batching as in Triton's dynamic batcher and TGI's router:
   request therefore never waits.
 - A lone call (no other call queued or expected, no job waiting) whose batches have been short
   runs on the event loop itself instead of the worker thread: at concurrency 1 the two thread
-  hand-offs would be a sizeable part of the time outside model compute.
+  hand-offs would be a sizeable part of the time outside model compute. When the scheduler is
+  idle as well, it runs in the caller's own task, sparing the hand-off to the serving task and
+  back (two turns of the event loop).
 - Other model work (session prefill chunks, session start and end) runs as jobs between batches,
   one job after each batch: a long prompt's prefill, cut into chunks, delays the others' rounds by
   one chunk at a time instead of stalling them for the whole prompt.
@@ -133,6 +135,9 @@ class BatchScheduler(Generic[Item, Result]):
         for session in sessions:
             self._last_seen[session] = now
         call = _Call(items, sessions, asyncio.get_running_loop().create_future(), now)
+        if self._idle() and self._inline():
+            await self._execute([call])  # runs to the end without yielding: see _inline
+            return call.future.result()
         self._calls.append(call)
         self._wake()
         return await call.future
@@ -234,13 +239,20 @@ class BatchScheduler(Generic[Item, Result]):
         self._calls.extendleft(reversed(deferred))
         return batch
 
+    def _idle(self) -> bool:
+        """Nothing queued and no serving task under way."""
+        return (self._task is None or self._task.done()) and not (self._calls or self._jobs or self._urgent)
+
+    def _inline(self) -> bool:
+        """A batch of one call taken now may run on the event loop: no other call is queued or
+        expected, the last batch was short, and the worker thread has nothing under way."""
+        lone = not (self._calls or self._jobs or self._urgent) and self._expected_sessions() <= 1
+        return lone and 0 < self._last_compute_s <= INLINE_MAX_S and self.worker.idle
+
     async def _execute(self, batch: list[_Call]) -> None:
         started = self._clock()
-        lone = len(batch) == 1 and not (self._calls or self._jobs or self._urgent) and self._expected_sessions() <= 1
         try:
-            (outcomes, compute_s) = await self.worker.timed(
-                self._run_batch, [call.items for call in batch], here=lone and 0 < self._last_compute_s <= INLINE_MAX_S
-            )
+            (outcomes, compute_s) = await self.worker.timed(self._run_batch, [call.items for call in batch], here=len(batch) == 1 and self._inline())
         except Exception as error:  # noqa: BLE001 - every call of the batch gets the error
             outcomes, compute_s = [error] * len(batch), self._clock() - started
         self._last_compute_s = compute_s
