@@ -41,10 +41,9 @@ class SequenceCache:
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     length: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+    # the buffers' bytes, kept as they are made: the session store's budget check reads every
+    # session's size before each batch, and summing 2 x layers buffers per session costs ~30 us
+    nbytes: int = field(default=0, init=False)
 
     def truncate(self, length: int) -> None:
         """Keep the first `length` positions; later appends overwrite the rest."""
@@ -75,6 +74,7 @@ class SequenceCache:
         if index == len(self.keys):
             self.keys.append(keys.new_empty(1, keys.shape[1], max(end, 16), keys.shape[3]))
             self.values.append(values.new_empty(1, values.shape[1], max(end, 16), values.shape[3]))
+            self.nbytes += _size(self.keys[-1]) + _size(self.values[-1])
         elif end > self.keys[index].shape[2]:
             self._grow(index, end)
         self.keys[index][:, :, at:end] = keys
@@ -88,6 +88,7 @@ class SequenceCache:
             capacity = max(needed, 16)
             self.keys = [torch.empty(1, heads, capacity, head_dim, dtype=dtype) for _ in range(layers)]
             self.values = [torch.empty(1, heads, capacity, head_dim, dtype=dtype) for _ in range(layers)]
+            self.nbytes = sum(map(_size, self.keys + self.values))
         elif needed > self.keys[0].shape[2]:
             for index in range(layers):
                 self._grow(index, needed)
@@ -100,6 +101,11 @@ class SequenceCache:
             bigger = buffer.new_empty(*buffer.shape[:2], max(needed, 2 * buffer.shape[2]), buffer.shape[3])
             bigger[:, :, : buffer.shape[2]] = buffer
             buffers[index] = bigger
+            self.nbytes += _size(bigger) - _size(buffer)
+
+
+def _size(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 class _SessionLayer(DynamicLayer):

@@ -50,6 +50,20 @@ def test_batched_forward_over_ragged_caches_matches_unbatched(small, forward):
     torch.testing.assert_close(out[1], full_logits(small.model, b + [1])[80:], atol=1e-4, rtol=1e-5)
 
 
+def test_a_cache_knows_its_size_as_it_grows(small):
+    """The size kept as buffers are made equals the buffers' bytes: through writes that add and
+    grow layers (the lean path), and through reserve (the native formats)."""
+    actual = lambda cache: sum(t.numel() * t.element_size() for t in cache.keys + cache.values)  # noqa: E731
+    written = lm.SequenceCache()
+    for tokens in ([1, 2, 3], list(range(40)), [5] * 90):
+        lm.forward(small.model, [written], [tokens])
+        assert written.nbytes == actual(written) > 0
+    reserved = lm.SequenceCache()
+    for needed in (10, 17, 200):
+        reserved.reserve(3, 2, 8, needed, torch.float32)
+        assert reserved.nbytes == actual(reserved) == 2 * 3 * 2 * 8 * 4 * reserved.keys[0].shape[2]
+
+
 @pytest.mark.parametrize("reduced_head", [False, True])
 def test_lean_llama_path_matches_transformers(small, reduced_head):
     """The lean single-sequence path: same logits as transformers' forward through a prefill,
