@@ -24,7 +24,9 @@ by MIN_GAIN. Where T is nearly flat (a GPU), K grows with acceptance; where T gr
 CPU, or any device once batches are large), K falls to 0 as batches grow and acceptance drops:
 speculation switches itself off where it would cost throughput. A request at K = 0 still drafts one token now and then (after 16
 rounds, then 32, ... 128 while nothing changes), so that acceptance can tell when speculation
-pays again.
+pays again; but not while the load alone rules it out (not even a draft always accepted would
+gain MIN_GAIN at the current batch size), since a probe costs the request's draft session its
+prefill and the shared processor or device its time.
 
 Exactness never depends on K: each round emits tokens distributed as the target's given the
 sequence so far, for any K, and K is chosen from past rounds only.
@@ -150,12 +152,14 @@ class AdaptiveK:
         prior = self.load.acceptance
         return (self.accepted + self.prior_weight * prior) / (self.accepted + self.rejected + self.prior_weight)
 
-    def throughput(self, k: int) -> float:
-        """Tokens per second of the target's batch if every sequence in it drafted k tokens."""
+    def throughput(self, k: int, acceptance: float | None = None) -> float:
+        """Tokens per second of the target's batch if every sequence in it drafted k tokens
+        (accepted with this request's estimated acceptance, or `acceptance`)."""
         batch = max(self.load.batch_size, 1.0)
         target_s = self.load.curve_scale * self.load.curve(batch * (k + 1))
         draft_s = k * (self.load.draft_s_per_token or 0.0)
-        return batch * expected_tokens(self.acceptance, k) / max(target_s + draft_s, 1e-9)
+        accepted = self.acceptance if acceptance is None else acceptance
+        return batch * expected_tokens(accepted, k) / max(target_s + draft_s, 1e-9)
 
     def first_k(self) -> int:
         """The K the request would start with (no probe counted): at 0 the orchestrator does not
@@ -174,7 +178,8 @@ class AdaptiveK:
         if self.rounds_at_zero < self.probe_every:
             return 0
         self.rounds_at_zero, self.probe_every = 0, min(2 * self.probe_every, MAX_PROBE_EVERY)
-        return 1
+        could_pay = any(self.throughput(k, 1.0) >= MIN_GAIN * self.throughput(0) for k in range(1, self.max_speculative_tokens + 1))
+        return 1 if could_pay else 0
 
     def observe(self, k: int, accepted: int) -> None:
         if k == 0:

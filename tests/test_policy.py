@@ -60,6 +60,17 @@ def test_k_is_zero_for_a_weak_draft_but_probes_ever_less_often():
     assert probes[-1] - probes[-2] == MAX_PROBE_EVERY
 
 
+def test_no_probe_while_the_load_alone_rules_speculation_out():
+    """At a batch size where even drafts that are always accepted would not pay on this curve, a
+    probe would only cost a draft session's prefill: none is sent. The same policy probes again
+    once batches shrink."""
+    loaded = policy(CPU_CURVE, batch=16, acceptance=0.1)
+    assert loaded.throughput(1, 1.0) < 1.1 * loaded.throughput(0)
+    assert {loaded.next_k() for _ in range(PROBE_EVERY * 20)} == {0}
+    loaded.load.batch_size = 1.0
+    assert 1 in {loaded.next_k() for _ in range(MAX_PROBE_EVERY)}
+
+
 def test_a_request_learns_its_own_acceptance():
     request = policy(CPU_CURVE, acceptance=0.3, max_speculative_tokens=4)
     before = request.next_k()
