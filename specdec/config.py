@@ -53,7 +53,7 @@ class ModelServiceConfig(ServerConfig):
     dtype: str = option(
         AUTO, "weight format: auto times each at warm-up and keeps the fastest (specdec/weights.py)", (AUTO, *FORMATS)
     )
-    threads: int = option(0, "intra-op threads of the model: the cores this service owns; 0 = torch's default (every core)")
+    threads: int = option(0, "model threads: the cores this service owns; 0 = torch's default (every core), native formats one")
     max_sessions: int = option(256, "sessions held at once; more is RESOURCE_EXHAUSTED")
     max_cache_mb: int = option(4096, "KV cache memory of all sessions, in MiB; more is RESOURCE_EXHAUSTED")
     session_ttl_s: float = option(600.0, "a session unused this long is dropped (its orchestrator is gone)")

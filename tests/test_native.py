@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -66,7 +67,7 @@ def test_the_portable_build_computes_what_the_vector_build_does(tmp_path):
     """The C fallback for processors without AVX2 (compiled here without -march=native) gives the
     vector build's products to float rounding."""
     library = tmp_path / "portable.so"
-    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-mno-avx2", "-o", str(library), str(native.SOURCE), "-lm"], check=True)
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-pthread", "-mno-avx2", "-o", str(library), *map(str, native.SOURCES), "-lm"], check=True)
     portable = ctypes.CDLL(str(library))
     portable.specdec_native_isa.restype = ctypes.c_char_p
     assert portable.specdec_native_isa() == b"portable"
@@ -153,6 +154,29 @@ def test_caches_grow_and_roll_back_in_place(model):
     lm.forward(model, [fresh], [ids[20:40]])
     again = lm.forward(model, [grown], [ids[40:45]])[0]
     assert torch.equal(again, lm.forward(model, [fresh], [ids[40:45]])[0])
+    lm.use_format(model, "float32")
+
+
+@pytest.mark.parametrize("format", ["q4_1", "q8_0"])
+def test_products_split_over_threads_give_the_same_bits(model, format):
+    """Each product's outputs split over three threads give one thread's logits bit for bit, for
+    ragged rows in one batch; callers on two Python threads at once (one gets the pool, the other
+    computes alone) too."""
+    lm.use_format(model, format)
+    prompts = [[(7 * i + j) % 300 for j in range(n)] for i, n in enumerate((5, 17, 1))]
+
+    def scored():
+        return lm.forward(model, [lm.SequenceCache() for _ in prompts], prompts)
+
+    alone = scored()
+    try:
+        assert native.set_threads(3) == 3
+        split = [scored()]
+        with ThreadPoolExecutor(2) as callers:
+            split += list(callers.map(lambda _: scored(), range(6)))
+    finally:
+        assert native.set_threads(1) == 1
+    assert all(torch.equal(a, b) for run in split for a, b in zip(alone, run))
     lm.use_format(model, "float32")
 
 

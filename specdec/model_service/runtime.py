@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from specdec import metrics, wire
+from specdec import metrics, native, wire
 from specdec.errors import Unavailable
 from specdec.grammar import Grammar
 from specdec.model_service.batching import BatchingConfig, BatchScheduler
@@ -79,8 +79,10 @@ async def start_model_service(
     SERVING. `companions`: (service name, servicer) of other services `add_to_server` registers
     on the same server, sharing the worker (`load_engine` gives them their engines)."""
     if config.threads:
-        # torch's threads thrash when another process holds one of the cores they spin on
+        # torch's threads thrash when another process holds one of the cores they spin on, and so
+        # would the native formats' (one thread unless the service says which cores it owns)
         torch.set_num_threads(config.threads)
+        native.set_threads(config.threads)
     server = create_server(
         f"{config.host}:{config.port}",
         lambda s: add_to_server(servicer, s),

@@ -22,8 +22,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("llama.c")
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno")
+SOURCES = (Path(__file__).with_name("llama.c"), Path(__file__).with_name("threads.c"))
+_threads = 1  # what set_threads asked for; applied when the library loads
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-pthread")
 
 
 class QMatrix(ctypes.Structure):
@@ -91,20 +92,22 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as error:
         return None, f"{compiler} does not run: {error}"
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), version, " ".join(FLAGS), _processor_flags()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([*(s.read_text() for s in SOURCES), version, " ".join(FLAGS), _processor_flags()]).encode()).hexdigest()[:16]
     library = cache_dir() / "native" / f"llama-{key}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
         partial = partial_path(library)
-        built = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE), "-lm"], capture_output=True, text=True)
+        built = subprocess.run([compiler, *FLAGS, "-o", str(partial), *map(str, SOURCES), "-lm"], capture_output=True, text=True)
         if built.returncode != 0:
-            return None, f"{compiler} failed on {SOURCE.name}: {built.stderr.strip()[-500:]}"
+            return None, f"{compiler} failed on {', '.join(s.name for s in SOURCES)}: {built.stderr.strip()[-500:]}"
         partial.replace(library)  # atomic: a concurrent builder's rename leaves one whole file
-        log.info("compiled %s into %s", SOURCE.name, library)
+        log.info("compiled %s into %s", ", ".join(s.name for s in SOURCES), library)
     lib = ctypes.CDLL(str(library))
     lib.specdec_native_isa.restype = ctypes.c_char_p
     lib.specdec_forward.restype = ctypes.c_int
     lib.specdec_gemm.restype = ctypes.c_int
+    lib.specdec_set_threads.restype = ctypes.c_int
+    lib.specdec_set_threads(_threads)
     return lib, ""
 
 
@@ -114,6 +117,19 @@ def library() -> ctypes.CDLL:
     if lib is None:
         raise RuntimeError(f"the native forward pass is not available: {why}")
     return lib
+
+
+def set_threads(threads: int) -> int:
+    """Split every product over `threads` threads from now on (1, the default: none started), for
+    a service that owns that many cores (its --threads); returns the number in use (applied when
+    the library loads, if it has not yet). Results are the same bits for any number
+    (specdec/native/threads.c)."""
+    global _threads
+    _threads = max(1, threads)
+    if not _build.cache_info().currsize:
+        return _threads
+    lib, _ = _build()
+    return lib.specdec_set_threads(_threads) if lib is not None else _threads
 
 
 def available() -> tuple[bool, str]:

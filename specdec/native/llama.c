@@ -13,8 +13,9 @@
  *
  * Vector paths: AVX2 + FMA (maddubs: unsigned x signed bytes), else portable C; the library is
  * compiled on the machine that runs it (-march=native), see specdec/native/__init__.py. It is one
- * file of under 500 lines on purpose: one translation unit that a single compiler call builds at
- * first use, with no build system; its parts run top-down from helpers to specdec_forward. */
+ * file of about 500 lines on purpose, with threads.c beside it (the pool that splits each product's
+ * outputs over a service's threads): a single compiler call builds both at first use, with no build
+ * system; its parts run top-down from helpers to specdec_forward. */
 
 #include <math.h>
 #include <stdint.h>
@@ -231,17 +232,39 @@ static inline __attribute__((always_inline)) void outputs_rows(const qmatrix *w,
     }
 }
 
-static inline __attribute__((always_inline)) void gemm_kind(const qmatrix *w, const int kind, int m, const qrows x, float *y) {
-    int n = 0;
-    for (; n + 2 <= w->rows; n += 2) outputs_rows(w, kind, n, 2, m, x, y);
-    if (n < w->rows) outputs_rows(w, kind, n, 1, m, x, y);
+static inline __attribute__((always_inline)) void gemm_kind(const qmatrix *w, const int kind, int m, const qrows x, float *y, int n0, int n1) {
+    int n = n0;
+    for (; n + 2 <= n1; n += 2) outputs_rows(w, kind, n, 2, m, x, y);
+    if (n < n1) outputs_rows(w, kind, n, 1, m, x, y);
 }
 
-static void gemm(const qmatrix *w, int m, const qrows x, float *y) {
-    if (w->kind == Q4_1)
-        gemm_kind(w, Q4_1, m, x, y);
+typedef struct {
+    const qmatrix *w;
+    int m;
+    qrows x;
+    float *y;
+} gemm_job;
+
+/* Part `part` of `parts` of a product: a contiguous range of its outputs (threads.c runs the parts
+ * on the pool's threads). An output's arithmetic does not depend on the range it falls in, so the
+ * result is the same bits for any number of threads. */
+static void gemm_part(void *arg, int part, int parts) {
+    const gemm_job *job = arg;
+    const int rows = job->w->rows, per = 2 * (((rows + 1) / 2 + parts - 1) / parts);
+    const int n0 = per * part, n1 = per * (part + 1) < rows ? per * (part + 1) : rows;
+    if (n0 >= n1) return;
+    if (job->w->kind == Q4_1)
+        gemm_kind(job->w, Q4_1, job->m, job->x, job->y, n0, n1);
     else
-        gemm_kind(w, Q8_0, m, x, y);
+        gemm_kind(job->w, Q8_0, job->m, job->x, job->y, n0, n1);
+}
+
+typedef void (*part_fn)(void *arg, int part, int parts);
+void pool_run(part_fn fn, void *arg); /* threads.c */
+
+static void gemm(const qmatrix *w, int m, const qrows x, float *y) {
+    gemm_job job = {w, m, x, y};
+    pool_run(gemm_part, &job);
 }
 
 static void rms_norm(const float *x, const float *weight, int m, int k, float eps, float *out) {
