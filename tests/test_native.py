@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import os
+import signal
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -178,6 +181,30 @@ def test_products_split_over_threads_give_the_same_bits(model, format):
         assert native.set_threads(1) == 1
     assert all(torch.equal(a, b) for run in split for a, b in zip(alone, run))
     lm.use_format(model, "float32")
+
+
+def test_a_forked_child_computes_without_the_parents_threads(model):
+    """fork copies only the calling thread: the child must not wait for workers it does not have."""
+    lm.use_format(model, "q4_1")
+    prompt = [3, 1, 4, 1, 5]
+    alone = lm.forward(model, [lm.SequenceCache()], [prompt])[0]
+    try:
+        assert native.set_threads(2) == 2
+        lm.forward(model, [lm.SequenceCache()], [prompt])  # the workers have run
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child reports through its exit status only
+            same = torch.equal(lm.forward(model, [lm.SequenceCache()], [prompt])[0], alone)
+            os._exit(0 if same and native.set_threads(2) == 2 else 1)
+        deadline = time.monotonic() + 60
+        while (status := os.waitpid(child, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if status[0] == 0:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+        assert status[0] == child and os.waitstatus_to_exitcode(status[1]) == 0
+    finally:
+        native.set_threads(1)
+        lm.use_format(model, "float32")
 
 
 def test_native_formats_refuse_what_they_cannot_run():

@@ -59,10 +59,25 @@ static void *worker(void *arg) {
     return NULL;
 }
 
+/* A forked child has none of the workers (fork copies the calling thread only): it starts with
+ * no pool, and unlocked locks, whatever the parent's threads were doing. */
+static void forget_pool_in_child(void) {
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_mutex_init(&pool.busy, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pool.workers = 0, pool.parts = 1;
+}
+
+static void register_fork_handler(void) {
+    pthread_atfork(NULL, NULL, forget_pool_in_child);
+}
+
 /* Use `threads` threads in all (the caller included) from now on, starting the missing workers;
  * returns the number in use (fewer when a thread cannot be started). A service sets this once, at
  * start; fewer threads later leave the others idle (tests compare both in one process). */
 int specdec_set_threads(int threads) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, register_fork_handler);
     threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     pthread_mutex_lock(&pool.busy);
     while (pool.workers + 1 < threads) {
