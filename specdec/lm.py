@@ -216,7 +216,7 @@ def _lean_path(model: torch.nn.Module) -> LeanLlama | None:
         return None
     lean = _lean_paths.get(model)
     if lean is None or lean.head_source is not model.get_output_embeddings().weight:
-        lean = _lean_paths[model] = _path_for(model, lean.format if lean else format_of(model))
+        lean = _lean_paths[model] = path_for(model, lean.format if lean else format_of(model))
     return lean
 
 
@@ -226,8 +226,9 @@ def lean_path(model: torch.nn.Module) -> LeanLlama | None:
     return path if isinstance(path, LeanLlama) else None
 
 
-def _path_for(model: torch.nn.Module, format: str):
-    """The forward path that runs `format`: our native one for GGUF block formats, else the lean one."""
+def path_for(model: torch.nn.Module, format: str):
+    """The forward path that runs `format`: our native one for GGUF block formats, else the lean one
+    (both: forward(caches, new_tokens, logits_for_last, features))."""
     if format in weights.NATIVE_FORMATS:
         ready, why = native_model.supports(model)
         if not ready:
@@ -243,7 +244,7 @@ def use_format(model: torch.nn.Module, format: str) -> None:
         if format != weight_format(model):
             raise ValueError(f"weight format {format} needs a Llama-architecture model; this one runs as {weight_format(model)}")
         return
-    _lean_paths[model] = _path_for(model, format)
+    _lean_paths[model] = path_for(model, format)
 
 
 def weight_format(model: torch.nn.Module) -> str:

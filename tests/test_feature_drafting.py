@@ -251,6 +251,28 @@ def test_distill_features_command_makes_drafters_that_draft_service_serves(tmp_p
     assert joined(speculative) == joined(baseline) and speculative[-1].stats.draft_tokens > 0
 
 
+@pytest.mark.parametrize("format", ["float32", "q4_1"])
+def test_a_corpus_holds_the_features_its_format_computes(tmp_path, tiny_target, format):
+    """Written while generating (prompts of several lengths decoded together, so prefills and
+    steps share passes), each example's features are those of its whole sequence scored afresh in
+    the same format: bit for bit in the native one, whose rows do not depend on each other."""
+    from distill.features.corpus import FeatureStore, generate
+    from distill.prompts import TRAIN, Prompt
+
+    path = lm.path_for(tiny_target.model, format)
+    encoded = [(Prompt(f"p{i}", "instructions", f"prompt {i}", TRAIN), [(5 * i + j) % 200 + 3 for j in range(4 + 3 * i)]) for i in range(5)]
+    store = FeatureStore(tmp_path / "corpus")
+    assert generate(path, encoded, store, eos_ids=(), layers=(-1,), batch_size=3, max_new_tokens=6) == 5
+    for example in store.examples():
+        _, (fresh,) = path.forward([lm.SequenceCache()], [example.ids[:-1]], logits_for_last=1, features=(-1,))
+        stored = store.features(example)
+        assert stored.dtype == torch.bfloat16
+        if format == "q4_1":
+            assert torch.equal(stored, fresh.to(torch.bfloat16))
+        else:
+            torch.testing.assert_close(stored.float(), fresh, atol=2e-2, rtol=1e-2)
+
+
 def test_features_travel_through_the_orchestrator_across_the_network(tiny_target):
     """Real gRPC servers: greedy output with a chain drafter equals target-only, the features
     cross both hops (the bytes per round grow by about (accepted + 1) x hidden x 2), the

@@ -26,7 +26,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from distill.prompts import Prompt
-from specdec.lean_llama import LeanLlama
 from specdec.lm import SequenceCache
 
 EXAMPLES_FILE = "examples.jsonl"
@@ -94,7 +93,7 @@ class _Row:
 
 @torch.inference_mode()
 def generate(
-    target: LeanLlama,
+    target,  # a forward path, lm.path_for
     encoded: list[tuple[Prompt, list[int]]],
     store: FeatureStore,
     eos_ids: tuple[int, ...],

@@ -21,9 +21,9 @@ from distill.run import Progress
 from distill.students import coverage, draft_vocabulary
 from draft_service.drafters import feature_net
 from draft_service.drafters.feature import DRAFTERS
+from specdec import lm, native
 from specdec.chat import chat_token_ids
 from specdec.config import option, parse
-from specdec.lean_llama import LeanLlama
 from specdec.models import load_causal_lm
 
 log = logging.getLogger("distill.features")
@@ -36,7 +36,8 @@ class FeatureDistillConfig:
     work_dir: str = option(".train-features", "feature corpus, checkpoint and report; a rerun resumes from here")
     out_dir: str = option("drafts", "where the trained drafters' directories are written")
     threads: int = option(0, "torch threads (0: torch's default)")
-    generation_format: str = option("bfloat16", "weight format of the target while writing the corpus", ("float32", "bfloat16"))
+    generation_format: str = option("bfloat16", "the target's weights while writing the corpus (q4_1, q8_0: our native pass, fast without bf16)",
+                                    ("float32", "bfloat16", "q4_1", "q8_0"))
     feature_layers: str = option("-1", "target decoder layers read, comma-separated, the last one -1 (e.g. 3,15,-1: EAGLE-3 style)")
     gsm8k_prompts: int = option(1000, "GSM8K questions among the prompts (the rest of the corpus: passages, documentation, code, chat, translation)")
     prompts_per_source: int = option(0, "use only the first N prompts of each source; 0 = all (tests use a few)")
@@ -76,7 +77,7 @@ def build_corpus(config: FeatureDistillConfig, target, store: FeatureStore, prog
     """Four stages, each built on the target's answers of the earlier ones: passages; tasks over
     passages and documentation, GSM8K, HumanEval and instructions; back-translations and second
     chat turns."""
-    lean = LeanLlama(target.model, config.generation_format)
+    forward_path = lm.path_for(target.model, config.generation_format)
     layers = config.layers
     deadline = time.monotonic() + config.generation_minutes * 60 if config.generation_minutes else float("inf")
     held_out = config.held_out_fraction
@@ -87,7 +88,7 @@ def build_corpus(config: FeatureDistillConfig, target, store: FeatureStore, prog
         encoded = [(p, ids) for p, ids in encoded if len(ids) <= config.max_prompt_tokens]
         encoded.sort(key=lambda item: -len(item[1]))  # long prefills first, while the batch is fresh
         progress.restart()
-        generate(lean, encoded, store, target.eos_token_ids, layers, config.generation_batch, config.max_new_tokens,
+        generate(forward_path, encoded, store, target.eos_token_ids, layers, config.generation_batch, config.max_new_tokens,
                  deadline=deadline, progress=lambda d, t: progress.count(name, d, t))
 
     stage("passages", prompts.passage_prompts(limit))
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if config.threads:
         torch.set_num_threads(config.threads)
+        native.set_threads(config.threads)
     work = Path(config.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     store = FeatureStore(work / "corpus")
