@@ -178,7 +178,8 @@ class AdaptiveK:
         if self.rounds_at_zero < self.probe_every:
             return 0
         self.rounds_at_zero, self.probe_every = 0, min(2 * self.probe_every, MAX_PROBE_EVERY)
-        could_pay = any(self.throughput(k, 1.0) >= MIN_GAIN * self.throughput(0) for k in range(1, self.max_speculative_tokens + 1))
+        at_zero = self.throughput(0)
+        could_pay = any(self.throughput(k, 1.0) >= MIN_GAIN * at_zero for k in range(1, self.max_speculative_tokens + 1))
         return 1 if could_pay else 0
 
     def observe(self, k: int, accepted: int) -> None:

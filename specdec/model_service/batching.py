@@ -252,7 +252,8 @@ class BatchScheduler(Generic[Item, Result]):
     async def _execute(self, batch: list[_Call]) -> None:
         started = self._clock()
         try:
-            (outcomes, compute_s) = await self.worker.timed(self._run_batch, [call.items for call in batch], here=len(batch) == 1 and self._inline())
+            here = len(batch) == 1 and self._inline()
+            (outcomes, compute_s) = await self.worker.timed(self._run_batch, [call.items for call in batch], here=here)
         except Exception as error:  # noqa: BLE001 - every call of the batch gets the error
             outcomes, compute_s = [error] * len(batch), self._clock() - started
         self._last_compute_s = compute_s

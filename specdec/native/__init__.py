@@ -92,7 +92,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as error:
         return None, f"{compiler} does not run: {error}"
-    key = hashlib.sha256("\n".join([*(s.read_text() for s in SOURCES), version, " ".join(FLAGS), _processor_flags()]).encode()).hexdigest()[:16]
+    recipe = "\n".join([*(source.read_text() for source in SOURCES), version, " ".join(FLAGS), _processor_flags()])
+    key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
     library = cache_dir() / "native" / f"llama-{key}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
